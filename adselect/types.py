@@ -1,0 +1,91 @@
+"""Typed data passed between pipeline stages (plain dataclasses; wire models live in server/protocol.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ad:
+    ad_id: str
+    title: str
+    text: str = ""
+    category: str = ""
+    subcategory: str = ""
+    advertiser: str = ""
+    bid: float = 1.0
+    landing_url: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def document(self) -> str:
+        """The text embedded for this ad and used by BM25."""
+        parts = [self.title]
+        if self.category:
+            parts.append(self.category if not self.subcategory else f"{self.category} / {self.subcategory}")
+        if self.text:
+            parts.append(self.text)
+        return ". ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    headline: str
+    description: str
+
+
+@dataclass(slots=True)
+class Candidate:
+    ad: Ad
+    priors: dict[str, float]  # per-source scores, named by retrieval.features.FEATURES
+    prior_score: float = 0.0  # fused score without the LLM
+    prior_rank: int = 0  # 0-based rank by prior_score
+
+
+@dataclass(slots=True)
+class SelectRequest:
+    user_id: str
+    history: list[str]
+    events: list[str] = field(default_factory=list)
+    candidates: list[str] | None = None
+    k: int = 3
+    deadline_ms: int = 2000
+    use_llm: bool = True
+    rewrite: bool = True
+    request_id: str = ""
+
+
+@dataclass(slots=True)
+class LLMResult:
+    ranking: list[str]  # candidate ids, best first (validated: subset of the candidates, no repeats)
+    justification: str | None
+    copy: Copy | None  # for ranking[0]
+    raw: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class RankedAd:
+    ad: Ad
+    score: float
+    priors: dict[str, float]
+    llm_rank: int | None
+    justification: str | None
+    copy: Copy
+    original: Copy
+
+
+@dataclass(slots=True)
+class Decision:
+    request_id: str
+    ads: list[RankedAd]
+    llm_used: bool
+    degraded: bool
+    degraded_reason: str | None
+    prompt: dict[str, str] | None
+    model: str | None
+    timings_ms: dict[str, float]
+    unknown_ids: list[str]
+    ranking: list[str] = field(default_factory=list)  # the full fused ranking of candidate ids (eval uses it)
+    usage: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Retrieval stage: catalog files, embeddings, the Chroma ad store, behavioural priors, candidates."""

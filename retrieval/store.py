@@ -1,0 +1,160 @@
+"""The ad store: the catalog in a Chroma collection, plus an in-memory index loaded once at start-up.
+
+Chroma is the system of record (documents, metadata, embeddings, HNSW for nearest neighbours); the
+in-memory index holds the embedding matrix so a user profile is pooled from stored vectors without an
+encoder call per impression, and so features for any candidate list are one matrix product.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from adselect.errors import CatalogError
+from adselect.types import Ad
+
+log = logging.getLogger(__name__)
+
+_META_FIELDS = ("title", "text", "category", "subcategory", "advertiser", "landing_url")
+
+
+def ad_to_metadata(ad: Ad) -> dict[str, str | float]:
+    meta: dict[str, str | float] = {f: getattr(ad, f) for f in _META_FIELDS}
+    meta["bid"] = float(ad.bid)
+    meta["extra"] = json.dumps(ad.metadata, ensure_ascii=False, sort_keys=True, default=str)
+    return meta
+
+
+def ad_from_metadata(ad_id: str, meta: dict) -> Ad:
+    extra = meta.get("extra") or "{}"
+    return Ad(
+        ad_id=ad_id,
+        title=str(meta.get("title", "")),
+        text=str(meta.get("text", "")),
+        category=str(meta.get("category", "")),
+        subcategory=str(meta.get("subcategory", "")),
+        advertiser=str(meta.get("advertiser", "")),
+        bid=float(meta.get("bid", 1.0)),
+        landing_url=str(meta.get("landing_url", "")),
+        metadata=json.loads(extra),
+    )
+
+
+@dataclass
+class CatalogIndex:
+    """Everything about the catalog the hot path needs, in memory."""
+
+    ids: list[str]
+    row: dict[str, int]
+    ads: list[Ad]
+    vectors: np.ndarray  # (n, d) float32, L2-normalised
+    content_hash: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, ids: Iterable[str]) -> tuple[list[int], list[str]]:
+        """Known rows in input order, and the unknown ids."""
+        known, unknown = [], []
+        for i in ids:
+            r = self.row.get(i)
+            (known if r is not None else unknown).append(r if r is not None else i)
+        return known, unknown
+
+
+def catalog_hash(ads: Sequence[Ad]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for ad in sorted(ads, key=lambda a: a.ad_id):
+        h.update(json.dumps(ad_to_metadata(ad) | {"ad_id": ad.ad_id}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class AdStore:
+    def __init__(self, client, collection: str):
+        self.client = client
+        self.collection_name = collection
+        self._collection = None
+
+    @property
+    def collection(self):
+        if self._collection is None:
+            self._collection = self.client.get_or_create_collection(
+                name=self.collection_name,
+                embedding_function=None,  # we always pass our own sentence-transformers vectors
+                metadata={"hnsw:space": "cosine"},
+            )
+        return self._collection
+
+    def count(self) -> int:
+        return self.collection.count()
+
+    def stored_hash(self) -> str | None:
+        meta = self.collection.metadata or {}
+        return meta.get("content_hash")
+
+    def upsert(
+        self,
+        ads: Sequence[Ad],
+        vectors: np.ndarray,
+        *,
+        batch_size: int = 1000,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if len(ads) != len(vectors):
+            raise ValueError("ads and vectors differ in length")
+        col = self.collection
+        for start in range(0, len(ads), batch_size):
+            chunk = ads[start : start + batch_size]
+            col.upsert(
+                ids=[a.ad_id for a in chunk],
+                embeddings=vectors[start : start + batch_size].tolist(),
+                metadatas=[ad_to_metadata(a) for a in chunk],
+                documents=[a.document() for a in chunk],
+            )
+            if progress:
+                progress(len(chunk))
+
+    def set_content_hash(self, content_hash: str) -> None:
+        meta = dict(self.collection.metadata or {})
+        meta.pop("hnsw:space", None)  # immutable after creation; modify() rejects it
+        meta["content_hash"] = content_hash
+        self.collection.modify(metadata=meta)
+
+    def load_index(self, *, page: int = 5000) -> CatalogIndex:
+        t0 = time.perf_counter()
+        n = self.count()
+        if n == 0:
+            raise CatalogError(f"collection {self.collection_name!r} is empty: run `adselect ingest --ads PATH` first")
+        ids: list[str] = []
+        ads: list[Ad] = []
+        vecs: list[np.ndarray] = []
+        for offset in range(0, n, page):
+            got = self.collection.get(limit=page, offset=offset, include=["embeddings", "metadatas"])
+            for ad_id, meta, emb in zip(got["ids"], got["metadatas"], got["embeddings"]):
+                ids.append(ad_id)
+                ads.append(ad_from_metadata(ad_id, meta or {}))
+                vecs.append(np.asarray(emb, dtype=np.float32))
+        matrix = np.vstack(vecs).astype(np.float32)
+        matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+        index = CatalogIndex(
+            ids=ids,
+            row={a: i for i, a in enumerate(ids)},
+            ads=ads,
+            vectors=matrix,
+            content_hash=self.stored_hash() or catalog_hash(ads),
+        )
+        log.info("catalog index loaded", extra={"ads": len(ids), "ms": round((time.perf_counter() - t0) * 1000, 1)})
+        return index
+
+    def nearest(self, vector: np.ndarray, n: int, *, where: dict | None = None) -> list[tuple[str, float]]:
+        """Chroma HNSW nearest neighbours: (ad_id, cosine similarity)."""
+        if n <= 0:
+            return []
+        res = self.collection.query(query_embeddings=[vector.tolist()], n_results=n, where=where, include=["distances"])
+        return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]

@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, importers of logged data, the harness that replays impressions."""

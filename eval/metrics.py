@@ -1,0 +1,260 @@
+"""Ranking metrics for one logged impression, and bootstrap aggregation over many.
+
+A metric reads a system's `ranking` (candidate ids, best first) and the impression's `clicked` ids
+(binary relevance). Conventions, shared by every metric:
+
+- Clicked ids missing from the ranking count as ranked last, below everything: they take the
+  bottom positions of the pool. The pool is the ranked ids plus the missing clicked ids, unless
+  `pool_size` says it is larger (full-catalog retrieval returns a top-K list of a larger catalog:
+  pass the catalog size so a short list earns no credit at cut-offs beyond its length). Unranked,
+  non-clicked pool items sit between the ranking and the missing clicked ids.
+- A metric returns None when it is undefined for the impression: every metric when nothing was
+  clicked, and AUC also when everything in the pool was clicked. Aggregation skips None.
+- A ranking is a strict order, so AUC never sees ties inside it (ties would count half).
+
+Per-impression work is plain Python over the clicked positions (a few microseconds); the
+bootstrap is vectorised numpy.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from adselect.errors import UnknownName
+
+__all__ = [
+    "METRIC_NAMES",
+    "Metric",
+    "Positions",
+    "auc",
+    "get_metric",
+    "hit_at",
+    "impression_metrics",
+    "locate",
+    "mean_with_ci",
+    "mrr",
+    "ndcg_at",
+    "paired_diff",
+    "recall_at",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """Where the clicked ids sit: 1-based positions, ascending, in a pool of `pool` items."""
+
+    ranks: tuple[int, ...]
+    pool: int
+
+
+def locate(ranking: Sequence[str], clicked: AbstractSet[str], *, pool_size: int | None = None) -> Positions:
+    """Positions of the clicked ids in `ranking`; missing clicked ids take the bottom of the pool."""
+    n = len(ranking)
+    if len(set(ranking)) != n:
+        raise ValueError("ranking repeats an id")
+    ranks = [i for i, ad_id in enumerate(ranking, start=1) if ad_id in clicked]
+    missing = len(clicked) - len(ranks)
+    pool = n + missing if pool_size is None else pool_size
+    if pool < n + missing:
+        raise ValueError(f"pool_size {pool} is smaller than the ranking plus missing clicked ids ({n + missing})")
+    ranks.extend(range(pool - missing + 1, pool + 1))
+    return Positions(tuple(ranks), pool)
+
+
+_DISCOUNTS: list[float] = [0.0]  # _DISCOUNTS[r] = 1 / log2(r + 1) for a 1-based rank r
+_IDEAL: list[float] = [0.0]  # _IDEAL[m] = sum of the first m discounts (IDCG with m relevant items)
+
+
+def _discount(r: int) -> float:
+    while len(_DISCOUNTS) <= r:
+        d = 1.0 / math.log2(len(_DISCOUNTS) + 1)
+        _DISCOUNTS.append(d)
+        _IDEAL.append(_IDEAL[-1] + d)
+    return _DISCOUNTS[r]
+
+
+def _ideal(m: int) -> float:
+    _discount(m)
+    return _IDEAL[m]
+
+
+def _auc(p: Positions) -> float | None:
+    m = len(p.ranks)
+    negatives = p.pool - m
+    if m == 0 or negatives == 0:
+        return None
+    # The j-th clicked id (0-based, by position) has pool - rank items below it, m - 1 - j of them clicked.
+    correct = sum(p.pool - r - (m - 1 - j) for j, r in enumerate(p.ranks))
+    return correct / (m * negatives)
+
+
+def _mrr(p: Positions) -> float | None:
+    return 1.0 / p.ranks[0] if p.ranks else None
+
+
+def _ndcg(p: Positions, *, k: int) -> float | None:
+    if not p.ranks:
+        return None
+    dcg = sum(_discount(r) for r in p.ranks if r <= k)
+    return dcg / _ideal(min(k, len(p.ranks)))
+
+
+def _hit(p: Positions, *, k: int) -> float | None:
+    if not p.ranks:
+        return None
+    return 1.0 if p.ranks[0] <= k else 0.0
+
+
+def _recall(p: Positions, *, k: int) -> float | None:
+    if not p.ranks:
+        return None
+    return sum(1 for r in p.ranks if r <= k) / len(p.ranks)
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """A named metric: call it on (ranking, clicked), or on precomputed Positions via `of`."""
+
+    name: str
+    of: Callable[[Positions], float | None]
+
+    def __call__(
+        self, ranking: Sequence[str], clicked: AbstractSet[str], *, pool_size: int | None = None
+    ) -> float | None:
+        return self.of(locate(ranking, clicked, pool_size=pool_size))
+
+
+def _check_k(k: int) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+def ndcg_at(k: int) -> Metric:
+    """nDCG@k: binary gains, 1/log2(rank+1) discount, IDCG over min(k, n_clicked) clicks."""
+    _check_k(k)
+    return Metric(f"ndcg@{k}", partial(_ndcg, k=k))
+
+
+def hit_at(k: int) -> Metric:
+    """1 if any clicked id is in the top k, else 0."""
+    _check_k(k)
+    return Metric(f"hit@{k}", partial(_hit, k=k))
+
+
+def recall_at(k: int) -> Metric:
+    """Clicked ids in the top k over all clicked ids."""
+    _check_k(k)
+    return Metric(f"recall@{k}", partial(_recall, k=k))
+
+
+auc = Metric("auc", _auc)
+"""Fraction of (clicked, non-clicked) pairs with the clicked id ranked higher."""
+mrr = Metric("mrr", _mrr)
+"""1 / rank of the first clicked id."""
+
+_REGISTRY: dict[str, Metric] = {
+    m.name: m
+    for m in [
+        auc,
+        mrr,
+        *(ndcg_at(k) for k in (1, 5, 10, 20)),
+        *(hit_at(k) for k in (1, 5, 10)),
+        *(recall_at(k) for k in (20, 50, 100)),
+    ]
+}
+METRIC_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_metric(name: str) -> Metric:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownName("metric", name, list(METRIC_NAMES)) from None
+
+
+def impression_metrics(
+    ranking: Sequence[str],
+    clicked: AbstractSet[str],
+    *,
+    names: Sequence[str],
+    pool_size: int | None = None,
+) -> dict[str, float | None]:
+    """The named metrics for one impression (positions computed once for all of them)."""
+    metrics = [get_metric(n) for n in names]
+    p = locate(ranking, clicked, pool_size=pool_size)
+    return {m.name: m.of(p) for m in metrics}
+
+
+def _defined(values: Iterable[float | None]) -> np.ndarray:
+    return np.fromiter((v for v in values if v is not None), dtype=np.float64)
+
+
+_GATHER_CHUNK = 4_000_000  # resampled values held in memory at once by the index bootstrap
+
+
+def _bootstrap_means(x: np.ndarray, *, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """n_boot means of size-n resamples of x drawn with replacement.
+
+    Few distinct values (binary hits, 1/rank): resampling only changes how often each distinct value
+    is drawn, and those counts are Multinomial(n, empirical frequencies), so draw them directly in
+    O(n_boot * distinct). Otherwise gather random indices in chunks, O(n_boot * n) with bounded memory.
+    """
+    n = x.size
+    values, counts = np.unique(x, return_counts=True)
+    if values.size * 16 <= n:
+        return rng.multinomial(n, counts / n, size=n_boot) @ values / n
+    means = np.empty(n_boot)
+    step = max(1, _GATHER_CHUNK // n)
+    for start in range(0, n_boot, step):
+        stop = min(n_boot, start + step)
+        means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+    return means
+
+
+def _bootstrap(x: np.ndarray, *, n_boot: int, seed: int, level: float) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap interval of the mean of x (nan, nan, nan when x is empty)."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if x.size == 0:
+        return math.nan, math.nan, math.nan
+    means = _bootstrap_means(x, n_boot=n_boot, rng=np.random.default_rng(seed))
+    tail = (1.0 - level) / 2.0 * 100.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(x.mean()), float(lo), float(hi)
+
+
+def mean_with_ci(
+    values: Iterable[float | None], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of the defined values and its percentile-bootstrap interval.
+
+    None values are skipped; with no defined value the result is (nan, nan, nan).
+    """
+    return _bootstrap(_defined(values), n_boot=n_boot, seed=seed, level=level)
+
+
+def paired_diff(
+    a_values: Sequence[float | None],
+    b_values: Sequence[float | None],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """(mean of a - b, lo, hi) over impressions where both values are defined (paired bootstrap).
+
+    The two sequences are aligned per impression and must have the same length.
+    """
+    if len(a_values) != len(b_values):
+        raise ValueError(f"paired values differ in length: {len(a_values)} vs {len(b_values)}")
+    diffs = np.fromiter(
+        (a - b for a, b in zip(a_values, b_values) if a is not None and b is not None), dtype=np.float64
+    )
+    return _bootstrap(diffs, n_boot=n_boot, seed=seed, level=level)

@@ -75,7 +75,14 @@ class LLMOutputInvalid(RuntimeFault):
 
     code = "llm_output_invalid"
 
-    def __init__(self, reason: str, raw: str | None = None):
-        self.reason = reason
+    def __init__(self, reason: str, raw: str | None = None, detail: str = ""):
+        self.reason = reason  # short machine-readable: malformed_json | schema_mismatch | empty_ranking | truncated
         self.raw = raw
-        super().__init__(reason)
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class LocalLLMStartError(RuntimeFault):
+    """The bundled local LLM server could not be started (missing model file, port taken, process died, not ready in time)."""
+
+    code = "local_llm_start_failed"

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,8 +27,10 @@ class Settings(BaseSettings):
     n_dense: int = Field(100, ge=0, le=1000, description="Chroma nearest neighbours per impression.")
     n_covisit: int = Field(100, ge=0, le=1000, description="Co-visitation neighbours per impression.")
     n_popular: int = Field(30, ge=0, le=1000, description="Popular ads added to the candidate pool.")
+    n_cf: int = Field(100, ge=0, le=1000, description="Collaborative-vector neighbours per impression.")
+    cf_dims: int = Field(64, ge=2, le=512, description="Dimensions of the collaborative item vectors.")
     recency_decay: float = Field(0.8, gt=0, le=1, description="History weight multiplier per step back in time.")
-    covisit_window: int = Field(5, ge=1, le=50, description="How many later items a history item co-occurs with.")
+    covisit_window: int = Field(10, ge=1, le=50, description="How many later items a history item co-occurs with.")
     exclude_history: bool = True
 
     # --- fusion ----------------------------------------------------------------------------
@@ -63,6 +65,28 @@ class Settings(BaseSettings):
     default_k: int = Field(3, ge=1, le=50)
     default_deadline_ms: int = Field(2000, ge=10)
     max_deadline_ms: int = Field(10000, ge=10)
+
+    # --- safety: eligibility, frequency caps, user keys, copy validation, LLM breaker ------
+    # Read by adselect.rules, adselect.caps, adselect.hashing, agent.copy_validator, agent.breaker.
+    min_bid: float = Field(0.0, ge=0, description="Ads bidding less are never eligible.")
+    blocked_categories: list[str] = Field(default_factory=list, description="Categories/subcategories never served (JSON list in env).")
+    blocked_advertisers: list[str] = Field(default_factory=list, description="Advertisers never served (JSON list in env).")
+    publisher_blocklists_path: Path | None = Field(
+        None, description='JSON {"publisher_id": {"categories": [...], "advertisers": [...]}}; unset: none.'
+    )
+    cap_backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite: data_dir/caps.sqlite; redis: caps_redis_url.")
+    caps_redis_url: str | None = Field(None, description="redis://host:port/db for cap_backend=redis.")
+    cap_max_per_ad: int = Field(3, ge=0, description="Impressions per user per ad in the window; 0 = no cap.")
+    cap_max_per_advertiser: int = Field(10, ge=0, description="Impressions per user per advertiser in the window; 0 = no cap.")
+    cap_window_s: int = Field(86400, ge=1, description="Sliding frequency-cap window, seconds.")
+    user_key_secret: SecretStr | None = Field(
+        None, description="HMAC key (>= 16 bytes) for user keys in logs and caps; unset: random, kept in data_dir/user_key.secret."
+    )
+    copy_blocklist_path: Path | None = Field(
+        None, description="Extra terms rewrites may never contain, one per line ('#' comments); added to the built-in list."
+    )
+    llm_breaker_failures: int = Field(5, ge=1, description="Consecutive LLM failures that open the circuit breaker.")
+    llm_breaker_reset_s: float = Field(30.0, gt=0, description="Seconds the breaker stays open before one probe call.")
 
     def resolved_weights_path(self) -> Path | None:
         if self.weights_path is not None:

@@ -89,3 +89,4 @@ class Decision:
     unknown_ids: list[str]
     ranking: list[str] = field(default_factory=list)  # the full fused ranking of candidate ids (eval uses it)
     usage: dict[str, int] = field(default_factory=dict)
+    copy_rejections: list[str] = field(default_factory=list)  # validator reasons when a rewrite was refused

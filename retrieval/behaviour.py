@@ -2,8 +2,11 @@
 
 - popularity: how often an ad appears in histories (recency-weighted per history);
 - co-visitation: within a window of `window` steps, how often ad j follows ad i (`forward`) and how often
-  the two appear close together in either order (`symmetric`), each pair weighted by decay**(gap-1).
-Both tables are indexed by the catalog's row numbers and saved under the data dir.
+  the two appear close together in either order (`symmetric`), each pair weighted by decay**(gap-1);
+- collaborative item vectors: positive PMI of "in the same history" co-occurrence, factorised by a
+  truncated SVD (`cf`, L2-normalised rows): items bought by the same people land close together even
+  when no single pair was co-visited often.
+All tables are indexed by the catalog's row numbers and saved under the data dir.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class BehaviourStats:
     n_histories: int
     window: int
     decay: float
+    cf: np.ndarray | None = None  # (n, d) float32 collaborative item vectors, zero rows for unseen items
 
     @classmethod
     def empty(cls, ids: list[str], *, window: int = 5, decay: float = 0.8) -> "BehaviourStats":
@@ -43,6 +47,7 @@ class BehaviourStats:
         *,
         window: int = 5,
         decay: float = 0.8,
+        cf_dims: int = 64,
     ) -> "BehaviourStats":
         row = {a: i for i, a in enumerate(ids)}
         n = len(ids)
@@ -51,6 +56,7 @@ class BehaviourStats:
         cols: list[int] = []
         vals: list[float] = []
         seen_hist: set[tuple[int, ...]] = set()
+        baskets: list[list[int]] = []
         used = 0
         for hist in histories:
             seq = [row[a] for a in hist if a in row]
@@ -62,6 +68,7 @@ class BehaviourStats:
                 continue
             seen_hist.add(key)
             used += 1
+            baskets.append(sorted(set(seq)))
             for r in set(seq):
                 pop[r] += 1.0
             L = len(seq)
@@ -78,14 +85,17 @@ class BehaviourStats:
         fwd = sp.csr_matrix((np.asarray(vals, dtype=np.float32), (rows, cols)), shape=(n, n))
         fwd.sum_duplicates()
         sym = (fwd + fwd.T).tocsr()
+        cf = collaborative_vectors(baskets, n, dims=cf_dims)
         log.info("behaviour learned", extra={"histories": used, "pairs": fwd.nnz})
-        return cls(ids, pop.astype(np.float32), fwd, sym, used, window, decay)
+        return cls(ids, pop.astype(np.float32), fwd, sym, used, window, decay, cf)
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         sp.save_npz(directory / "covisit_forward.npz", self.forward)
         np.save(directory / "popularity.npy", self.popularity)
+        if self.cf is not None:
+            np.save(directory / "cf.npy", self.cf)
         (directory / "behaviour.json").write_text(
             json.dumps({"ids": self.ids, "n_histories": self.n_histories, "window": self.window, "decay": self.decay})
         )
@@ -98,7 +108,9 @@ class BehaviourStats:
         meta = json.loads(meta_path.read_text())
         fwd = sp.load_npz(directory / "covisit_forward.npz").tocsr().astype(np.float32)
         pop = np.load(directory / "popularity.npy").astype(np.float32)
-        stats = cls(meta["ids"], pop, fwd, (fwd + fwd.T).tocsr(), meta["n_histories"], meta["window"], meta["decay"])
+        cf_path = directory / "cf.npy"
+        cf = np.load(cf_path).astype(np.float32) if cf_path.exists() else None
+        stats = cls(meta["ids"], pop, fwd, (fwd + fwd.T).tocsr(), meta["n_histories"], meta["window"], meta["decay"], cf)
         return stats.aligned_to(ids)
 
     def aligned_to(self, ids: list[str]) -> "BehaviourStats":
@@ -114,7 +126,11 @@ class BehaviourStats:
         fwd = (P @ self.forward @ P.T).tocsr()
         pop = np.zeros(n, dtype=np.float32)
         pop[have] = self.popularity[take[have]]
-        return BehaviourStats(ids, pop, fwd, (fwd + fwd.T).tocsr(), self.n_histories, self.window, self.decay)
+        cf = None
+        if self.cf is not None:
+            cf = np.zeros((n, self.cf.shape[1]), dtype=np.float32)
+            cf[have] = self.cf[take[have]]
+        return BehaviourStats(ids, pop, fwd, (fwd + fwd.T).tocsr(), self.n_histories, self.window, self.decay, cf)
 
     def top_popular(self, n: int) -> np.ndarray:
         if n <= 0 or not self.popularity.any():
@@ -123,3 +139,29 @@ class BehaviourStats:
         part = np.argpartition(-self.popularity, k - 1)[:k]
         part = part[self.popularity[part] > 0]
         return part[np.argsort(-self.popularity[part], kind="stable")]
+
+
+def collaborative_vectors(baskets: Sequence[Sequence[int]], n: int, *, dims: int) -> np.ndarray | None:
+    """Positive-PMI item co-occurrence (same history), truncated SVD, rows L2-normalised."""
+    if not baskets or n < 3:
+        return None
+    rows = [u for u, b in enumerate(baskets) for _ in b]
+    cols = [r for b in baskets for r in b]
+    ui = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(baskets), n))
+    pop = np.asarray(ui.sum(axis=0)).ravel().astype(np.float64)
+    co = (ui.T @ ui).tocoo()
+    keep = co.row != co.col
+    r, c, v = co.row[keep], co.col[keep], co.data[keep].astype(np.float64)
+    if len(v) == 0:
+        return None
+    pmi = np.maximum(np.log(v * v.sum() / (pop[r] * pop[c])), 0.0)
+    mat = sp.csr_matrix((pmi, (r, c)), shape=(n, n))
+    mat.eliminate_zeros()
+    k = max(1, min(dims, n - 2, mat.nnz // 2 or 1))
+    from scipy.sparse.linalg import svds
+
+    u, s, _ = svds(mat, k=k, random_state=0)
+    vecs = u * np.sqrt(s)
+    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    vecs[pop == 0] = 0.0
+    return vecs.astype(np.float32)

@@ -31,7 +31,8 @@ class Embedder:
             raise FileNotFoundError(f"embedder folder not found: {path}")
         self.model_path = path
         self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(dim_fn())
         self.batch_size = batch_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size

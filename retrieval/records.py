@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adselect.errors import DataFileError
 from adselect.types import Ad
 
-MAX_TITLE = 500
-MAX_TEXT = 5000
+MAX_TITLE = 1000
+MAX_TEXT = 10000
 MAX_ID = 128
 
 

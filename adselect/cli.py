@@ -1,0 +1,197 @@
+"""`adselect` command line: ingest, serve, select, prompts, eval. Thin: parses options, calls the core."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from adselect.errors import AdSelectError
+from adselect.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLM-augmented ad selection.")
+
+
+def _settings(data_dir: Optional[Path]) -> Settings:
+    s = Settings()
+    if data_dir is not None:
+        s = s.model_copy(update={"data_dir": data_dir})
+    return s
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+@app.command()
+def ingest(
+    ads: Path = typer.Option(..., "--ads", help="Ad catalog, canonical JSONL."),
+    history: list[Path] = typer.Option([], "--history", help="Logged impressions (canonical JSONL); only their histories are used."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
+    force: bool = typer.Option(False, "--force", help="Re-embed even when the catalog is unchanged."),
+) -> None:
+    """Load a catalog into Chroma (upsert by ad_id) and learn co-visitation/popularity from histories."""
+    from adselect.services import behaviour_dir, make_embedder, make_store
+    from retrieval.ingest import ingest_catalog, learn_behaviour
+
+    s = _settings(data_dir)
+    try:
+        store = make_store(s)
+        rep = ingest_catalog(ads_path=ads, store=store, embedder=make_embedder(s), show_progress=True, force=force)
+        if rep.skipped_unchanged:
+            typer.echo(f"catalog unchanged ({rep.ads} ads, sha256 {rep.content_hash[:12]}): nothing re-embedded")
+        else:
+            typer.echo(f"ingested {rep.ads} ads in {rep.seconds:.1f}s ({rep.ads_per_s:.0f} ads/s) into {s.collection!r}")
+        if history:
+            ids = store.load_index().ids
+            stats = learn_behaviour(
+                history_paths=history, catalog_ids=ids, out_dir=behaviour_dir(s),
+                window=s.covisit_window, decay=s.recency_decay, cf_dims=s.cf_dims,
+            )
+            typer.echo(f"behaviour: {stats.n_histories} histories, {stats.forward.nnz} co-visit pairs -> {behaviour_dir(s)}")
+    except AdSelectError as e:
+        _fail(e)
+
+
+@app.command()
+def select(
+    user_id: str = typer.Option("cli-user", "--user-id"),
+    history: str = typer.Option("", "--history", help="Comma-separated ad ids, oldest first."),
+    event: list[str] = typer.Option([], "--event", help="Free-text event (repeatable)."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="Comma-separated logged candidate ids."),
+    k: int = typer.Option(3, "--k"),
+    use_llm: bool = typer.Option(False, "--llm/--no-llm", help="Call the LLM at ADSELECT_LLM_URL."),
+    deadline_ms: int = typer.Option(5000, "--deadline-ms"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+) -> None:
+    """Select ads for one impression; prints the decision as JSON."""
+    from adselect.services import build_services
+    from adselect.types import SelectRequest
+
+    s = _settings(data_dir)
+    try:
+        services = build_services(s, llm_url=s.llm_url if use_llm else None)
+        req = SelectRequest(
+            user_id=user_id,
+            history=[h for h in history.split(",") if h],
+            events=list(event),
+            candidates=[c for c in candidates.split(",") if c] if candidates is not None else None,
+            k=k,
+            deadline_ms=deadline_ms,
+            use_llm=use_llm,
+        )
+        d = services.selector.select(req)
+    except AdSelectError as e:
+        _fail(e)
+    json.dump(asdict(d), sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    no_llm: bool = typer.Option(False, "--no-llm", help="Fast path only: do not start or call an LLM."),
+) -> None:
+    """Serve POST /v1/select. Without ADSELECT_LLM_URL the bundled local model is started and stopped with it."""
+    import uvicorn
+
+    from server.app import create_app
+
+    s = _settings(data_dir)
+    if no_llm:
+        s = s.model_copy(update={"llm_enabled": False})
+    uvicorn.run(create_app(s), host=host, port=port, log_level="info")
+
+
+prompts_app = typer.Typer(no_args_is_help=True, help="List, show, render and validate prompt templates.")
+app.add_typer(prompts_app, name="prompts")
+
+
+def _registry():
+    from agent.prompts import PromptRegistry
+
+    return PromptRegistry(Settings().prompts_dir)
+
+
+@prompts_app.command("list")
+def prompts_list() -> None:
+    reg = _registry()
+    for name in reg.names():
+        t = reg.get(name)
+        typer.echo(f"{t.name}\tv{t.version}\t{t.sha256[:12]}\t{t.description}")
+
+
+@prompts_app.command("show")
+def prompts_show(name: str) -> None:
+    try:
+        t = _registry().get(name)
+    except AdSelectError as e:
+        _fail(e)
+    typer.echo(f"# {t.name} v{t.version} sha256 {t.sha256}\n# variables: {', '.join(t.variables)}")
+    typer.echo(t.path.read_text() if t.path else "")
+
+
+@prompts_app.command("render")
+def prompts_render(
+    name: str,
+    vars_file: Optional[Path] = typer.Option(None, "--vars", help="JSON object of variables; default: a sample from the demo catalog."),
+) -> None:
+    """Print the chat messages the template renders to."""
+    try:
+        t = _registry().get(name)
+        if vars_file is not None:
+            variables = json.loads(vars_file.read_text())
+            messages = t.render(**variables)
+        else:
+            from agent.reranker import LLMReranker
+            from adselect.types import Candidate
+            from retrieval.records import read_ads
+
+            ads = read_ads(Path(__file__).resolve().parent.parent / "data" / "demo" / "ads.jsonl")
+            call = LLMReranker(_NoLLM(), t).prepare(
+                history_ads=ads[:3], events=["searched: gift ideas"],
+                candidates=[Candidate(ad=a, priors={}) for a in ads[10:15]], rewrite=True,
+            )
+            messages = call.messages
+    except (AdSelectError, OSError, json.JSONDecodeError) as e:
+        _fail(e)
+    for m in messages:
+        typer.echo(f"--- {m['role']} ---\n{m['content']}")
+
+
+class _NoLLM:
+    """Rendering needs no model; any call is a bug."""
+
+    model = "none"
+
+    def complete(self, *a, **k):  # pragma: no cover
+        raise RuntimeError("render does not call the LLM")
+
+    async def acomplete(self, *a, **k):  # pragma: no cover
+        raise RuntimeError("render does not call the LLM")
+
+
+@prompts_app.command("validate")
+def prompts_validate() -> None:
+    """Load every template; exit 2 naming every invalid file."""
+    try:
+        loaded = _registry().validate_all()
+    except AdSelectError as e:
+        _fail(e)
+    typer.echo(f"{len(loaded)} prompt(s) valid: {', '.join(t.name for t in loaded)}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,100 @@
+"""Fusion of prior features (and, when present, the LLM's ranking) into one score.
+
+A logistic model over standardised features, optionally with pairwise products, saved as JSON: the
+eval tooling fits it on logged impressions (`adselect eval tune`), the server and eval load it. The LLM
+term enters only through its learned coefficient, so its say in the ranking is earned on logged data.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.features import FEATURES
+
+SHIPPED_WEIGHTS = Path(__file__).with_name("default_weights.json")
+
+
+def llm_feature(llm_rank: int | None, n: int) -> float:
+    """The LLM's opinion of one candidate as a feature: 1 for its top pick, decaying; 0 if unranked."""
+    if llm_rank is None:
+        return 0.0
+    return 1.0 / (1.0 + llm_rank)
+
+
+@dataclass
+class FusionModel:
+    features: list[str]
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray  # over expanded features (base + pairwise products, see `interactions`)
+    intercept: float = 0.0
+    interactions: list[tuple[int, int]] = field(default_factory=list)
+    llm_coef: float = 0.0  # weight of llm_feature(); 0 = the LLM cannot move the ranking
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def hand_tuned(cls) -> "FusionModel":
+        """Used only when no weights file exists at all: an equal-weight blend over standardised features."""
+        n = len(FEATURES)
+        return cls(list(FEATURES), np.zeros(n), np.ones(n), np.ones(n) / n, 0.0, [], 0.5, {"source": "hand_tuned"})
+
+    def expand(self, X: np.ndarray) -> np.ndarray:
+        Z = (X - self.mean) / self.scale
+        if self.interactions:
+            Z = np.hstack([Z] + [Z[:, [i]] * Z[:, [j]] for i, j in self.interactions])
+        return Z
+
+    def prior_scores(self, X: np.ndarray) -> np.ndarray:
+        """Scores without the LLM (the fast path and the default LLM-off system)."""
+        if len(X) == 0:
+            return np.zeros(0, dtype=np.float64)
+        return self.expand(X) @ self.coef + self.intercept
+
+    def fused_scores(self, prior: np.ndarray, llm_ranks: list[int | None]) -> np.ndarray:
+        n = len(prior)
+        return prior + self.llm_coef * np.array([llm_feature(r, n) for r in llm_ranks], dtype=np.float64)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "features": self.features,
+            "mean": self.mean.tolist(),
+            "scale": self.scale.tolist(),
+            "coef": self.coef.tolist(),
+            "intercept": self.intercept,
+            "interactions": [list(p) for p in self.interactions],
+            "llm_coef": self.llm_coef,
+            "meta": self.meta,
+        }
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FusionModel":
+        if list(d["features"]) != list(FEATURES):
+            raise ValueError(f"weights were fitted on features {d['features']}, this build computes {list(FEATURES)}")
+        return cls(
+            features=list(d["features"]),
+            mean=np.asarray(d["mean"], dtype=np.float64),
+            scale=np.asarray(d["scale"], dtype=np.float64),
+            coef=np.asarray(d["coef"], dtype=np.float64),
+            intercept=float(d.get("intercept", 0.0)),
+            interactions=[tuple(p) for p in d.get("interactions", [])],
+            llm_coef=float(d.get("llm_coef", 0.0)),
+            meta=dict(d.get("meta", {})),
+        )
+
+    @classmethod
+    def load(cls, path: Path | None) -> "FusionModel":
+        """The given file, else the shipped weights, else the hand-tuned blend."""
+        for p in (path, SHIPPED_WEIGHTS):
+            if p is not None and Path(p).exists():
+                m = cls.from_json(json.loads(Path(p).read_text()))
+                m.meta.setdefault("path", str(p))
+                return m
+        return cls.hand_tuned()

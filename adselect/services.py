@@ -1,0 +1,110 @@
+"""Builds the long-lived services from Settings, once at start-up (server lifespan, CLI, eval).
+
+Everything is constructed here and passed in: nothing reaches for a global.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from adselect.fusion import FusionModel
+from adselect.pipeline import Selector
+from adselect.settings import Settings
+from retrieval.behaviour import BehaviourStats
+from retrieval.candidates import CandidateGenerator
+from retrieval.chroma import make_chroma_client
+from retrieval.embedder import Embedder
+from retrieval.store import AdStore, CatalogIndex
+
+log = logging.getLogger(__name__)
+
+
+def behaviour_dir(settings: Settings) -> Path:
+    return settings.data_dir / "behaviour" / settings.collection
+
+
+def make_store(settings: Settings) -> AdStore:
+    return AdStore(make_chroma_client(data_dir=settings.data_dir, chroma_url=settings.chroma_url), settings.collection)
+
+
+def make_embedder(settings: Settings) -> Embedder:
+    return Embedder(settings.embedder_path, batch_size=settings.embed_batch_size, cache_size=settings.event_cache_size)
+
+
+def load_behaviour(settings: Settings, index: CatalogIndex) -> BehaviourStats:
+    stats = BehaviourStats.load(behaviour_dir(settings), index.ids)
+    if stats is None:
+        log.warning("no behaviour tables under %s: co-visitation and popularity priors are zero", behaviour_dir(settings))
+        return BehaviourStats.empty(index.ids, window=settings.covisit_window, decay=settings.recency_decay)
+    return stats
+
+
+def make_reranker(settings: Settings, *, llm_url: str):
+    """The LLM stage over an OpenAI-compatible server (vLLM, or the bundled llama.cpp server)."""
+    from agent.llm import ChatLLM
+    from agent.prompts import PromptRegistry
+    from agent.reranker import LLMReranker
+
+    prompt = PromptRegistry(settings.prompts_dir).get(settings.prompt_name)
+    llm = ChatLLM.from_settings(settings, base_url=llm_url)
+    return LLMReranker(llm, prompt, max_candidates=settings.llm_max_candidates), prompt
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: AdStore
+    index: CatalogIndex
+    behaviour: BehaviourStats
+    fusion: FusionModel
+    embedder: Embedder
+    selector: Selector
+
+
+def build_services(
+    settings: Settings,
+    *,
+    llm_url: str | None = None,
+    embedder: Embedder | None = None,
+    store: AdStore | None = None,
+    reranker=None,
+) -> Services:
+    """`llm_url` None and no `reranker`: the LLM stage is off (fast path only)."""
+    store = store or make_store(settings)
+    index = store.load_index()
+    behaviour = load_behaviour(settings, index)
+    fusion = FusionModel.load(settings.resolved_weights_path())
+    embedder = embedder or make_embedder(settings)
+    prompt_info = None
+    if reranker is None and llm_url and settings.llm_enabled:
+        reranker, prompt = make_reranker(settings, llm_url=llm_url)
+        prompt_info = {"name": prompt.name, "version": str(prompt.version), "sha256": prompt.sha256}
+    elif reranker is not None:
+        p = getattr(reranker, "prompt", None)
+        if p is not None:
+            prompt_info = {"name": p.name, "version": str(p.version), "sha256": p.sha256}
+    generator = CandidateGenerator(
+        index=index,
+        store=store,
+        behaviour=behaviour,
+        n_dense=settings.n_dense,
+        n_covisit=settings.n_covisit,
+        n_popular=settings.n_popular,
+        n_cf=settings.n_cf,
+    )
+    selector = Selector(
+        index=index,
+        generator=generator,
+        fusion=fusion,
+        embedder=embedder,
+        reranker=reranker if settings.llm_enabled else None,
+        model_name=settings.llm_model,
+        prompt_info=prompt_info,
+        recency_decay=settings.recency_decay,
+        exclude_history=settings.exclude_history,
+        llm_max_candidates=settings.llm_max_candidates,
+        llm_margin_ms=settings.llm_margin_ms,
+        max_deadline_ms=settings.max_deadline_ms,
+    )
+    return Services(settings, store, index, behaviour, fusion, embedder, selector)

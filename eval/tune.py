@@ -1,0 +1,128 @@
+"""Learned fusion: fit the prior weights (and the LLM's weight) on logged impressions.
+
+Training lists come from impressions with a click: their logged candidates when present, else the
+clicked ad against `n_random` uniformly sampled catalog ads plus `n_hard` ads from our own candidate
+generator (so the model also learns to separate look-alikes in the full-catalog protocol). Users of
+`exclude_users` (the impressions a report evaluates) are never fitted on.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from adselect.fusion import FusionModel, llm_feature
+from retrieval.candidates import CandidateGenerator
+from retrieval.features import FEATURES, build_profile
+from retrieval.records import ImpressionRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingSet:
+    X: np.ndarray  # (rows, len(FEATURES))
+    y: np.ndarray  # (rows,) 0/1
+    group: np.ndarray  # (rows,) impression number
+    n_impressions: int
+    skipped: int
+
+
+def build_training_set(
+    impressions: Iterable[ImpressionRecord],
+    *,
+    generator: CandidateGenerator,
+    recency_decay: float,
+    n_random: int = 19,
+    n_hard: int = 0,
+    exclude_users: set[str] | None = None,
+    max_impressions: int | None = None,
+    seed: int = 0,
+) -> TrainingSet:
+    index = generator.index
+    rng = np.random.default_rng(seed)
+    Xs, ys, gs = [], [], []
+    n = skipped = 0
+    for rec in impressions:
+        if max_impressions is not None and n >= max_impressions:
+            break
+        if exclude_users and rec.user_id in exclude_users:
+            continue
+        hist_rows, _ = index.rows(rec.history)
+        pos_rows, _ = index.rows(rec.clicked)
+        if not pos_rows or not hist_rows:
+            skipped += 1
+            continue
+        profile = build_profile(index, hist_rows, decay=recency_decay)
+        if rec.candidates:
+            rows, _ = index.rows(dict.fromkeys(rec.candidates))
+        else:
+            taken = set(hist_rows) | set(pos_rows)
+            rows = list(dict.fromkeys(pos_rows))
+            if n_random:
+                draw = rng.choice(len(index), size=min(len(index), n_random + len(taken)), replace=False)
+                rows += [int(r) for r in draw if int(r) not in taken][:n_random]
+            if n_hard:
+                hard = generator.generate(profile, exclude=taken).rows
+                rows += [int(r) for r in hard[: n_hard * 3] if int(r) not in set(rows)][:n_hard]
+        pos = set(pos_rows)
+        y = np.array([1.0 if r in pos else 0.0 for r in rows])
+        if y.sum() == 0 or y.sum() == len(y):
+            skipped += 1
+            continue
+        cset = generator.score_logged(profile, rows)
+        Xs.append(cset.features)
+        ys.append(y)
+        gs.append(np.full(len(rows), n))
+        n += 1
+    if not Xs:
+        raise ValueError("no usable training impressions (need a history and a click in the catalog)")
+    return TrainingSet(np.vstack(Xs), np.concatenate(ys), np.concatenate(gs), n, skipped)
+
+
+def fit_fusion(
+    ts: TrainingSet,
+    *,
+    interactions: bool = True,
+    C: float = 1.0,
+    meta: dict | None = None,
+) -> FusionModel:
+    """Logistic regression over standardised prior features (+ pairwise products)."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean = ts.X.mean(axis=0)
+    scale = ts.X.std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    pairs = [(i, j) for i in range(len(FEATURES)) for j in range(i, len(FEATURES))] if interactions else []
+    model = FusionModel(list(FEATURES), mean, scale, np.zeros(len(FEATURES) + len(pairs)), 0.0, pairs)
+    Z = model.expand(ts.X)
+    lr = LogisticRegression(C=C, max_iter=5000)
+    lr.fit(Z, ts.y)
+    model.coef = lr.coef_.ravel().astype(np.float64)
+    model.intercept = float(lr.intercept_[0])
+    model.meta = {
+        "source": "adselect eval tune",
+        "train_impressions": ts.n_impressions,
+        "train_rows": int(len(ts.y)),
+        "skipped": ts.skipped,
+        "C": C,
+        **(meta or {}),
+    }
+    return model
+
+
+def fit_llm_weight(prior: np.ndarray, llm_ranks: list[int | None], y: np.ndarray, *, C: float = 1.0) -> tuple[float, dict]:
+    """The LLM's say, earned: logistic y ~ a·prior + b·llm_feature; returns b/a in prior-score units (≥ 0).
+
+    A negative or zero b (the LLM does not add signal beyond the prior on these logs) gives weight 0.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    f = np.array([llm_feature(r, len(llm_ranks)) for r in llm_ranks])
+    X = np.column_stack([prior, f])
+    lr = LogisticRegression(C=C, max_iter=2000).fit(X, y)
+    a, b = (float(v) for v in lr.coef_.ravel())
+    weight = max(0.0, b / a) if a > 1e-9 else 0.0
+    return weight, {"prior_coef": a, "llm_coef_raw": b, "rows": int(len(y))}

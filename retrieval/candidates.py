@@ -1,0 +1,92 @@
+"""Candidate generation: Chroma nearest neighbours ∪ co-visitation ∪ collaborative neighbours ∪ popular ads.
+
+Logged candidates (the request names what may be shown) skip generation and are scored by the same
+prior features. Returns catalog rows plus the feature matrix; fusion happens in the pipeline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from retrieval.behaviour import BehaviourStats
+from retrieval.features import UserProfile, cf_profile, compute_features, covisit_scores
+from retrieval.store import AdStore, CatalogIndex
+
+
+@dataclass
+class CandidateSet:
+    rows: np.ndarray  # catalog rows
+    features: np.ndarray  # (len(rows), len(FEATURES))
+    sources: dict[int, list[str]] = field(default_factory=dict)  # row -> which generators produced it
+
+
+@dataclass
+class CandidateGenerator:
+    index: CatalogIndex
+    store: AdStore | None
+    behaviour: BehaviourStats
+    n_dense: int = 100
+    n_covisit: int = 100
+    n_popular: int = 30
+    n_cf: int = 100
+    use_chroma: bool = True  # False: exact numpy top-k over the in-memory matrix (eval's bulk path)
+
+    def _dense(self, profile: UserProfile, n: int, where: dict | None) -> list[int]:
+        if profile.vector is None or n <= 0:
+            return []
+        if self.use_chroma and self.store is not None:
+            hits = self.store.nearest(profile.vector, min(n, len(self.index)), where=where)
+            return [self.index.row[i] for i, _ in hits if i in self.index.row]
+        sims = self.index.vectors @ profile.vector
+        k = min(n, len(sims))
+        top = np.argpartition(-sims, k - 1)[:k]
+        return top[np.argsort(-sims[top], kind="stable")].tolist()
+
+    def _covisit(self, profile: UserProfile, n: int) -> list[int]:
+        if n <= 0 or len(profile.rows) == 0:
+            return []
+        scores = covisit_scores(self.behaviour, profile)
+        nz = np.flatnonzero(scores)
+        if len(nz) == 0:
+            return []
+        k = min(n, len(nz))
+        top = nz[np.argpartition(-scores[nz], k - 1)[:k]]
+        return top[np.argsort(-scores[top], kind="stable")].tolist()
+
+    def _cf(self, profile: UserProfile, n: int) -> list[int]:
+        v = cf_profile(self.behaviour, profile) if n > 0 else None
+        if v is None:
+            return []
+        sims = self.behaviour.cf @ v
+        k = min(n, len(sims))
+        top = np.argpartition(-sims, k - 1)[:k]
+        return top[np.argsort(-sims[top], kind="stable")].tolist()
+
+    def generate(
+        self,
+        profile: UserProfile,
+        *,
+        exclude: set[int] | None = None,
+        where: dict | None = None,
+        allowed: np.ndarray | None = None,
+    ) -> CandidateSet:
+        """`where` goes to Chroma; `allowed` (bool mask over rows) applies the same rules to every source."""
+        exclude = exclude or set()
+        sources: dict[int, list[str]] = {}
+        for name, rows in (
+            ("dense", self._dense(profile, self.n_dense + len(exclude), where)),
+            ("covisit", self._covisit(profile, self.n_covisit + len(exclude))),
+            ("cf", self._cf(profile, self.n_cf + len(exclude))),
+            ("popular", self.behaviour.top_popular(self.n_popular + len(exclude)).tolist()),
+        ):
+            for r in rows:
+                if r in exclude or (allowed is not None and not allowed[r]):
+                    continue
+                sources.setdefault(r, []).append(name)
+        rows = np.fromiter(sources.keys(), dtype=np.int64, count=len(sources))
+        return CandidateSet(rows, compute_features(self.index, self.behaviour, profile, rows), sources)
+
+    def score_logged(self, profile: UserProfile, rows: list[int]) -> CandidateSet:
+        r = np.asarray(rows, dtype=np.int64)
+        return CandidateSet(r, compute_features(self.index, self.behaviour, profile, r), {int(x): ["logged"] for x in r})

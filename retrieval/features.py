@@ -1,0 +1,125 @@
+"""Prior features of (user, candidate) pairs: dense similarity, co-visitation, popularity.
+
+Every feature is computed for any list of catalog rows with a few matrix products, so the same code
+scores retrieved candidates (full catalog) and logged candidates (rank what was shown).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.behaviour import BehaviourStats
+from retrieval.store import CatalogIndex
+
+FEATURES: tuple[str, ...] = (
+    "dense",  # cosine(user profile, ad): recency-weighted pooled history (+ events)
+    "dense_last",  # cosine(last history item, ad)
+    "dense_max",  # max cosine over history items
+    "covisit",  # log1p(sum_h w_h * symmetric co-visits(h, ad))
+    "covisit_next",  # log1p(sum over the last 3 items of forward co-visits(h -> ad))
+    "covisit_norm",  # covisit share: co-visits(h, ad) / (popularity(ad) + 10), recency-weighted
+    "popularity",  # log1p(popularity(ad))
+    "cf",  # cosine(recency-weighted collaborative profile, ad's collaborative vector)
+    "cf_max",  # max collaborative cosine over history items
+    "covisit_cos",  # log1p(100 * sum_h w_h * co-visits(h, ad) / sqrt(pop(h) * pop(ad)))
+)
+
+
+@dataclass
+class UserProfile:
+    rows: np.ndarray  # history rows, oldest first (known ids only)
+    weights: np.ndarray  # recency weights, same length, sum 1
+    vector: np.ndarray | None  # pooled L2-normalised profile, None for an empty profile
+    event_vectors: np.ndarray | None = None
+
+
+def recency_weights(n: int, decay: float) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, dtype=np.float32)
+    w = decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
+    return (w / w.sum()).astype(np.float32)
+
+
+def build_profile(
+    index: CatalogIndex,
+    rows: list[int],
+    *,
+    decay: float,
+    event_vectors: np.ndarray | None = None,
+    event_weight: float = 0.5,
+) -> UserProfile:
+    r = np.asarray(rows, dtype=np.int64)
+    w = recency_weights(len(r), decay)
+    parts = []
+    if len(r):
+        parts.append((w[:, None] * index.vectors[r]).sum(axis=0))
+    if event_vectors is not None and len(event_vectors):
+        ev = event_vectors.mean(axis=0)
+        parts.append(ev * (event_weight if len(r) else 1.0))
+    vec = None
+    if parts:
+        v = np.sum(parts, axis=0)
+        norm = float(np.linalg.norm(v))
+        vec = (v / norm).astype(np.float32) if norm > 0 else None
+    return UserProfile(rows=r, weights=w, vector=vec, event_vectors=event_vectors)
+
+
+def covisit_scores(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray:
+    """Recency-weighted symmetric co-visitation with every catalog row: a dense (n,) vector."""
+    if len(profile.rows) == 0 or behaviour.symmetric.nnz == 0:
+        return np.zeros(len(behaviour.popularity), dtype=np.float32)
+    block = behaviour.symmetric[profile.rows]  # (h, n) sparse
+    return np.asarray(block.T @ profile.weights).ravel().astype(np.float32)
+
+
+def cf_profile(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray | None:
+    if behaviour.cf is None or len(profile.rows) == 0:
+        return None
+    v = profile.weights @ behaviour.cf[profile.rows]
+    norm = float(np.linalg.norm(v))
+    return (v / norm).astype(np.float32) if norm > 0 else None
+
+
+def compute_features(
+    index: CatalogIndex,
+    behaviour: BehaviourStats,
+    profile: UserProfile,
+    cand_rows: np.ndarray,
+) -> np.ndarray:
+    """(len(cand_rows), len(FEATURES)) float32 matrix, columns in FEATURES order."""
+    c = np.asarray(cand_rows, dtype=np.int64)
+    out = np.zeros((len(c), len(FEATURES)), dtype=np.float32)
+    if len(c) == 0:
+        return out
+    cv = index.vectors[c]
+    h = profile.rows
+    if profile.vector is not None:
+        out[:, 0] = cv @ profile.vector
+    if len(h):
+        sims = cv @ index.vectors[h].T  # (c, h)
+        out[:, 1] = sims[:, -1]
+        out[:, 2] = sims.max(axis=1)
+        sym = behaviour.symmetric[h][:, c].toarray()  # (h, c)
+        w = profile.weights
+        co = w @ sym
+        out[:, 3] = np.log1p(co * len(h))
+        last = h[-3:]
+        out[:, 4] = np.log1p(behaviour.forward[last][:, c].toarray().sum(axis=0))
+        pop_c = behaviour.popularity[c]
+        out[:, 5] = (co * len(h)) / (pop_c + 10.0)
+        root_c = np.sqrt(np.maximum(pop_c, 1.0))
+        root_h = np.sqrt(np.maximum(behaviour.popularity[h], 1.0))
+        out[:, 9] = np.log1p(100.0 * (w @ (sym / root_h[:, None])) / root_c)
+        if behaviour.cf is not None:
+            cfp = cf_profile(behaviour, profile)
+            cc = behaviour.cf[c]
+            if cfp is not None:
+                out[:, 7] = cc @ cfp
+            out[:, 8] = (cc @ behaviour.cf[h].T).max(axis=1)
+    elif profile.vector is not None and profile.event_vectors is not None:
+        sims = cv @ profile.event_vectors.T
+        out[:, 1] = sims[:, -1]
+        out[:, 2] = sims.max(axis=1)
+    out[:, 6] = np.log1p(behaviour.popularity[c])
+    return out

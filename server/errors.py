@@ -1,0 +1,54 @@
+"""The one place exceptions become HTTP: type -> status, one JSON shape {"error": {code, message, details}}."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adselect.errors import AdSelectError, CatalogError, LLMUnavailable, RuntimeFault, UserError
+
+log = logging.getLogger(__name__)
+
+
+def status_for(exc: Exception) -> int:
+    match exc:
+        case UserError():
+            return 400
+        case CatalogError() | LLMUnavailable():
+            return 503
+        case RuntimeFault():
+            return 500
+        case _:
+            return 500
+
+
+def error_response(status: int, code: str, message: str, details=None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message, "details": details}}, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        first = errs[0] if errs else {"loc": [], "msg": "invalid request"}
+        msg = f"{'.'.join(str(x) for x in first['loc'][1:]) or 'body'}: {first['msg']}"
+        return error_response(422, "validation_error", msg, errs)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, f"http_{exc.status_code}", str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(AdSelectError)
+    async def _domain(_: Request, exc: AdSelectError) -> JSONResponse:
+        return error_response(status_for(exc), exc.code, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error")

@@ -1,0 +1,87 @@
+"""Wire models of the public API (their limits are the API's limits, documented in OpenAPI)."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+AdId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+EventText = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+MAX_HISTORY = 200
+MAX_EVENTS = 20
+MAX_CANDIDATES = 200
+MAX_K = 20
+
+
+class SelectRequestBody(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"user_id": "u-42", "history": ["demo-001", "demo-002"], "events": ["searched: trail running shoes"], "k": 2}
+            ]
+        },
+    )
+
+    user_id: str = Field(min_length=1, max_length=128, description="Caller's user id (stored and logged only as a keyed hash).")
+    history: list[AdId] = Field(default_factory=list, max_length=MAX_HISTORY, description="Ad/item ids seen or bought, oldest first.")
+    events: list[EventText] = Field(default_factory=list, max_length=MAX_EVENTS, description="Free-text events (searches, page titles).")
+    candidates: list[AdId] | None = Field(None, max_length=MAX_CANDIDATES, description="Logged candidate ids to rank; omitted = retrieve from the catalog.")
+    k: int = Field(3, ge=1, le=MAX_K, description="How many ads to return.")
+    deadline_ms: int | None = Field(None, ge=10, le=60000, description="Total time budget; capped by the server's max_deadline_ms.")
+    use_llm: bool = Field(True, description="Let the LLM rerank, justify and rewrite (if enabled server-side).")
+    rewrite: bool = Field(True, description="Ask for rewritten copy for the top pick.")
+
+
+class CopyOut(BaseModel):
+    headline: str
+    description: str
+
+
+class AdOut(BaseModel):
+    ad_id: str
+    title: str
+    advertiser: str
+    score: float = Field(description="Fused score (higher is better).")
+    priors: dict[str, float] = Field(description="Per-source prior features.")
+    llm_rank: int | None = Field(description="0-based position in the LLM's ranking; null if unranked or LLM unused.")
+    justification: str | None
+    copy_: CopyOut = Field(alias="copy", serialization_alias="copy")
+    original: CopyOut
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class PromptOut(BaseModel):
+    name: str
+    version: str
+    sha256: str
+
+
+class SelectResponseBody(BaseModel):
+    request_id: str
+    ads: list[AdOut]
+    llm_used: bool
+    degraded: bool
+    degraded_reason: str | None
+    prompt: PromptOut | None
+    model: str | None
+    timings_ms: dict[str, float]
+    unknown_ids: list[str] = Field(description="History/candidate ids not in the catalog (ignored).")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class HealthResponse(BaseModel):
+    status: str
+    ads: int
+    llm: str = Field(description="off | url of the OpenAI-compatible server")

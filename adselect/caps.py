@@ -286,6 +286,8 @@ def open_cap_store(settings, *, redis_client: Any | None = None) -> CapStore:
 
             if not settings.caps_redis_url:
                 raise CapStoreError("cap_backend is 'redis' but ADSELECT_CAPS_REDIS_URL is not set")
-            redis_client = redis.Redis.from_url(settings.caps_redis_url)
+            redis_client = redis.Redis.from_url(
+                settings.caps_redis_url, socket_connect_timeout=1.0, socket_timeout=1.0
+            )
         return RedisCapStore(redis_client, config=config)
     return SQLiteCapStore(Path(settings.data_dir) / "caps.sqlite", config=config)

@@ -193,5 +193,8 @@ def prompts_validate() -> None:
     typer.echo(f"{len(loaded)} prompt(s) valid: {', '.join(t.name for t in loaded)}")
 
 
+app.add_typer(__import__("eval.cli", fromlist=["app"]).app, name="eval")  # eval/cli.py: run, validate, tasks, tune
+
+
 if __name__ == "__main__":
     app()

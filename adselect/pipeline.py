@@ -37,7 +37,8 @@ def original_copy(ad: Ad) -> Copy:
 
 @dataclass
 class PriorStage:
-    candidates: list[Candidate]  # ordered by prior score, best first
+    candidates: list[Candidate]  # the head of the prior ranking (what the LLM and the response can use)
+    tail_ids: list[str]  # the rest of the prior ranking, in order (eval ranks it; never re-scored)
     history_ads: list[Ad]
     unknown_ids: list[str]
     timings_ms: dict[str, float] = field(default_factory=dict)
@@ -85,14 +86,16 @@ class Selector:
         t = time.perf_counter()
         scores = self.fusion.prior_scores(cset.features)
         order = np.argsort(-scores, kind="stable")
+        head = max(req.k, self.llm_max_candidates)
         cands: list[Candidate] = []
-        for rank, i in enumerate(order):
+        for rank, i in enumerate(order[:head]):
             row = int(cset.rows[i])
-            priors = {f: round(float(v), 6) for f, v in zip(FEATURES, cset.features[i])}
+            priors = {f: round(float(v), 6) for f, v in zip(FEATURES, cset.features[i].tolist())}
             cands.append(Candidate(ad=self.index.ads[row], priors=priors, prior_score=float(scores[i]), prior_rank=rank))
+        tail = [self.index.ids[int(cset.rows[i])] for i in order[head:]]
         timings["fusion"] = _ms(t)
         history_ads = [self.index.ads[r] for r in hist_rows]
-        return PriorStage(cands, history_ads, list(dict.fromkeys(unknown)), timings)
+        return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), timings)
 
     # ---- stage 2: LLM (sync and async share everything but the call) -----------------------
     def _llm_budget_s(self, req: SelectRequest, started: float) -> float:
@@ -215,7 +218,7 @@ class Selector:
             model=self.model_name if llm is not None else None,
             timings_ms={k: round(v, 3) for k, v in stage.timings_ms.items()},
             unknown_ids=stage.unknown_ids,
-            ranking=[cands[int(i)].ad.ad_id for i in order],
+            ranking=[cands[int(i)].ad.ad_id for i in order] + stage.tail_ids,
             usage=usage,
             copy_rejections=copy_rejections,
         )

@@ -71,6 +71,10 @@ def build_services(
     reranker=None,
 ) -> Services:
     """`llm_url` None and no `reranker`: the LLM stage is off (fast path only)."""
+    if settings.blas_threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=settings.blas_threads, user_api="blas")
     store = store or make_store(settings)
     index = store.load_index()
     behaviour = load_behaviour(settings, index)

@@ -109,7 +109,7 @@ class BehaviourStats:
         fwd = sp.load_npz(directory / "covisit_forward.npz").tocsr().astype(np.float32)
         pop = np.load(directory / "popularity.npy").astype(np.float32)
         cf_path = directory / "cf.npy"
-        cf = np.load(cf_path).astype(np.float32) if cf_path.exists() else None
+        cf = np.ascontiguousarray(np.load(cf_path), dtype=np.float32) if cf_path.exists() else None
         stats = cls(meta["ids"], pop, fwd, (fwd + fwd.T).tocsr(), meta["n_histories"], meta["window"], meta["decay"], cf)
         return stats.aligned_to(ids)
 
@@ -164,4 +164,4 @@ def collaborative_vectors(baskets: Sequence[Sequence[int]], n: int, *, dims: int
     vecs = u * np.sqrt(s)
     vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     vecs[pop == 0] = 0.0
-    return vecs.astype(np.float32)
+    return np.ascontiguousarray(vecs, dtype=np.float32)

@@ -43,10 +43,9 @@ class CandidateGenerator:
         top = np.argpartition(-sims, k - 1)[:k]
         return top[np.argsort(-sims[top], kind="stable")].tolist()
 
-    def _covisit(self, profile: UserProfile, n: int) -> list[int]:
-        if n <= 0 or len(profile.rows) == 0:
+    def _covisit(self, scores: np.ndarray, n: int) -> list[int]:
+        if n <= 0:
             return []
-        scores = covisit_scores(self.behaviour, profile)
         nz = np.flatnonzero(scores)
         if len(nz) == 0:
             return []
@@ -73,10 +72,11 @@ class CandidateGenerator:
     ) -> CandidateSet:
         """`where` goes to Chroma; `allowed` (bool mask over rows) applies the same rules to every source."""
         exclude = exclude or set()
+        covisit = covisit_scores(self.behaviour, profile)
         sources: dict[int, list[str]] = {}
         for name, rows in (
             ("dense", self._dense(profile, self.n_dense + len(exclude), where)),
-            ("covisit", self._covisit(profile, self.n_covisit + len(exclude))),
+            ("covisit", self._covisit(covisit, self.n_covisit + len(exclude))),
             ("cf", self._cf(profile, self.n_cf + len(exclude))),
             ("popular", self.behaviour.top_popular(self.n_popular + len(exclude)).tolist()),
         ):
@@ -85,7 +85,7 @@ class CandidateGenerator:
                     continue
                 sources.setdefault(r, []).append(name)
         rows = np.fromiter(sources.keys(), dtype=np.int64, count=len(sources))
-        return CandidateSet(rows, compute_features(self.index, self.behaviour, profile, rows), sources)
+        return CandidateSet(rows, compute_features(self.index, self.behaviour, profile, rows, covisit=covisit), sources)
 
     def score_logged(self, profile: UserProfile, rows: list[int]) -> CandidateSet:
         r = np.asarray(rows, dtype=np.int64)

@@ -69,8 +69,13 @@ def covisit_scores(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarra
     """Recency-weighted symmetric co-visitation with every catalog row: a dense (n,) vector."""
     if len(profile.rows) == 0 or behaviour.symmetric.nnz == 0:
         return np.zeros(len(behaviour.popularity), dtype=np.float32)
-    block = behaviour.symmetric[profile.rows]  # (h, n) sparse
-    return np.asarray(block.T @ profile.weights).ravel().astype(np.float32)
+    return _row_mix(behaviour.symmetric, profile.rows, profile.weights)
+
+
+def _row_mix(matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """sum_i weights[i] * matrix[rows[i]] as a dense vector: touches only the non-zeros of those rows."""
+    block = matrix[rows]
+    return np.asarray(block.T @ weights).ravel().astype(np.float32)
 
 
 def cf_profile(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray | None:
@@ -86,8 +91,12 @@ def compute_features(
     behaviour: BehaviourStats,
     profile: UserProfile,
     cand_rows: np.ndarray,
+    *,
+    covisit: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(len(cand_rows), len(FEATURES)) float32 matrix, columns in FEATURES order."""
+    """(len(cand_rows), len(FEATURES)) float32 matrix, columns in FEATURES order.
+
+    `covisit` is covisit_scores() when the caller already has it (candidate generation computes it)."""
     c = np.asarray(cand_rows, dtype=np.int64)
     out = np.zeros((len(c), len(FEATURES)), dtype=np.float32)
     if len(c) == 0:
@@ -100,17 +109,18 @@ def compute_features(
         sims = cv @ index.vectors[h].T  # (c, h)
         out[:, 1] = sims[:, -1]
         out[:, 2] = sims.max(axis=1)
-        sym = behaviour.symmetric[h][:, c].toarray()  # (h, c)
         w = profile.weights
-        co = w @ sym
-        out[:, 3] = np.log1p(co * len(h))
-        last = h[-3:]
-        out[:, 4] = np.log1p(behaviour.forward[last][:, c].toarray().sum(axis=0))
-        pop_c = behaviour.popularity[c]
-        out[:, 5] = (co * len(h)) / (pop_c + 10.0)
-        root_c = np.sqrt(np.maximum(pop_c, 1.0))
-        root_h = np.sqrt(np.maximum(behaviour.popularity[h], 1.0))
-        out[:, 9] = np.log1p(100.0 * (w @ (sym / root_h[:, None])) / root_c)
+        if behaviour.symmetric.nnz:
+            co_all = covisit if covisit is not None else _row_mix(behaviour.symmetric, h, w)
+            co = co_all[c]
+            out[:, 3] = np.log1p(co * len(h))
+            last = h[-3:]
+            out[:, 4] = np.log1p(_row_mix(behaviour.forward, last, np.ones(len(last), dtype=np.float32))[c])
+            pop_c = behaviour.popularity[c]
+            out[:, 5] = (co * len(h)) / (pop_c + 10.0)
+            root_h = np.sqrt(np.maximum(behaviour.popularity[h], 1.0))
+            co_cos = _row_mix(behaviour.symmetric, h, (w / root_h).astype(np.float32))[c]
+            out[:, 9] = np.log1p(100.0 * co_cos / np.sqrt(np.maximum(pop_c, 1.0)))
         if behaviour.cf is not None:
             cfp = cf_profile(behaviour, profile)
             cc = behaviour.cf[c]

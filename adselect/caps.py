@@ -278,16 +278,12 @@ class RedisCapStore:
 
 
 def open_cap_store(settings, *, redis_client: Any | None = None) -> CapStore:
-    """The store named by `settings.cap_backend`: sqlite under data_dir, or redis (client injected or from URL)."""
+    """Redis when ADSELECT_REDIS_URL is set (or a client is injected), else SQLite under data_dir."""
     config = CapConfig.from_settings(settings)
-    if settings.cap_backend == "redis":
+    if redis_client is not None or settings.redis_url:
         if redis_client is None:
             import redis
 
-            if not settings.caps_redis_url:
-                raise CapStoreError("cap_backend is 'redis' but ADSELECT_CAPS_REDIS_URL is not set")
-            redis_client = redis.Redis.from_url(
-                settings.caps_redis_url, socket_connect_timeout=1.0, socket_timeout=1.0
-            )
+            redis_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
         return RedisCapStore(redis_client, config=config)
     return SQLiteCapStore(Path(settings.data_dir) / "caps.sqlite", config=config)

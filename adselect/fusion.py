@@ -34,6 +34,12 @@ class FusionModel:
     interactions: list[tuple[int, int]] = field(default_factory=list)
     llm_coef: float = 0.0  # weight of llm_feature(); 0 = the LLM cannot move the ranking
     meta: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=lambda: {"method": "platt", "a": 1.0, "b": 0.0})
+
+    def pctr(self, scores: np.ndarray) -> np.ndarray:
+        """Calibrated click probability: Platt scaling of the fused score, fitted on logged clicks."""
+        a, b = float(self.calibration.get("a", 1.0)), float(self.calibration.get("b", 0.0))
+        return 1.0 / (1.0 + np.exp(-(a * np.asarray(scores, dtype=np.float64) + b)))
 
     @classmethod
     def hand_tuned(cls) -> "FusionModel":
@@ -67,6 +73,7 @@ class FusionModel:
             "intercept": self.intercept,
             "interactions": [list(p) for p in self.interactions],
             "llm_coef": self.llm_coef,
+            "calibration": self.calibration,
             "meta": self.meta,
         }
 
@@ -87,6 +94,7 @@ class FusionModel:
             interactions=[tuple(p) for p in d.get("interactions", [])],
             llm_coef=float(d.get("llm_coef", 0.0)),
             meta=dict(d.get("meta", {})),
+            calibration=dict(d.get("calibration") or {"method": "platt", "a": 1.0, "b": 0.0}),
         )
 
     @classmethod

@@ -1,11 +1,14 @@
 """The selection pipeline: the one core function the endpoint, the CLI and the eval harness all call.
 
-    history/events ─▶ profile ─▶ candidates + prior features ─▶ fusion (prior score)
-                  ─▶ [LLM rerank + justify + rewrite, within what is left of the deadline]
-                  ─▶ fusion (prior + learned LLM term) ─▶ copy validator ─▶ Decision
+    history/events ─▶ profile ─▶ candidates (eligible only) + prior features ─▶ fusion (prior score)
+                  ─▶ [breaker ∧ free LLM slot ∧ time left ⇒ LLM rerank + justify + rewrite]
+                  ─▶ fusion (prior + learned LLM term) ─▶ order (bid × pCTR or relevance)
+                  ─▶ eligibility re-check + frequency-cap reservation ─▶ copy validator ─▶ Decision
 
-The LLM stage is optional per request and globally; on any failure or timeout the prior ranking
-and the original copy are served with `degraded=True` and the reason.
+The LLM stage is optional per request and globally; on any failure, timeout, open breaker or busy
+LLM the prior ranking and the original copy are served with `degraded=True` and the reason. Model
+text never changes a rule, a cap or an id: the LLM only contributes a ranking over the ids it was
+sent (validated), one justification, and copy that must pass the deterministic validator.
 """
 from __future__ import annotations
 
@@ -15,13 +18,16 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Literal
 
 import numpy as np
 
 from adselect.errors import LLMOutputInvalid, LLMUnavailable, UserError
 from adselect.fusion import FusionModel
+from adselect.rules import EligibilityPolicy, RequestContext, chroma_where, is_eligible
 from adselect.types import Ad, Candidate, Copy, Decision, LLMResult, RankedAd, SelectRequest
-from retrieval.candidates import CandidateGenerator
+from retrieval.candidates import CandidateGenerator, CandidateSet
 from retrieval.embedder import Embedder
 from retrieval.features import FEATURES, build_profile
 from retrieval.store import CatalogIndex
@@ -29,6 +35,7 @@ from retrieval.store import CatalogIndex
 log = logging.getLogger(__name__)
 
 CopyCheck = Callable[[Copy, Ad], list[str]]  # returns violation reasons; empty = ok
+AuditSink = Callable[[dict], None]
 
 
 def original_copy(ad: Ad) -> Copy:
@@ -41,6 +48,7 @@ class PriorStage:
     tail_ids: list[str]  # the rest of the prior ranking, in order (eval ranks it; never re-scored)
     history_ads: list[Ad]
     unknown_ids: list[str]
+    ineligible: dict[str, str] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -52,8 +60,15 @@ class Selector:
     embedder: Embedder | None = None  # needed only for free-text events
     reranker: object | None = None  # agent.reranker.LLMReranker (or a fake with the same methods)
     copy_check: CopyCheck | None = None
+    policy: EligibilityPolicy | None = None  # None: every ad is eligible (offline replay)
+    caps: object | None = None  # adselect.caps.CapStore; None: no frequency caps (offline replay)
+    user_key: Callable[[str], str] = lambda u: u  # keyed hash for caps and logs
+    breaker: object | None = None  # agent.breaker.CircuitBreaker
+    limiter: object | None = None  # agent.breaker.ConcurrencyLimiter
+    audit: AuditSink | None = None
     model_name: str | None = None
     prompt_info: dict[str, str] | None = None
+    rank_by: Literal["expected_value", "relevance"] = "relevance"
     recency_decay: float = 0.8
     exclude_history: bool = True
     llm_max_candidates: int = 20
@@ -61,9 +76,26 @@ class Selector:
     max_deadline_ms: int = 10000
 
     # ---- stage 1: priors -------------------------------------------------------------------
+    def _context(self, req: SelectRequest) -> RequestContext:
+        return req.context if req.context is not None else RequestContext(now=datetime.now(timezone.utc).replace(tzinfo=None))
+
+    def _eligible(self, cset: CandidateSet, ctx: RequestContext, ineligible: dict[str, str]) -> CandidateSet:
+        if self.policy is None:
+            return cset
+        keep = np.ones(len(cset.rows), dtype=bool)
+        for i, row in enumerate(cset.rows.tolist()):
+            ok, reason = is_eligible(self.index.ads[row], ctx, self.policy)
+            if not ok:
+                keep[i] = False
+                ineligible[self.index.ids[row]] = reason or "ineligible"
+        if keep.all():
+            return cset
+        return CandidateSet(cset.rows[keep], cset.features[keep], cset.sources)
+
     def prior_stage(self, req: SelectRequest) -> PriorStage:
         t = time.perf_counter()
         timings: dict[str, float] = {}
+        ctx = self._context(req)
         hist_rows, unknown = self.index.rows(req.history)
         event_vecs = None
         if req.events:
@@ -80,7 +112,10 @@ class Selector:
             cset = self.generator.score_logged(profile, cand_rows)
         else:
             exclude = set(hist_rows) if self.exclude_history else set()
-            cset = self.generator.generate(profile, exclude=exclude)
+            where = chroma_where(ctx, self.policy) if self.policy is not None else None
+            cset = self.generator.generate(profile, exclude=exclude, where=where)
+        ineligible: dict[str, str] = {}
+        cset = self._eligible(cset, ctx, ineligible)
         timings["candidates"] = _ms(t)
 
         t = time.perf_counter()
@@ -95,75 +130,96 @@ class Selector:
         tail = [self.index.ids[int(cset.rows[i])] for i in order[head:]]
         timings["fusion"] = _ms(t)
         history_ads = [self.index.ads[r] for r in hist_rows]
-        return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), timings)
+        return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), ineligible, timings)
 
     # ---- stage 2: LLM (sync and async share everything but the call) -----------------------
     def _llm_budget_s(self, req: SelectRequest, started: float) -> float:
         deadline_ms = min(req.deadline_ms, self.max_deadline_ms)
         return (deadline_ms - (time.perf_counter() - started) * 1000 - self.llm_margin_ms) / 1000
 
-    def _wants_llm(self, req: SelectRequest, stage: PriorStage) -> str | None:
-        """None if the LLM should be called, else why not ('' = not requested, not a degradation)."""
-        if not req.use_llm:
-            return ""
+    def _admit_llm(self, req: SelectRequest, stage: PriorStage, started: float) -> tuple[str | None, float]:
+        """(None, budget) if the LLM may be called now (a limiter slot is then held), else (reason, 0).
+
+        Reason '' means the LLM was not requested: not a degradation."""
+        if not req.use_llm or len(stage.candidates) < 2:
+            return "", 0.0
         if self.reranker is None:
-            return "llm_disabled"
-        if len(stage.candidates) < 2:
-            return ""
-        return None
+            return "llm_disabled", 0.0
+        budget = self._llm_budget_s(req, started)
+        if budget <= 0:
+            return "deadline_exhausted", 0.0
+        if self.limiter is not None and not self.limiter.try_acquire():
+            return "llm_busy", 0.0
+        if self.breaker is not None and not self.breaker.allow():
+            if self.limiter is not None:
+                self.limiter.release()
+            return "llm_breaker_open", 0.0
+        return None, budget
+
+    def _llm_done(self, error: Exception | None) -> str | None:
+        """Release the slot, tell the breaker, name the degradation."""
+        if self.limiter is not None:
+            self.limiter.release()
+        reason = None
+        if isinstance(error, LLMUnavailable):
+            reason = f"llm_{error.reason}"
+        elif isinstance(error, TimeoutError):
+            reason = "llm_timeout"
+        elif isinstance(error, LLMOutputInvalid):
+            reason = "llm_invalid_output"
+        if self.breaker is not None:
+            # Invalid output is the model's quality, not its availability: it does not open the breaker.
+            if reason is None or reason == "llm_invalid_output":
+                self.breaker.record_success()
+            else:
+                self.breaker.record_failure()
+        return reason
+
+    def _llm_args(self, req: SelectRequest, stage: PriorStage, budget: float) -> dict:
+        return dict(
+            history_ads=stage.history_ads,
+            events=req.events,
+            candidates=stage.candidates[: self.llm_max_candidates],
+            timeout_s=budget,
+            rewrite=req.rewrite,
+        )
 
     def select(self, req: SelectRequest) -> Decision:
         started = time.perf_counter()
         stage = self.prior_stage(req)
-        llm_result, reason = None, self._wants_llm(req, stage)
+        llm_result = None
+        reason, budget = self._admit_llm(req, stage, started)
         if reason is None:
-            budget = self._llm_budget_s(req, started)
             t = time.perf_counter()
-            if budget <= 0:
-                reason = "deadline_exhausted"
-            else:
-                try:
-                    llm_result = self.reranker.rerank(  # type: ignore[union-attr]
-                        history_ads=stage.history_ads,
-                        events=req.events,
-                        candidates=stage.candidates[: self.llm_max_candidates],
-                        timeout_s=budget,
-                        rewrite=req.rewrite,
-                    )
-                except (LLMUnavailable, LLMOutputInvalid) as e:
-                    reason = f"llm_{e.reason}"
+            err: Exception | None = None
+            try:
+                llm_result = self.reranker.rerank(**self._llm_args(req, stage, budget))  # type: ignore[union-attr]
+            except (LLMUnavailable, LLMOutputInvalid) as e:
+                err = e
+            reason = self._llm_done(err)
             stage.timings_ms["llm"] = _ms(t)
         return self._finish(req, stage, llm_result, reason, started)
 
     async def aselect(self, req: SelectRequest) -> Decision:
         started = time.perf_counter()
         stage = self.prior_stage(req)
-        llm_result, reason = None, self._wants_llm(req, stage)
+        llm_result = None
+        reason, budget = self._admit_llm(req, stage, started)
         if reason is None:
-            budget = self._llm_budget_s(req, started)
             t = time.perf_counter()
-            if budget <= 0:
-                reason = "deadline_exhausted"
-            else:
-                try:
-                    llm_result = await asyncio.wait_for(
-                        self.reranker.arerank(  # type: ignore[union-attr]
-                            history_ads=stage.history_ads,
-                            events=req.events,
-                            candidates=stage.candidates[: self.llm_max_candidates],
-                            timeout_s=budget,
-                            rewrite=req.rewrite,
-                        ),
-                        timeout=budget,
-                    )
-                except TimeoutError:
-                    reason = "llm_timeout"
-                except (LLMUnavailable, LLMOutputInvalid) as e:
-                    reason = f"llm_{e.reason}"
+            err: Exception | None = None
+            try:
+                llm_result = await asyncio.wait_for(
+                    self.reranker.arerank(**self._llm_args(req, stage, budget)),  # type: ignore[union-attr]
+                    timeout=budget,
+                )
+            except (LLMUnavailable, LLMOutputInvalid, TimeoutError) as e:
+                err = e
+            reason = self._llm_done(err)
             stage.timings_ms["llm"] = _ms(t)
         return self._finish(req, stage, llm_result, reason, started)
 
-    # ---- stage 3: fuse, validate copy, decide ----------------------------------------------
+    # ---- stage 3: fuse, order, re-check rules, reserve caps, validate copy -----------------
     def _finish(
         self, req: SelectRequest, stage: PriorStage, llm: LLMResult | None, reason: str | None, started: float
     ) -> Decision:
@@ -171,16 +227,31 @@ class Selector:
         cands = stage.candidates
         llm_rank: dict[str, int] = {a: i for i, a in enumerate(llm.ranking)} if llm else {}
         prior = np.array([c.prior_score for c in cands], dtype=np.float64)
-        if llm is not None:
-            scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands])
+        scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands]) if llm else prior
+        pctr = self.fusion.pctr(scores)
+        if self.rank_by == "expected_value":
+            ev = pctr * np.array([c.ad.bid for c in cands], dtype=np.float64)
+            order = np.lexsort((-scores, -ev))  # bid × pCTR, ties by relevance
         else:
-            scores = prior
-        order = np.argsort(-scores, kind="stable")
+            order = np.argsort(-scores, kind="stable")
         top_pick = llm.ranking[0] if llm and llm.ranking else None
+        ctx = self._context(req)
+        ukey = self.user_key(req.user_id)
         ads: list[RankedAd] = []
         copy_rejections: list[str] = []
-        for i in order[: req.k]:
+        capped: list[str] = []
+        for i in order:
+            if len(ads) >= req.k:
+                break
             c = cands[int(i)]
+            if self.policy is not None:  # the final list is checked again, whatever produced it
+                ok, why = is_eligible(c.ad, ctx, self.policy)
+                if not ok:
+                    stage.ineligible[c.ad.ad_id] = why or "ineligible"
+                    continue
+            if self.caps is not None and not self.caps.try_reserve(ukey, c.ad.ad_id, c.ad.advertiser):
+                capped.append(c.ad.ad_id)
+                continue
             orig = original_copy(c.ad)
             served, justification = orig, None
             if llm is not None and c.ad.ad_id == top_pick:
@@ -191,6 +262,7 @@ class Selector:
                         copy_rejections.extend(problems)
                     else:
                         served = llm.copy
+            p = float(pctr[int(i)])
             ads.append(
                 RankedAd(
                     ad=c.ad,
@@ -200,11 +272,12 @@ class Selector:
                     justification=justification,
                     copy=served,
                     original=orig,
+                    pctr=round(p, 6),
+                    expected_value=round(p * c.ad.bid, 6),
                 )
             )
         stage.timings_ms["finalize"] = _ms(t)
         stage.timings_ms["total"] = _ms(started)
-        degraded = bool(reason)
         usage = {}
         if llm is not None:
             usage = {"prompt_tokens": llm.prompt_tokens or 0, "completion_tokens": llm.completion_tokens or 0}
@@ -212,17 +285,44 @@ class Selector:
             request_id=req.request_id or uuid.uuid4().hex,
             ads=ads,
             llm_used=llm is not None,
-            degraded=degraded,
+            degraded=bool(reason),
             degraded_reason=reason or None,
-            prompt=self.prompt_info if llm is not None or degraded else None,
+            prompt=self.prompt_info if llm is not None or reason else None,
             model=self.model_name if llm is not None else None,
             timings_ms={k: round(v, 3) for k, v in stage.timings_ms.items()},
             unknown_ids=stage.unknown_ids,
             ranking=[cands[int(i)].ad.ad_id for i in order] + stage.tail_ids,
             usage=usage,
             copy_rejections=copy_rejections,
+            ineligible=stage.ineligible,
+            capped=capped,
         )
+        if self.audit is not None:
+            self.audit(audit_record(decision, user_key=ukey, candidates=[c.ad.ad_id for c in cands]))
         return decision
+
+
+def audit_record(d: Decision, *, user_key: str, candidates: list[str]) -> dict:
+    """One line per impression. The user appears only as a keyed hash; free-text events never appear."""
+    return {
+        "event": "impression",
+        "request_id": d.request_id,
+        "user": user_key,
+        "candidates": candidates,
+        "chosen": [a.ad.ad_id for a in d.ads],
+        "scores": [a.score for a in d.ads],
+        "prompt_sha256": (d.prompt or {}).get("sha256"),
+        "model": d.model,
+        "llm_used": d.llm_used,
+        "degraded": d.degraded,
+        "degraded_reason": d.degraded_reason,
+        "copy_rejections": d.copy_rejections,
+        "copy_served": [a.copy != a.original for a in d.ads],
+        "ineligible": len(d.ineligible),
+        "capped": d.capped,
+        "unknown_ids": len(d.unknown_ids),
+        "timings_ms": d.timings_ms,
+    }
 
 
 def _ms(t: float) -> float:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adselect.fusion import FusionModel
-from adselect.pipeline import Selector
+from adselect.pipeline import AuditSink, Selector
 from adselect.settings import Settings
 from retrieval.behaviour import BehaviourStats
 from retrieval.candidates import CandidateGenerator
@@ -62,6 +62,29 @@ class Services:
     selector: Selector
 
 
+def audit_logger() -> AuditSink:
+    """Audit lines go to the `adselect.audit` logger as one JSON object each."""
+    import json
+
+    logger = logging.getLogger("adselect.audit")
+
+    def sink(record: dict) -> None:
+        logger.info(json.dumps(record, separators=(",", ":"), default=str))
+
+    return sink
+
+
+def make_copy_check(settings: Settings):
+    from agent.copy_validator import load_blocklist, validate_copy
+
+    blocklist = load_blocklist(settings.copy_blocklist_path)
+
+    def check(rewrite, source) -> list[str]:
+        return list(validate_copy(rewrite, source, blocklist=blocklist).reasons)
+
+    return check
+
+
 def build_services(
     settings: Settings,
     *,
@@ -69,8 +92,14 @@ def build_services(
     embedder: Embedder | None = None,
     store: AdStore | None = None,
     reranker=None,
+    serving: bool = True,
+    caps=None,
+    audit: AuditSink | None = None,
 ) -> Services:
-    """`llm_url` None and no `reranker`: the LLM stage is off (fast path only)."""
+    """`llm_url` None and no `reranker`: the LLM stage is off (fast path only).
+
+    serving=True adds what only live traffic needs: eligibility rules, frequency caps (SQLite under the
+    data dir, or Redis), the breaker and concurrency limit, the audit log. Offline replay passes False."""
     if settings.blas_threads:
         from threadpoolctl import threadpool_limits
 
@@ -97,6 +126,23 @@ def build_services(
         n_popular=settings.n_popular,
         n_cf=settings.n_cf,
     )
+    safety: dict = {}
+    if serving:
+        from adselect.caps import open_cap_store
+        from adselect.hashing import secret_from_settings, user_key
+        from adselect.rules import EligibilityPolicy
+        from agent.breaker import CircuitBreaker, ConcurrencyLimiter
+
+        secret = secret_from_settings(settings)
+        safety = dict(
+            policy=EligibilityPolicy.from_settings(settings),
+            caps=caps if caps is not None else open_cap_store(settings),
+            user_key=lambda uid: user_key(uid, secret=secret),
+            breaker=CircuitBreaker(settings.llm_breaker_failures, settings.llm_breaker_reset_s),
+            limiter=ConcurrencyLimiter(settings.llm_max_concurrency),
+            audit=audit or audit_logger(),
+            rank_by=settings.rank_by,
+        )
     selector = Selector(
         index=index,
         generator=generator,
@@ -110,5 +156,7 @@ def build_services(
         llm_max_candidates=settings.llm_max_candidates,
         llm_margin_ms=settings.llm_margin_ms,
         max_deadline_ms=settings.max_deadline_ms,
+        copy_check=make_copy_check(settings),
+        **safety,
     )
     return Services(settings, store, index, behaviour, fusion, embedder, selector)

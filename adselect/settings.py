@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # --- fusion ----------------------------------------------------------------------------
     weights_path: Path | None = Field(None, description="Fusion weights JSON; default data_dir/fusion.json, else the shipped weights.")
 
+    rank_by: Literal["expected_value", "relevance"] = Field(
+        "expected_value", description="expected_value: bid × calibrated pCTR; relevance: fused score only."
+    )
+
     # --- LLM -------------------------------------------------------------------------------
     llm_url: str | None = Field(None, description="OpenAI-compatible base URL (vLLM: http://host:8000/v1). Unset: start the bundled local model.")
     llm_model: str = Field("smollm2-135m-instruct", description="Model name sent to the server.")
@@ -46,6 +50,8 @@ class Settings(BaseSettings):
         description="json_schema for vLLM (structured outputs); json_object (+schema) for llama.cpp's server.",
     )
     llm_max_candidates: int = Field(20, ge=2, le=50, description="Top-N by prior sent to the LLM.")
+    llm_max_ranked: int | None = Field(10, ge=1, le=50, description="Ids the LLM may rank (schema maxItems); fewer = faster. None: all sent.")
+    llm_max_text_chars: int = Field(40, ge=0, le=1000, description="Ad text shown per candidate in the prompt (0: titles only).")
     llm_max_tokens: int = Field(256, ge=16, le=4096)
     llm_temperature: float = Field(0.0, ge=0, le=2)
     llm_timeout_s: float = Field(30.0, gt=0, description="Hard ceiling per LLM call (the deadline usually cuts first).")
@@ -60,6 +66,7 @@ class Settings(BaseSettings):
     local_llm_port: int = Field(8766, ge=1, le=65535)
     local_llm_ctx: int = Field(2048, ge=256)
     local_llm_startup_s: float = Field(120.0, gt=0)
+    local_llm_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: llama_cpp's own (half the CPUs).")
 
     # --- process ---------------------------------------------------------------------------
     blas_threads: int = Field(1, ge=0, description="BLAS threads for per-request matrix products (0 = library default). "
@@ -78,8 +85,7 @@ class Settings(BaseSettings):
     publisher_blocklists_path: Path | None = Field(
         None, description='JSON {"publisher_id": {"categories": [...], "advertisers": [...]}}; unset: none.'
     )
-    cap_backend: Literal["sqlite", "redis"] = Field("sqlite", description="sqlite: data_dir/caps.sqlite; redis: caps_redis_url.")
-    caps_redis_url: str | None = Field(None, description="redis://host:port/db for cap_backend=redis.")
+    redis_url: str | None = Field(None, description="redis://host:port/db: frequency caps live in Redis; unset: SQLite under data_dir.")
     cap_max_per_ad: int = Field(3, ge=0, description="Impressions per user per ad in the window; 0 = no cap.")
     cap_max_per_advertiser: int = Field(10, ge=0, description="Impressions per user per advertiser in the window; 0 = no cap.")
     cap_window_s: int = Field(86400, ge=1, description="Sliding frequency-cap window, seconds.")

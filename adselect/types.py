@@ -52,6 +52,7 @@ class SelectRequest:
     use_llm: bool = True
     rewrite: bool = True
     request_id: str = ""
+    context: Any = None  # adselect.rules.RequestContext (locale, device, publisher, block lists, now); None = now, no targeting
 
 
 @dataclass(slots=True)
@@ -74,6 +75,8 @@ class RankedAd:
     justification: str | None
     copy: Copy
     original: Copy
+    pctr: float | None = None  # calibrated click probability of the fused score
+    expected_value: float | None = None  # bid × pCTR
 
 
 @dataclass(slots=True)
@@ -90,3 +93,5 @@ class Decision:
     ranking: list[str] = field(default_factory=list)  # the full fused ranking of candidate ids (eval uses it)
     usage: dict[str, int] = field(default_factory=dict)
     copy_rejections: list[str] = field(default_factory=list)  # validator reasons when a rewrite was refused
+    ineligible: dict[str, str] = field(default_factory=dict)  # ad_id -> rule that excluded it
+    capped: list[str] = field(default_factory=list)  # ads skipped because a frequency cap was reached

@@ -240,9 +240,7 @@ def test_open_cap_store_from_settings(tmp_path: Path, redis_url: str):
     assert isinstance(sqlite_store, SQLiteCapStore) and sqlite_store.config.max_per_ad is None
     assert (tmp_path / "caps.sqlite").exists()
     sqlite_store.close()
-    redis_store = open_cap_store(Settings(_env_file=None, cap_backend="redis", caps_redis_url=redis_url))
+    redis_store = open_cap_store(Settings(_env_file=None, redis_url=redis_url))
     assert isinstance(redis_store, RedisCapStore)
     assert redis_store.try_reserve("settings-user", "ad1", "acme")
     redis_store.close()
-    with pytest.raises(CapStoreError):
-        open_cap_store(Settings(_env_file=None, cap_backend="redis"))

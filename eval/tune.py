@@ -126,3 +126,32 @@ def fit_llm_weight(prior: np.ndarray, llm_ranks: list[int | None], y: np.ndarray
     a, b = (float(v) for v in lr.coef_.ravel())
     weight = max(0.0, b / a) if a > 1e-9 else 0.0
     return weight, {"prior_coef": a, "llm_coef_raw": b, "rows": int(len(y))}
+
+
+def fit_calibration(scores: np.ndarray, y: np.ndarray) -> dict:
+    """Platt scaling pCTR = sigmoid(a·score + b) on logged clicks (strictly monotone: never reorders)."""
+    from sklearn.linear_model import LogisticRegression
+
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
+    lr = LogisticRegression(C=1e6, max_iter=1000).fit(scores, y)
+    a, b = float(lr.coef_.ravel()[0]), float(lr.intercept_[0])
+    if a <= 0:  # scores that do not rank clicks up cannot be calibrated monotonically: fall back to the base rate
+        a, b = 1e-6, float(np.log(max(y.mean(), 1e-6) / max(1 - y.mean(), 1e-6)))
+    p = 1 / (1 + np.exp(-(a * scores.ravel() + b)))
+    eps = 1e-12
+    logloss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
+    return {"method": "platt", "a": a, "b": b, "rows": int(len(y)), "logloss": logloss, "base_rate": float(y.mean())}
+
+
+def reliability(p: np.ndarray, y: np.ndarray, *, bins: int = 10) -> list[dict]:
+    """Per equal-width bin of predicted pCTR: mean predicted, observed click rate, count."""
+    p = np.asarray(p, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    out = []
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "predicted": float(p[m].mean()), "observed": float(y[m].mean()), "n": int(m.sum())})
+    return out

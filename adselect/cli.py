@@ -115,6 +115,23 @@ def serve(
     uvicorn.run(create_app(s), host=host, port=port, log_level="info")
 
 
+@app.command("settings")
+def settings_table(markdown: bool = typer.Option(True, "--markdown/--values", help="Markdown table of every setting, or current values.")) -> None:
+    """Every setting with its env variable, default and meaning (the README's table is this output)."""
+    s = Settings()
+    if not markdown:
+        for name in Settings.model_fields:
+            v = getattr(s, name)
+            typer.echo(f"ADSELECT_{name.upper()}={'***' if 'secret' in name or 'key' in name and v else v}")
+        return
+    typer.echo("| env | default | meaning |\n|---|---|---|")
+    for name, f in Settings.model_fields.items():
+        default = f.get_default(call_default_factory=True)
+        if name == "prompts_dir":
+            default = "prompts/ (in the repo)"
+        typer.echo(f"| `ADSELECT_{name.upper()}` | `{default}` | {(f.description or '').replace('|', '/')} |")
+
+
 prompts_app = typer.Typer(no_args_is_help=True, help="List, show, render and validate prompt templates.")
 app.add_typer(prompts_app, name="prompts")
 

@@ -122,7 +122,7 @@ def settings_table(markdown: bool = typer.Option(True, "--markdown/--values", he
     if not markdown:
         for name in Settings.model_fields:
             v = getattr(s, name)
-            typer.echo(f"ADSELECT_{name.upper()}={'***' if 'secret' in name or 'key' in name and v else v}")
+            typer.echo(f"ADSELECT_{name.upper()}={'***' if ('secret' in name or 'key' in name) and v else v}")
         return
     typer.echo("| env | default | meaning |\n|---|---|---|")
     for name, f in Settings.model_fields.items():

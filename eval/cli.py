@@ -1,0 +1,192 @@
+"""`adselect eval …`: run an eval task, validate task files, list them, fit fusion weights.
+
+    adselect eval --ads A --impressions I [--train T] [--systems a,b] [--no-llm] [--llm-sample N]
+                  [--limit N] [--config FILE] [--resume] --out DIR
+    adselect eval validate FILE...
+    adselect eval tasks
+    adselect eval tune --ads A --impressions TRAIN [--exclude EVAL] [--n-random 19] [--n-hard N] --out W
+
+Thin: parses options into a task (the YAML file + overrides) and calls eval.harness / eval.tune_run.
+Heavy imports happen inside the commands so `adselect --help` stays fast.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from adselect.errors import AdSelectError
+
+app = typer.Typer(add_completion=False, help="Offline evaluation against logged impressions (see eval/tasks/).")
+
+
+def _settings(data_dir: Optional[Path]):
+    from adselect.settings import Settings
+
+    s = Settings()
+    return s.model_copy(update={"data_dir": data_dir}) if data_dir is not None else s
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _overrides(**given: Any) -> dict[str, Any]:
+    """Only the options actually given, as a partial task document."""
+    doc: dict[str, Any] = {}
+    data = {k: given[k] for k in ("ads", "impressions", "limit") if given.get(k) is not None}
+    if given.get("train"):
+        data["train"] = [str(p) for p in given["train"]]
+    data = {k: (str(v) if isinstance(v, Path) else v) for k, v in data.items()}
+    if data:
+        doc["data"] = data
+    if given.get("systems"):
+        doc["systems"] = [s.strip() for s in given["systems"].split(",") if s.strip()]
+    if given.get("no_llm"):
+        doc["no_llm"] = True
+    llm = {}
+    if given.get("llm_sample") is not None:
+        llm["sample"] = given["llm_sample"]
+    if given.get("llm_url"):
+        llm["url"] = given["llm_url"]
+    if given.get("concurrency") is not None:
+        llm["concurrency"] = given["concurrency"]
+    if llm:
+        doc["llm"] = llm
+    if given.get("weights") is not None:
+        doc["fusion"] = {"weights": str(given["weights"])}
+    return doc
+
+
+@app.callback(invoke_without_command=True)
+def run(
+    ctx: typer.Context,
+    ads: Optional[Path] = typer.Option(None, "--ads", help="Ad catalog (canonical ads.jsonl)."),
+    impressions: Optional[Path] = typer.Option(None, "--impressions", help="Logged impressions to evaluate."),
+    train: Optional[list[Path]] = typer.Option(None, "--train", help="Impressions whose histories teach behaviour (repeatable; default: --impressions)."),
+    systems: Optional[str] = typer.Option(None, "--systems", help="Comma-separated: random,popularity,bm25,dense,covisit,default,llm,default+llm."),
+    no_llm: bool = typer.Option(False, "--no-llm", help="Skip the LLM systems."),
+    llm_sample: Optional[int] = typer.Option(None, "--llm-sample", help="Run the LLM systems on N impressions (fixed seed)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N impressions of the file."),
+    config: Optional[str] = typer.Option(None, "--config", help="Task YAML (path or name under eval/tasks/); options override it."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (report.json, report.md, plots, results.jsonl)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+    llm_url: Optional[str] = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL; default: start the bundled local model."),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM calls in flight."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Fusion weights JSON."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+) -> None:
+    """Replay logged impressions through the pipeline and the baselines; write DIR/report.{json,md} and plots."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if out is None:
+        typer.echo(ctx.get_help())
+        _fail(ValueError("--out DIR is required"))
+    from eval.config import find_task_file, load_task, task_from_document
+    from eval.harness import run_eval
+
+    overrides = _overrides(
+        ads=ads, impressions=impressions, train=train, systems=systems, no_llm=no_llm, llm_sample=llm_sample,
+        limit=limit, llm_url=llm_url, concurrency=concurrency, weights=weights,
+    )  # fmt: skip
+    try:
+        config_file = find_task_file(config) if config else None
+        task = load_task(config_file, overrides=overrides) if config_file else task_from_document(overrides, where="<options>")
+        report = run_eval(task, settings=_settings(data_dir), out_dir=out, resume=resume, show_progress=progress, config_file=config_file)
+    except AdSelectError as e:
+        _fail(e)
+    _summary(report, out)
+
+
+def _summary(report: dict, out: Path) -> None:
+    keys = [m for m in ("auc", "mrr", "ndcg@5", "ndcg@10", "hit@10", "recall@50") if m in report["metric_names"]]
+    typer.echo(f"{report['n_impressions']} impressions (skipped: {sum(report['skipped'].values())})")
+    typer.echo(f"{'system':<13}{'n':>7} " + " ".join(f"{k:>9}" for k in keys))
+    for s, m in report["metrics"].items():
+        cells = " ".join(f"{m[k]:9.4f}" if m.get(k) is not None else f"{'—':>9}" for k in keys)
+        typer.echo(f"{s:<13}{report['n'].get(s, 0):>7} {cells}")
+    cs = report.get("candidate_stage")
+    if cs:
+        typer.echo("candidate stage: " + ", ".join(f"{k} {cs[k]:.4f}" for k in cs if k.startswith("recall@") and not k.endswith("_ci")))
+    fast = report["speed"].get("fast", {})
+    typer.echo(f"fast path: {fast.get('impressions_per_s')} impressions/s")
+    if report.get("llm"):
+        typer.echo(f"llm: {report['speed'].get('llm')} cache {report['llm']['cache']}")
+    typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command("validate")
+def validate(
+    files: list[str] = typer.Argument(..., help="Task files (paths or names under eval/tasks/)."),
+    data: bool = typer.Option(True, "--data/--no-data", help="Also check that the data files exist."),
+) -> None:
+    """Check task files (schema, includes, systems, prompt, weights, data paths) without running them."""
+    from adselect.settings import Settings
+    from eval.config import find_task_file, load_task, validate_task
+
+    bad = 0
+    for name in files:
+        try:
+            path = find_task_file(name)
+            task = load_task(path)
+            problems = validate_task(task, prompts_dir=Settings().prompts_dir, require_data=data)
+        except AdSelectError as e:
+            problems = [str(e)]
+        if problems:
+            bad += 1
+            typer.echo(f"{name}: INVALID", err=True)
+            for p in problems:
+                typer.echo(f"  - {p}", err=True)
+        else:
+            typer.echo(f"{name}: ok ({task.name}: {len(task.systems)} systems, sha256 {task.sha256()[:12]})")
+    if bad:
+        raise typer.Exit(code=1)
+
+
+@app.command("tasks")
+def tasks() -> None:
+    """List the task files under eval/tasks/."""
+    from eval.config import TASKS_DIR, load_task
+
+    for p in sorted(TASKS_DIR.glob("*.yaml")):
+        try:
+            t = load_task(p)
+            typer.echo(f"{p.stem:<24} {t.description.strip().splitlines()[0] if t.description.strip() else ''}")
+        except AdSelectError as e:
+            typer.echo(f"{p.stem:<24} INVALID: {e}")
+
+
+@app.command("tune")
+def tune(
+    ads: Path = typer.Option(..., "--ads", help="Ad catalog."),
+    impressions: Path = typer.Option(..., "--impressions", help="Training impressions (clicked + sampled negatives)."),
+    out: Path = typer.Option(..., "--out", help="Weights JSON to write."),
+    exclude: Optional[Path] = typer.Option(None, "--exclude", help="Impressions to be evaluated: their users are never fitted on."),
+    train: Optional[list[Path]] = typer.Option(None, "--train", help="Histories for behaviour (default: --impressions)."),
+    n_random: int = typer.Option(19, "--n-random", min=0, help="Random negatives per training impression."),
+    n_hard: int = typer.Option(0, "--n-hard", min=0, help="Negatives from our own candidate generator."),
+    max_impressions: Optional[int] = typer.Option(20000, "--max-impressions", help="Training impressions used (after exclusion)."),
+    seed: int = typer.Option(0, "--seed"),
+    C: float = typer.Option(1.0, "--C", help="Inverse L2 strength of the logistic fit."),
+    interactions: bool = typer.Option(True, "--interactions/--no-interactions", help="Pairwise feature products."),
+    llm_run: Optional[Path] = typer.Option(None, "--llm-run", help="An eval DIR with LLM results on training users: fits the LLM weight."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+) -> None:
+    """Fit the fusion weights (eval/tune.py) and write the weights file the server and eval load."""
+    from eval.tune_run import TuneOptions, run_tune
+
+    opts = TuneOptions(
+        ads=ads, impressions=impressions, out=out, exclude=exclude, train_histories=list(train or []) or None,
+        n_random=n_random, n_hard=n_hard, max_impressions=max_impressions, seed=seed, C=C,
+        interactions=interactions, llm_run=llm_run,
+    )  # fmt: skip
+    try:
+        res = run_tune(opts, settings=_settings(data_dir))
+    except (AdSelectError, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps({k: v for k, v in res.items() if k != "meta"}))
+    typer.echo(f"command: {res['meta']['command']}")

@@ -1,0 +1,234 @@
+"""Eval tasks as data: a YAML file names the dataset, the protocol options, the systems and the LLM variant.
+
+A variant is `include: other.yaml` plus only the fields that change; mappings merge recursively, any
+other value (lists included) replaces the included one. Relative data paths resolve against the
+repository root (so `../shared/data/...` works from any working directory); `include` resolves
+against the including file's folder. `load_task` validates the merged document (unknown keys are
+errors); `validate_task` also checks what exists outside the file (data files, prompt, weights,
+system and metric names) without running anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adselect.errors import UnknownName, UserError
+from adselect.settings import REPO_ROOT
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+
+
+class TaskError(UserError):
+    """An eval task file is missing, malformed, or names something that does not exist."""
+
+    code = "eval_task_invalid"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(_Strict):
+    ads: Path | None = None
+    impressions: Path | None = None
+    train: list[Path] = Field(default_factory=list, description="Behaviour is learned from these histories; empty = the evaluated impressions.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N impressions of the file.")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        return [v] if isinstance(v, (str, Path)) else v
+
+
+class ProtocolSpec(_Strict):
+    n_retrieve: int = Field(100, ge=1, le=10000, description="Full catalog: how many ads each baseline returns.")
+    recall_ks: list[int] = Field(default_factory=lambda: [20, 50, 100])
+    use_chroma: bool = Field(True, description="Full catalog: nearest neighbours from Chroma (as served) or exact numpy.")
+    seed: int = Field(0, description="Random baseline and tie-breaking.")
+
+
+class FusionSpec(_Strict):
+    weights: Path | None = Field(None, description="Fusion weights JSON; null = data_dir/fusion.json, else the shipped weights.")
+
+
+class LLMSpec(_Strict):
+    url: str | None = Field(None, description="OpenAI-compatible base URL; null = start the bundled llama.cpp server.")
+    model: str = "smollm2-135m-instruct"
+    prompt: str = "rerank"
+    structured: Literal["json_schema", "json_object"] = "json_object"
+    temperature: float = Field(0.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=16, le=4096)
+    max_candidates: int = Field(20, ge=2, le=50)
+    timeout_s: float = Field(120.0, gt=0, description="Per impression (the deadline given to the pipeline).")
+    concurrency: int = Field(4, ge=1, le=256)
+    sample: int | None = Field(None, ge=1, description="Run the LLM systems on N impressions drawn with `sample_seed`.")
+    sample_seed: int = 0
+    rewrite: bool = Field(False, description="Ask for ad copy too (longer outputs; ranking is what is scored).")
+    position_bias: bool = True
+    cache: bool = True
+
+
+class BootstrapSpec(_Strict):
+    n_boot: int = Field(1000, ge=10, le=100000)
+    seed: int = 0
+    level: float = Field(0.95, gt=0, lt=1)
+
+
+class EvalTask(_Strict):
+    name: str = "adhoc"
+    description: str = ""
+    data: DataSpec = Field(default_factory=DataSpec)
+    protocol: ProtocolSpec = Field(default_factory=ProtocolSpec)
+    systems: list[str] = Field(default_factory=lambda: list(DEFAULT_SYSTEMS))
+    fusion: FusionSpec = Field(default_factory=FusionSpec)
+    llm: LLMSpec = Field(default_factory=LLMSpec)
+    no_llm: bool = Field(False, description="Skip the LLM systems (they are reported as not run).")
+    bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
+
+    def to_jsonable(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_jsonable(), sort_keys=True).encode()).hexdigest()
+
+
+DEFAULT_SYSTEMS = ("random", "popularity", "bm25", "dense", "covisit", "default", "llm", "default+llm")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TaskError(f"{path}: task file not found") from None
+    except yaml.YAMLError as e:
+        raise TaskError(f"{path}: not valid YAML: {e}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise TaskError(f"{path}: expected a mapping at top level")
+    return doc
+
+
+def load_document(path: Path, *, _stack: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The merged YAML document of `path` with its `include` chain resolved (not yet validated)."""
+    path = Path(path).resolve()
+    if path in _stack:
+        chain = " -> ".join(p.name for p in (*_stack, path))
+        raise TaskError(f"{path}: include cycle ({chain})")
+    doc = _read_yaml(path)
+    include = doc.pop("include", None)
+    if include is None:
+        return doc
+    if not isinstance(include, str):
+        raise TaskError(f"{path}: `include` must be one file name")
+    base = load_document(path.parent / include, _stack=(*_stack, path))
+    return deep_merge(base, doc)
+
+
+def _format_errors(where: str, e: ValidationError) -> str:
+    parts = [f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()]
+    return f"{where}: " + "; ".join(parts)
+
+
+def task_from_document(doc: dict[str, Any], *, where: str = "<task>") -> EvalTask:
+    try:
+        return EvalTask.model_validate(doc)
+    except ValidationError as e:
+        raise TaskError(_format_errors(where, e)) from None
+
+
+def find_task_file(name_or_path: str | Path) -> Path:
+    """A path, or the name of a file in eval/tasks/ (with or without .yaml)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    for cand in (TASKS_DIR / p.name, TASKS_DIR / f"{p.name}.yaml"):
+        if cand.exists():
+            return cand
+    known = sorted(q.stem for q in TASKS_DIR.glob("*.yaml"))
+    raise UnknownName("eval task", str(name_or_path), known)
+
+
+def load_task(path: Path | str, *, overrides: dict[str, Any] | None = None) -> EvalTask:
+    """Validated task: the file (+ includes), then `overrides` (e.g. from CLI options) merged on top."""
+    file = find_task_file(path)
+    doc = load_document(file)
+    if overrides:
+        doc = deep_merge(doc, overrides)
+    return task_from_document(doc, where=str(file))
+
+
+def resolve_path(p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(p).expanduser()
+    return p if p.is_absolute() else (REPO_ROOT / p)
+
+
+def validate_task(task: EvalTask, *, prompts_dir: Path | None = None, require_data: bool = True) -> list[str]:
+    """Problems found without running (empty = valid): data files, systems, prompt, weights, metric cut-offs."""
+    from eval.systems import SYSTEMS, resolve_systems
+
+    problems: list[str] = []
+    if require_data:
+        for label, p in (("data.ads", task.data.ads), ("data.impressions", task.data.impressions)):
+            if p is None:
+                problems.append(f"{label}: missing")
+            elif not resolve_path(p).is_file():
+                problems.append(f"{label}: file not found: {resolve_path(p)}")
+        for p in task.data.train:
+            if not resolve_path(p).is_file():
+                problems.append(f"data.train: file not found: {resolve_path(p)}")
+    try:
+        resolve_systems(task.systems)
+    except UnknownName as e:
+        problems.append(f"systems: {e}")
+    if not task.systems:
+        problems.append(f"systems: empty (known: {', '.join(SYSTEMS)})")
+    for k in task.protocol.recall_ks:
+        if f"recall@{k}" not in _metric_names():
+            problems.append(f"protocol.recall_ks: recall@{k} is not a registered metric")
+    if task.fusion.weights is not None:
+        wp = resolve_path(task.fusion.weights)
+        if not wp.is_file():
+            problems.append(f"fusion.weights: file not found: {wp}")
+        else:
+            try:
+                from adselect.fusion import FusionModel
+
+                FusionModel.from_json(json.loads(wp.read_text()))
+            except (ValueError, KeyError, TypeError) as e:
+                problems.append(f"fusion.weights: {wp}: {e}")
+    wants_llm = not task.no_llm and any(s in ("llm", "default+llm") for s in task.systems)
+    if wants_llm:
+        from adselect.errors import PromptError
+        from agent.prompts import PromptRegistry
+
+        try:
+            PromptRegistry(prompts_dir or (REPO_ROOT / "prompts")).get(task.llm.prompt)
+        except (UnknownName, PromptError) as e:
+            problems.append(f"llm.prompt: {e}")
+    return problems
+
+
+def _metric_names() -> tuple[str, ...]:
+    from eval.metrics import METRIC_NAMES
+
+    return METRIC_NAMES

@@ -1,0 +1,262 @@
+"""The LLM systems on the LLM sample, and the position-bias check, through the endpoint's Selector.
+
+One `Selector.aselect` call per impression (up to `concurrency` in flight) gives both LLM systems:
+`default+llm` is `Decision.ranking` (prior fused with the LLM term); `llm` is the LLM's own order of
+the candidates it was sent, the rest after in prior order. A degraded call (timeout, invalid output)
+leaves the prior order in both, as the endpoint would serve it, and is counted by reason.
+
+Position bias: the same candidates sent again reversed and shuffled (seeded per impression); how often
+the LLM's top pick changes, and where in the presented list its top pick sat.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adselect.errors import LLMOutputInvalid, LLMUnavailable
+from adselect.pipeline import Selector
+from adselect.types import SelectRequest
+from eval.config import LLMSpec
+from eval.data import EvalImpression
+from eval.llm_cache import CachingChatLLM, LLMCache
+from eval.rankers import impression_rng
+
+log = logging.getLogger(__name__)
+
+
+def decoding_params(spec: LLMSpec) -> dict[str, Any]:
+    return {
+        "temperature": spec.temperature,
+        "max_tokens": spec.max_tokens,
+        "structured": spec.structured,
+        "max_candidates": spec.max_candidates,
+        "rewrite": spec.rewrite,
+    }
+
+
+@dataclass
+class LLMStack:
+    reranker: Any  # agent.reranker.LLMReranker
+    llm: CachingChatLLM
+    prompt_info: dict[str, str]
+    model: str
+    url: str
+    server: LazyLocalLLM | None  # the bundled llama.cpp server, started on the first cache miss
+
+    @property
+    def served_by(self) -> dict[str, str | None]:
+        if self.server is not None:
+            return {"url": self.server.url, "gguf": self.server.gguf, "local": "llama_cpp.server (started on first cache miss)"}
+        return {"url": self.url or None, "gguf": None, "local": None}
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        elif hasattr(self.llm.inner, "close"):
+            self.llm.inner.close()
+        if self.llm.cache is not None:
+            self.llm.cache.close()
+
+
+def build_llm_stack(
+    spec: LLMSpec,
+    *,
+    data_dir: Path,
+    prompts_dir: Path,
+    settings=None,
+    inner=None,
+) -> LLMStack:
+    """Reranker over a caching wrapper over the chat client; starts the bundled server when no URL is set.
+
+    `inner` replaces the chat client (tests pass a fake with the ChatLLMLike interface).
+    """
+    from agent.prompts import PromptRegistry
+    from agent.reranker import LLMReranker
+
+    prompt = PromptRegistry(prompts_dir).get(spec.prompt)
+    server = None
+    if inner is None:
+        if spec.url:
+            inner = _chat_client(spec, spec.url)
+        else:
+            server = LazyLocalLLM(spec, settings)
+            inner = server
+    cache = LLMCache(Path(data_dir) / "eval" / "llm_cache.sqlite") if spec.cache else None
+    llm = CachingChatLLM(inner, cache, prompt_sha256=prompt.sha256, decoding=decoding_params(spec))
+    reranker = LLMReranker(llm, prompt, max_candidates=spec.max_candidates)
+    return LLMStack(reranker, llm, prompt.info(), inner.model, spec.url or "", server)
+
+
+def _chat_client(spec: LLMSpec, url: str):
+    from agent.llm import ChatLLM
+
+    return ChatLLM(
+        base_url=url,
+        model=spec.model,
+        structured=spec.structured,
+        temperature=spec.temperature,
+        max_tokens=spec.max_tokens,
+        timeout_s=spec.timeout_s,
+        max_threads=max(2, 2 * spec.concurrency),
+    )
+
+
+class LazyLocalLLM:
+    """ChatLLMLike over the bundled llama.cpp server, started on the first call that misses the cache.
+
+    A re-run answered wholly from the cache never starts a server.
+    """
+
+    def __init__(self, spec: LLMSpec, settings=None):
+        self.spec = spec
+        self.settings = settings
+        self._server = None
+        self._client = None
+        self._lock = threading.Lock()
+        self.url: str | None = None
+        self.gguf: str | None = None
+        try:
+            from agent.local_server import default_gguf
+
+            configured = getattr(settings, "local_llm_gguf", None)
+            self.gguf = str(configured or default_gguf())
+        except Exception:  # noqa: BLE001 - reported when the server is actually needed
+            self.gguf = None
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+    def _ensure(self):
+        with self._lock:
+            if self._client is None:
+                from adselect.settings import Settings
+                from agent.local_server import LocalLLMServer, free_port
+
+                s = (self.settings or Settings()).model_copy(update={"llm_model": self.spec.model})
+                self._server = LocalLLMServer.from_settings(s, port=free_port()).start()
+                self.url, self.gguf = self._server.base_url, str(self._server.gguf)
+                self._client = _chat_client(self.spec, self.url)
+            return self._client
+
+    def complete(self, messages, *, schema, timeout_s):
+        return self._ensure().complete(messages, schema=schema, timeout_s=timeout_s)
+
+    async def acomplete(self, messages, *, schema, timeout_s):
+        client = self._client or await asyncio.to_thread(self._ensure)
+        return await client.acomplete(messages, schema=schema, timeout_s=timeout_s)
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        if self._server is not None:
+            self._server.stop()
+        self._client = self._server = None
+
+
+def _llm_ranking(decision, prior_ids: list[str]) -> list[str]:
+    ranked = sorted((a.llm_rank, a.ad.ad_id) for a in decision.ads if a.llm_rank is not None)
+    head = [i for _, i in ranked]
+    seen = set(head)
+    return head + [i for i in prior_ids if i not in seen]
+
+
+async def _top_pick(reranker, stage, cands, *, timeout_s: float, rewrite: bool) -> tuple[str | None, str | None]:
+    try:
+        res = await asyncio.wait_for(
+            reranker.arerank(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s, rewrite=rewrite),
+            timeout=timeout_s,
+        )
+    except TimeoutError:
+        return None, "llm_timeout"
+    except (LLMUnavailable, LLMOutputInvalid) as e:
+        return None, f"llm_{e.reason}"
+    return (res.ranking[0] if res.ranking else None), None
+
+
+async def _one(
+    imp: EvalImpression,
+    *,
+    selector: Selector,
+    spec: LLMSpec,
+    seed: int,
+    position_bias: bool,
+    sem: asyncio.Semaphore,
+    metrics_of: Callable[[EvalImpression, dict[str, list[str]], int | None], dict[str, dict[str, float | None]]],
+    pool_size: int | None,
+) -> dict[str, Any]:
+    timeout_ms = int(spec.timeout_s * 1000)
+    req = SelectRequest(
+        user_id=imp.user_id,
+        history=imp.history,
+        candidates=imp.candidates,
+        k=10_000,
+        deadline_ms=timeout_ms,
+        use_llm=True,
+        rewrite=spec.rewrite,
+        request_id=imp.impression_id,
+    )
+    stage = selector.prior_stage(req)
+    prior_ids = [c.ad.ad_id for c in stage.candidates]
+    async with sem:
+        t = time.perf_counter()
+        decision = await selector.aselect(req)
+        llm_ms = (time.perf_counter() - t) * 1000
+        rankings = {"default+llm": decision.ranking, "llm": _llm_ranking(decision, prior_ids) if decision.llm_used else prior_ids}
+        rec: dict[str, Any] = {
+            "phase": "llm",
+            "impression_id": imp.impression_id,
+            "metrics": metrics_of(imp, rankings, pool_size),
+            "llm_used": decision.llm_used,
+            "degraded_reason": decision.degraded_reason,
+            "sent": prior_ids[: selector.llm_max_candidates],
+            "llm_top": rankings["llm"][0] if decision.llm_used and rankings["llm"] else None,
+            "llm_ranking": [a for a in rankings["llm"][: selector.llm_max_candidates]] if decision.llm_used else None,
+            "latency_ms": round(llm_ms, 1),
+            "usage": decision.usage,
+        }
+        if position_bias and len(stage.candidates) >= 2:
+            sent = stage.candidates[: selector.llm_max_candidates]
+            rng = impression_rng(seed + 1, imp.impression_id)
+            shuffled = [sent[i] for i in rng.permutation(len(sent))]
+            bias: dict[str, Any] = {"prior": {"top": rec["llm_top"], "error": decision.degraded_reason}}
+            for name, cands in (("reversed", sent[::-1]), ("shuffled", shuffled)):
+                top, err = await _top_pick(selector.reranker, stage, cands, timeout_s=spec.timeout_s, rewrite=spec.rewrite)
+                bias[name] = {"top": top, "error": err, "order": [c.ad.ad_id for c in cands]}
+            bias["prior"]["order"] = [c.ad.ad_id for c in sent]
+            rec["position_bias"] = bias
+    return rec
+
+
+async def run_llm_phase(
+    items: list[EvalImpression],
+    *,
+    selector: Selector,
+    spec: LLMSpec,
+    seed: int,
+    metrics_of,
+    pool_size_of: Callable[[EvalImpression], int | None],
+    on_result: Callable[[dict[str, Any]], None],
+    progress=None,
+) -> float:
+    """Run every impression (concurrently up to spec.concurrency); `on_result` gets each record as it finishes."""
+    sem = asyncio.Semaphore(spec.concurrency)
+    t0 = time.perf_counter()
+
+    async def guarded(imp: EvalImpression) -> None:
+        rec = await _one(
+            imp, selector=selector, spec=spec, seed=seed, position_bias=spec.position_bias, sem=sem,
+            metrics_of=metrics_of, pool_size=pool_size_of(imp),
+        )  # fmt: skip
+        on_result(rec)
+        if progress is not None:
+            progress.update(1)
+
+    await asyncio.gather(*(guarded(i) for i in items))
+    return time.perf_counter() - t0

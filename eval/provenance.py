@@ -1,0 +1,97 @@
+"""What a report needs to be reproduced: code version, data and config hashes, fusion weights."""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from adselect.fusion import SHIPPED_WEIGHTS, FusionModel
+from adselect.settings import REPO_ROOT
+from eval.data import read_user_ids
+from eval.env import file_sha256
+
+log = logging.getLogger(__name__)
+
+
+def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:
+    def run(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def fusion_provenance(model: FusionModel) -> dict[str, Any]:
+    path = model.meta.get("path")
+    out: dict[str, Any] = {
+        "path": path,
+        "sha256": file_sha256(Path(path)) if path and Path(path).is_file() else None,
+        "shipped": bool(path) and Path(path).resolve() == SHIPPED_WEIGHTS.resolve(),
+        "source": model.meta.get("source"),
+        "llm_coef": model.llm_coef,
+        "meta": {k: v for k, v in model.meta.items() if k != "path"},
+    }
+    return out
+
+
+def _existing(p: Any) -> Path | None:
+    if not p:
+        return None
+    q = Path(p)
+    if not q.is_absolute():
+        q = REPO_ROOT / q
+    return q if q.is_file() else None
+
+
+def fusion_separation(model: FusionModel, eval_users: set[str], eval_sha256: str) -> dict[str, Any]:
+    """Were the weights fitted on the users this report evaluates? Says which files decided it."""
+    meta = model.meta
+    train = meta.get("train_file")
+    exclude = meta.get("exclude_file")
+    out: dict[str, Any] = {"weights_train": train, "weights_exclude": exclude, "status": "unknown", "overlap_users": None}
+    if meta.get("source") == "hand_tuned":
+        out["status"] = "not_fitted"
+        return out
+    if not isinstance(train, dict):
+        out["note"] = "the weights do not record their training file"
+        return out
+    excl_users: set[str] = set()
+    if isinstance(exclude, dict):
+        if exclude.get("sha256") == eval_sha256:
+            out["status"] = "disjoint"
+            out["overlap_users"] = 0
+            out["note"] = "the evaluated file is the file whose users were excluded from fitting"
+            return out
+        ep = _existing(exclude.get("path"))
+        if ep is not None and file_sha256(ep) == exclude.get("sha256"):
+            excl_users = read_user_ids(ep)
+    tp = _existing(train.get("path"))
+    if tp is None or file_sha256(tp) != train.get("sha256"):
+        out["note"] = "the weights' training file is not available here (or changed): cannot check"
+        return out
+    overlap = (eval_users - excl_users) & read_user_ids(tp)
+    out["overlap_users"] = len(overlap)
+    out["status"] = "overlap" if overlap else "disjoint"
+    if overlap:
+        out["note"] = "some evaluated users were in the fusion training file: the default's numbers are optimistic"
+        log.warning("fusion weights were fitted on evaluated users", extra={"overlap_users": len(overlap)})
+    return out
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def runtime() -> dict[str, str]:
+    return {"python": platform.python_version(), "platform": platform.platform()}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False, default=str)

@@ -1,0 +1,50 @@
+"""The systems an eval run compares, by name. Unknown names fail with "did you mean".
+
+Fast systems are computed for every impression (eval/rankers.py); LLM systems only on the LLM
+sample (eval/llm_phase.py), through the same Selector the endpoint serves.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from adselect.errors import UnknownName
+
+
+@dataclass(frozen=True, slots=True)
+class System:
+    name: str
+    needs_llm: bool
+    description: str
+
+
+SYSTEMS: dict[str, System] = {
+    s.name: s
+    for s in (
+        System("random", False, "a seeded random order (full catalog: random ads)"),
+        System("popularity", False, "ads by how often they occur in the training histories"),
+        System("bm25", False, "BM25 over ad documents; query = history titles + events"),
+        System("dense", False, "MiniLM cosine to the recency-weighted history profile (the `dense` prior; Chroma on the full catalog)"),
+        System("covisit", False, "recency-weighted co-visitation with the history (the `covisit` prior)"),
+        System("default", False, "the pipeline's prior ranking with the LLM off (Decision.ranking of the fast path)"),
+        System("llm", True, "the LLM's own ranking of the top-N prior candidates, the rest after in prior order"),
+        System("default+llm", True, "the full pipeline: prior fused with the LLM's ranking (Decision.ranking)"),
+    )
+}
+FAST_SYSTEMS = tuple(n for n, s in SYSTEMS.items() if not s.needs_llm)
+LLM_SYSTEMS = tuple(n for n, s in SYSTEMS.items() if s.needs_llm)
+BASELINE = "default"
+
+
+def resolve_systems(names: Iterable[str]) -> list[str]:
+    """Known system names in the given order, without repeats; raises UnknownName with close matches."""
+    out: list[str] = []
+    for raw in names:
+        name = raw.strip()
+        if not name:
+            continue
+        if name not in SYSTEMS:
+            raise UnknownName("system", name, list(SYSTEMS))
+        if name not in out:
+            out.append(name)
+    return out

@@ -1,0 +1,151 @@
+"""`adselect eval tune`: fit the fusion weights on a dev impression file and write the weights file.
+
+Built on eval/tune.py (build_training_set, fit_fusion, fit_llm_weight) over the same environment the
+eval harness uses (catalog in Chroma, behaviour learned from training histories). The users of
+`exclude` (the impressions a report will evaluate) are never fitted on. The weights' `meta` records
+the command, the training and exclusion files with their sha256, so an eval report can state whether
+its users were kept out, and anyone can reproduce the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adselect.settings import REPO_ROOT, Settings
+from eval.data import load_impressions, read_user_ids
+from eval.env import file_sha256, prepare_env
+from eval.tune import build_training_set, fit_fusion, fit_llm_weight
+from retrieval.features import build_profile
+from retrieval.records import iter_impressions
+
+log = logging.getLogger(__name__)
+
+
+def _rel(p: Path) -> str:
+    p = Path(p).resolve()
+    try:
+        return os.path.relpath(p, REPO_ROOT)
+    except ValueError:
+        return str(p)
+
+
+def _file(p: Path | None) -> dict[str, str] | None:
+    return None if p is None else {"path": _rel(p), "sha256": file_sha256(p)}
+
+
+@dataclass
+class TuneOptions:
+    ads: Path
+    impressions: Path
+    out: Path
+    exclude: Path | None = None
+    train_histories: list[Path] | None = None  # behaviour source; default: the impressions file
+    n_random: int = 19
+    n_hard: int = 0
+    max_impressions: int | None = 20000
+    seed: int = 0
+    C: float = 1.0
+    interactions: bool = True
+    llm_run: Path | None = None  # an eval DIR whose LLM results (on training users) fit the LLM weight
+
+    def command(self) -> str:
+        parts = ["adselect", "eval", "tune", "--ads", _rel(self.ads), "--impressions", _rel(self.impressions)]
+        if self.exclude is not None:
+            parts += ["--exclude", _rel(self.exclude)]
+        for h in self.train_histories or []:
+            parts += ["--train", _rel(h)]
+        parts += ["--n-random", str(self.n_random), "--n-hard", str(self.n_hard)]
+        if self.max_impressions is not None:
+            parts += ["--max-impressions", str(self.max_impressions)]
+        parts += ["--seed", str(self.seed), "--C", str(self.C)]
+        if not self.interactions:
+            parts.append("--no-interactions")
+        if self.llm_run is not None:
+            parts += ["--llm-run", _rel(self.llm_run)]
+        parts += ["--out", _rel(self.out)]
+        return shlex.join(parts)
+
+
+def _llm_rows(env, model, llm_run: Path, exclude_users: set[str]) -> tuple[np.ndarray, list[int | None], np.ndarray, int]:
+    """(prior scores, LLM ranks, labels, impressions) from an eval run's LLM results, re-scored by `model`."""
+    run = json.loads((llm_run / "run.json").read_text())
+    from eval.config import resolve_path
+
+    imp_path = resolve_path(Path(run["task"]["data"]["impressions"]))
+    index = env.services.index
+    by_id = {i.impression_id: i for i in load_impressions(imp_path, catalog=index.row).items}
+    priors, ranks, ys = [], [], []
+    n = 0
+    with (llm_run / "results.jsonl").open() as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec.get("phase") != "llm" or not rec.get("llm_ranking"):
+                continue
+            imp = by_id.get(rec["impression_id"])
+            if imp is None or imp.user_id in exclude_users:
+                continue
+            rows, _ = index.rows(rec["sent"])
+            hist, _ = index.rows(imp.history)
+            profile = build_profile(index, hist, decay=env.services.selector.recency_decay)
+            feats = env.services.selector.generator.score_logged(profile, rows).features
+            rank_of = {a: r for r, a in enumerate(rec["llm_ranking"])}
+            priors.append(model.prior_scores(feats))
+            ranks.extend(rank_of.get(a) for a in rec["sent"])
+            ys.append(np.array([1.0 if a in imp.clicked else 0.0 for a in rec["sent"]]))
+            n += 1
+    if not priors:
+        raise ValueError(f"{llm_run}: no LLM results of non-excluded users to fit the LLM weight on")
+    return np.concatenate(priors), ranks, np.concatenate(ys), n
+
+
+def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = True) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    train_hist = opts.train_histories or [opts.impressions]
+    env = prepare_env(settings, ads_path=opts.ads, train_paths=train_hist, show_progress=show_progress)
+    exclude_users = read_user_ids(opts.exclude) if opts.exclude is not None else set()
+    records = (rec for _, rec in iter_impressions(opts.impressions))
+    ts = build_training_set(
+        records,
+        generator=env.services.selector.generator,
+        recency_decay=env.services.selector.recency_decay,
+        n_random=opts.n_random,
+        n_hard=opts.n_hard,
+        exclude_users=exclude_users,
+        max_impressions=opts.max_impressions,
+        seed=opts.seed,
+    )
+    meta = {
+        "command": opts.command(),
+        "train_file": _file(opts.impressions),
+        "exclude_file": _file(opts.exclude),
+        "excluded_users": len(exclude_users),
+        "behaviour_histories": [_file(p) for p in train_hist],
+        "ads": _file(opts.ads),
+        "catalog_hash": env.catalog_hash,
+        "n_random": opts.n_random,
+        "n_hard": opts.n_hard,
+        "max_impressions": opts.max_impressions,
+        "seed": opts.seed,
+    }
+    model = fit_fusion(ts, interactions=opts.interactions, C=opts.C, meta=meta)
+    if opts.llm_run is not None:
+        prior, ranks, y, n = _llm_rows(env, model, opts.llm_run, exclude_users)
+        weight, info = fit_llm_weight(prior, ranks, y, C=opts.C)
+        model.llm_coef = weight
+        model.meta["llm_fit"] = {**info, "impressions": n, "run": _rel(opts.llm_run)}
+    else:
+        model.meta["llm_fit"] = None
+        model.llm_coef = 0.0
+        model.meta["llm_coef_note"] = "no LLM ranks on training users were given (--llm-run): the LLM term has weight 0"
+    model.meta["fitted_s"] = round(time.perf_counter() - t0, 1)
+    model.save(opts.out)
+    log.info("fusion weights written", extra={"path": str(opts.out), "train_impressions": ts.n_impressions})
+    return {"path": str(opts.out), "train_impressions": ts.n_impressions, "rows": int(len(ts.y)), "skipped": ts.skipped, "meta": model.meta}

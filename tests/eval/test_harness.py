@@ -1,0 +1,164 @@
+"""End to end: `adselect eval` on slices of the real dev files, the report's shape, resume, the LLM path."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from adselect.cli import app
+from eval.harness import RESULTS, ResumeMismatch
+from eval.report import metric_names
+from eval.systems import SYSTEMS
+from tests.eval.conftest import GAMES, MIND, run_task
+
+ALL_METRICS = metric_names([20, 50, 100])
+LOGGED_METRICS = [m for m in ALL_METRICS if not m.startswith("recall@")]
+
+
+def _check_shape(report: dict, *, logged_only: bool) -> None:
+    assert set(report) >= {"metrics", "n_impressions", "skipped", "config", "provenance"}
+    assert list(report["metrics"]) == list(SYSTEMS)  # every system present, in registry order
+    for system, metrics in report["metrics"].items():
+        assert list(metrics) == ALL_METRICS, system
+        for name, value in metrics.items():
+            assert value is None or 0.0 <= value <= 1.0, (system, name, value)
+        if logged_only:
+            assert all(metrics[m] is None for m in ALL_METRICS if m.startswith("recall@"))
+    prov = report["provenance"]
+    assert len(prov["git"]["commit"] or "") == 40
+    assert prov["data"]["ads"]["sha256"] and prov["data"]["impressions"]["sha256"]
+    assert len(prov["config_sha256"]) == 64
+    assert prov["fusion_weights"]["path"] is None or prov["fusion_weights"]["sha256"]
+
+
+@pytest.fixture(scope="session")
+def games_report(games_slice, eval_data_dir: Path, tmp_path_factory) -> tuple[dict, Path]:
+    """The real command line on the first 100 sampled dev impressions (LLM off)."""
+    out = tmp_path_factory.mktemp("games-report")
+    args = [
+        "eval", "--ads", str(games_slice["ads"]), "--impressions", str(games_slice["impressions"]),
+        "--limit", str(games_slice["limit"]), "--no-llm", "--no-progress", "--data-dir", str(eval_data_dir), "--out", str(out),
+    ]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_games_slice_report_shape_and_default_beats_random(games_report) -> None:
+    report, out = games_report
+    _check_shape(report, logged_only=True)
+    assert report["n_impressions"] == 100 and sum(report["skipped"].values()) == 0
+    m = report["metrics"]
+    assert m["default"]["ndcg@10"] > m["random"]["ndcg@10"] + 0.1
+    assert m["default"]["auc"] > 0.6 and 0.4 < m["random"]["auc"] < 0.6
+    assert m["llm"]["ndcg@10"] is None and report["not_run"] == {"llm": "no_llm", "default+llm": "no_llm"}
+    lo, hi = report["ci"]["default"]["ndcg@10"]
+    assert lo <= m["default"]["ndcg@10"] <= hi
+    diff = report["paired_vs_default"]["random"]["ndcg@10"]
+    assert diff["diff"] < 0 and diff["hi"] < 0 and diff["n"] == 100
+    assert (out / "report.md").read_text().startswith("# Eval report")
+    assert (out / "ndcg_at_k.png").stat().st_size > 1000
+    assert report["speed"]["fast"]["impressions_per_s"] > 0
+
+
+def test_mind_report_covers_every_system(mind_report) -> None:
+    report, out = mind_report
+    _check_shape(report, logged_only=True)
+    assert report["n_impressions"] == 54
+    for s in ("random", "popularity", "bm25", "dense", "covisit", "default"):
+        assert all(report["metrics"][s][k] is not None for k in ("auc", "mrr", "ndcg@5", "ndcg@10"))
+
+
+def test_rerun_reuses_the_catalog_and_behaviour(mind_report, eval_settings, tmp_path: Path) -> None:
+    doc = {"data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")}, "no_llm": True}
+    again = run_task(doc, settings=eval_settings, out=tmp_path)
+    assert again["speed"]["setup"]["reused"] == {"catalog": True, "behaviour": True}
+    assert again["metrics"] == mind_report[0]["metrics"]
+
+
+def test_full_catalog_protocol_reports_candidate_recall(games_slice, eval_settings, tmp_path: Path) -> None:
+    """Same users, `candidates: []`: retrieve from the (slice) catalog, then rank."""
+    rows = [json.loads(x) for x in Path(games_slice["impressions"]).read_text().splitlines()[:40]]
+    path = tmp_path / "full.jsonl"
+    path.write_text("".join(json.dumps({**r, "candidates": []}) + "\n" for r in rows))
+    doc = {"data": {"ads": str(games_slice["ads"]), "impressions": str(path)}, "no_llm": True, "protocol": {"use_chroma": False}}
+    report = run_task(doc, settings=eval_settings, out=tmp_path / "out")
+    _check_shape(report, logged_only=False)
+    cs = report["candidate_stage"]
+    assert cs["n"] == 40 and 0 <= cs["recall@20"] <= cs["recall@50"] <= cs["recall@100"] <= cs["coverage"] <= 1
+    assert report["metrics"]["default"]["recall@50"] == pytest.approx(cs["recall@50"])
+    assert report["protocols"] == {"full": 40}
+
+
+def test_resume_finishes_an_interrupted_run(eval_settings, tmp_path: Path) -> None:
+    doc = {"data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl"), "limit": 20}, "no_llm": True}
+    full = run_task(doc, settings=eval_settings, out=tmp_path / "a")
+    out = tmp_path / "b"
+    run_task(doc, settings=eval_settings, out=out)
+    lines = (out / RESULTS).read_text().splitlines(keepends=True)
+    (out / RESULTS).write_text("".join(lines[:7]) + lines[7][:25])  # killed mid-line
+    resumed = run_task(doc, settings=eval_settings, out=out, resume=True)
+    assert resumed["speed"]["fast"]["impressions"] == 13
+    assert resumed["metrics"] == full["metrics"]
+    assert len((out / RESULTS).read_text().splitlines()) == 20
+    with pytest.raises(ResumeMismatch):
+        run_task({**doc, "systems": ["random", "default"]}, settings=eval_settings, out=out, resume=True)
+
+
+def test_llm_systems_position_bias_and_cache_with_a_fake_llm(eval_settings, fake_llm, tmp_path: Path) -> None:
+    doc = {
+        "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},
+        "llm": {"sample": 4, "max_candidates": 5, "model": "fake-ranking"},
+    }
+    report = run_task(doc, settings=eval_settings, out=tmp_path / "a", llm_inner=fake_llm)
+    assert report["n"]["llm"] == 4 and report["n"]["default+llm"] == 4 and report["n"]["default"] == 54
+    assert report["llm"]["summary"]["llm_used"] == 4
+    assert report["paired_vs_default"]["llm"]["ndcg@10"]["n"] == 4
+    assert set(report["llm"]["sample_metrics"]["metrics"]) == {"default", "llm", "default+llm"}
+    pb = report["position_bias"]["orderings"]
+    # The fake always picks the last id it is shown: reversing the list always changes its pick.
+    assert pb["reversed"]["top_pick_changed_rate"] == 1.0 and pb["prior"]["mean_top_pick_position"] == 4
+    cache = report["llm"]["cache"]
+    assert cache["hits"] + cache["misses"] == 12 and report["provenance"]["prompt"]["sha256"]
+    assert (tmp_path / "a" / "position_bias.png").exists()
+    calls = len(fake_llm.calls)
+    again = run_task(doc, settings=eval_settings, out=tmp_path / "b", llm_inner=fake_llm)
+    assert len(fake_llm.calls) == calls  # identical re-run: every call answered from the disk cache
+    assert again["llm"]["cache"]["hit_rate"] == 1.0
+    assert again["metrics"] == report["metrics"]
+
+
+def test_degraded_llm_calls_fall_back_to_the_prior_order(eval_settings, fake_llm, tmp_path: Path) -> None:
+    fake_llm.enqueue("not json at all", "still not json", "nope", "no")
+    doc = {
+        "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},
+        "llm": {"sample": 2, "position_bias": False, "cache": False, "model": "fake-garbage"},
+        "systems": ["default", "llm", "default+llm"],
+    }
+    report = run_task(doc, settings=eval_settings, out=tmp_path, llm_inner=fake_llm)
+    s = report["llm"]["summary"]
+    assert s["llm_used"] == 0 and sum(s["degraded"].values()) == 2
+    sample = report["llm"]["sample_metrics"]["metrics"]
+    assert sample["llm"] == sample["default"] == sample["default+llm"]
+
+
+@pytest.mark.llm_server
+def test_real_local_llm_on_three_impressions(local_llm_url: str, eval_settings, tmp_path: Path) -> None:
+    doc = {
+        "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},
+        "systems": ["random", "default", "llm", "default+llm"],
+        "llm": {"url": local_llm_url, "sample": 3, "position_bias": False, "max_candidates": 8, "timeout_s": 120},
+    }
+    report = run_task(doc, settings=eval_settings, out=tmp_path / "a")
+    assert report["n"]["llm"] == 3 and report["n"]["default+llm"] == 3
+    assert report["llm"]["cache"]["hits"] + report["llm"]["cache"]["misses"] == 3
+    assert report["provenance"]["model"] == eval_settings.llm_model
+    again = run_task(doc, settings=eval_settings, out=tmp_path / "b")
+    assert again["llm"]["cache"] == {"hits": 3, "misses": 0, "errors": 0, "hit_rate": 1.0}
+    assert again["metrics"] == report["metrics"]
+
+
+def test_games_files_are_where_the_tasks_expect_them() -> None:
+    assert (GAMES / "impressions_full_dev.jsonl").is_file() and (MIND / "ads.jsonl").is_file()

@@ -1,11 +1,12 @@
 """The one settings class. Built by callers (create_app(settings), CLI), never at import time."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,6 +69,10 @@ class Settings(BaseSettings):
     local_llm_ctx: int = Field(2048, ge=256)
     local_llm_startup_s: float = Field(120.0, gt=0)
     local_llm_threads: int | None = Field(None, ge=1, description="llama.cpp threads; default: llama_cpp's own (half the CPUs).")
+    local_llm_max_candidates: int = Field(
+        6, ge=2, le=50,
+        description="Candidates sent to the bundled CPU model (it reads ~90 prompt tokens/s on 2 cores); vLLM uses llm_max_candidates.",
+    )
 
     # --- process ---------------------------------------------------------------------------
     blas_threads: int = Field(1, ge=0, description="BLAS threads for per-request matrix products (0 = library default). "
@@ -75,8 +80,8 @@ class Settings(BaseSettings):
 
     # --- request limits --------------------------------------------------------------------
     default_k: int = Field(3, ge=1, le=50)
-    default_deadline_ms: int = Field(2000, ge=10)
-    max_deadline_ms: int = Field(10000, ge=10)
+    default_deadline_ms: int = Field(2000, ge=10, description="Deadline when the request gives none.")
+    max_deadline_ms: int = Field(30000, ge=10, description="Cap on a request's deadline_ms.")
 
     # --- safety: eligibility, frequency caps, user keys, copy validation, LLM breaker ------
     # Read by adselect.rules, adselect.caps, adselect.hashing, agent.copy_validator, agent.breaker.
@@ -98,6 +103,29 @@ class Settings(BaseSettings):
     )
     llm_breaker_failures: int = Field(5, ge=1, description="Consecutive LLM failures that open the circuit breaker.")
     llm_breaker_reset_s: float = Field(30.0, gt=0, description="Seconds the breaker stays open before one probe call.")
+
+    # --- API protection (server/security.py, server/limits.py) -------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (comma-separated or a JSON list); set: every route but /healthz needs "
+        "X-API-Key or Authorization: Bearer (401 otherwise). Empty: no auth.",
+    )
+    max_body_bytes: int = Field(65536, ge=1, description="Largest request body accepted; larger: 413 (Content-Length or streamed bytes).")
+    rate_limit_per_s: float = Field(
+        0.0, ge=0, description="Token-bucket refill per API key (per client IP when auth is off) on /v1/*; 0 = no rate limit. Excess: 429."
+    )
+    rate_limit_burst: int = Field(20, ge=1, description="Token-bucket size: requests a key may send at once.")
+    max_inflight: int = Field(64, ge=0, description="Server-wide /v1/select requests in progress; excess answered 503 at once (0 = no limit).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        """ADSELECT_API_KEYS="k1,k2" or '["k1","k2"]'; blanks dropped."""
+        if isinstance(v, str):
+            text = v.strip()
+            items = json.loads(text) if text.startswith("[") else text.split(",")
+            return [k.strip() for k in items if isinstance(k, str) and k.strip()]
+        return v
 
     def resolved_weights_path(self) -> Path | None:
         if self.weights_path is not None:

@@ -196,14 +196,15 @@ async def _one(
         user_id=imp.user_id,
         history=imp.history,
         candidates=imp.candidates,
-        k=10_000,
+        # Every candidate the LLM is sent must come back in Decision.ads with its llm_rank.
+        k=max(len(imp.candidates or ()), selector.llm_max_candidates),
         deadline_ms=timeout_ms,
         use_llm=True,
         rewrite=spec.rewrite,
         request_id=imp.impression_id,
     )
     stage = selector.prior_stage(req)
-    prior_ids = [c.ad.ad_id for c in stage.candidates]
+    prior_ids = [c.ad.ad_id for c in stage.candidates] + stage.tail_ids
     async with sem:
         t = time.perf_counter()
         decision = await selector.aselect(req)

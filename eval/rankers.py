@@ -5,10 +5,12 @@ and `dense`, `covisit`, `popularity` re-rank the same candidates by that one pri
 single columns of the same feature matrix). Full-catalog protocol: `default` ranks the candidate set
 the pipeline generates; each baseline returns its own top `n_retrieve` from the whole catalog, with
 the user's history excluded exactly as the pipeline excludes it. Ties are broken by a random order
-seeded by (seed, impression id), so the logged display order never leaks into a ranking.
+seeded once per catalog row (a fixed random order of the ads), so the logged display order never
+leaks into a ranking; the random baseline shuffles with a stream seeded by (seed, impression id).
 """
 from __future__ import annotations
 
+import random
 import zlib
 from dataclasses import dataclass, field
 
@@ -25,6 +27,11 @@ _FEATURE_OF = {"dense": "dense", "covisit": "covisit", "popularity": "popularity
 
 def impression_rng(seed: int, impression_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(impression_id.encode())])
+
+
+def impression_random(seed: int, impression_id: str) -> random.Random:
+    """A cheap per-impression stream (stdlib), for the random baseline's shuffle."""
+    return random.Random((seed << 32) | zlib.crc32(impression_id.encode()))
 
 
 def order_by(scores: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
@@ -62,11 +69,13 @@ class FastRankers:
         self.use_chroma = use_chroma
         self.seed = seed
         pop = self.behaviour.popularity
-        tb = np.random.default_rng(seed).random(len(pop))
-        self._popular_order = order_by(pop.astype(np.float64), tb)  # whole catalog, most popular first
+        self._tiebreak = np.random.default_rng(seed).random(len(pop))  # per catalog row
+        self._popular_order = order_by(pop.astype(np.float64), self._tiebreak)  # whole catalog, most popular first
 
     def request(self, imp: EvalImpression) -> SelectRequest:
-        k = len(imp.candidates) if imp.candidates is not None else 1000
+        # Logged: every shown candidate in the scored head (its prior features rank the baselines).
+        # Full catalog: the default head; the rest of the prior order comes back as `tail_ids`.
+        k = len(imp.candidates) if imp.candidates is not None else 1
         return SelectRequest(
             user_id=imp.user_id,
             history=imp.history,
@@ -86,15 +95,18 @@ class FastRankers:
     # ---- rank what was shown -----------------------------------------------------------------
     def _logged(self, imp: EvalImpression, stage: PriorStage) -> FastResult:
         cands = stage.candidates
+        assert not stage.tail_ids, "logged candidates must all be in the scored head (k = len(candidates))"
         ids = [c.ad.ad_id for c in cands]
-        rng = impression_rng(self.seed, imp.impression_id)
-        tb = rng.random(len(ids))
+        rows = [self.index.row[i] for i in ids]
+        tb = self._tiebreak[rows]
         out: dict[str, list[str]] = {}
         for name in self.systems:
             if name == "default":
                 out[name] = ids
             elif name == "random":
-                out[name] = [ids[i] for i in rng.permutation(len(ids))]
+                shuffled = list(ids)
+                impression_random(self.seed, imp.impression_id).shuffle(shuffled)
+                out[name] = shuffled
             elif name in _FEATURE_OF:
                 f = _FEATURE_OF[name]
                 s = np.fromiter((c.priors[f] for c in cands), dtype=np.float64, count=len(cands))
@@ -102,7 +114,7 @@ class FastRankers:
             elif name == "bm25" and self.bm25 is not None:
                 hist_rows, _ = self.index.rows(imp.history)
                 q = self.bm25.query_vector(hist_rows)
-                s = self.bm25.score_rows(q, [self.index.row[i] for i in ids]).astype(np.float64)
+                s = self.bm25.score_rows(q, rows)
                 out[name] = [ids[i] for i in order_by(s, tb)]
         return FastResult(out, None)
 
@@ -126,7 +138,7 @@ class FastRankers:
         out: dict[str, list[str]] = {}
         for name in self.systems:
             if name == "default":
-                out[name] = [c.ad.ad_id for c in stage.candidates]
+                out[name] = [c.ad.ad_id for c in stage.candidates] + stage.tail_ids
             elif name == "random":
                 rng = impression_rng(self.seed, imp.impression_id)
                 draw = rng.choice(len(ids), size=min(len(ids), n + len(exclude)), replace=False)
@@ -149,7 +161,7 @@ class FastRankers:
             elif name == "bm25" and self.bm25 is not None:
                 sc = self.bm25.score_all(self.bm25.query_vector(hist_rows))
                 out[name] = [ids[r] for r in self._top(sc, exclude, n, positive=True)]
-        generated = {c.ad.ad_id for c in stage.candidates}
+        generated = {c.ad.ad_id for c in stage.candidates}.union(stage.tail_ids)
         return FastResult(
             out,
             pool_size=len(ids),

@@ -1,0 +1,45 @@
+"""`adselect eval tune`: weights fitted without the evaluated users, and the report says so."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from adselect.cli import app
+from adselect.fusion import FusionModel
+from tests.eval.conftest import MIND, run_task
+
+
+def test_tune_excludes_evaluated_users_and_eval_reports_it(eval_settings, eval_data_dir: Path, tmp_path: Path) -> None:
+    lines = (MIND / "impressions_dev.jsonl").read_text().splitlines(keepends=True)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(lines[:10]))  # the impressions a report will evaluate
+    weights = tmp_path / "weights.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval", "tune", "--ads", str(MIND / "ads.jsonl"), "--impressions", str(MIND / "impressions_dev.jsonl"),
+            "--exclude", str(held), "--data-dir", str(eval_data_dir), "--out", str(weights), "--no-interactions",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    model = FusionModel.load(weights)
+    meta = model.meta
+    held_users = {json.loads(x)["user_id"] for x in lines[:10]}
+    assert meta["excluded_users"] == len(held_users)
+    assert meta["train_impressions"] == 54 - sum(1 for x in lines if json.loads(x)["user_id"] in held_users)
+    assert meta["exclude_file"]["sha256"] and meta["train_file"]["sha256"]
+    assert meta["command"].startswith("adselect eval tune --ads ") and "--exclude" in meta["command"]
+    assert model.llm_coef == 0.0 and meta["llm_fit"] is None
+
+    base = {"data": {"ads": str(MIND / "ads.jsonl")}, "no_llm": True, "fusion": {"weights": str(weights)}}
+    on_held = run_task({**base, "data": {**base["data"], "impressions": str(held)}}, settings=eval_settings, out=tmp_path / "a")
+    assert on_held["fusion"]["separation"]["status"] == "disjoint"
+    assert on_held["provenance"]["fusion_weights"]["path"] == str(weights)
+    on_all = run_task(
+        {**base, "data": {**base["data"], "impressions": str(MIND / "impressions_dev.jsonl")}}, settings=eval_settings, out=tmp_path / "b"
+    )
+    sep = on_all["fusion"]["separation"]
+    assert sep["status"] == "overlap" and sep["overlap_users"] == 54 - 10
+    assert "overlap" in (tmp_path / "b" / "report.md").read_text()

@@ -4,7 +4,7 @@
                   [--limit N] [--config FILE] [--resume] --out DIR
     adselect eval validate FILE...
     adselect eval tasks
-    adselect eval tune --ads A --impressions TRAIN [--exclude EVAL] [--n-random 19] [--n-hard N] --out W
+    adselect eval tune --ads A --impressions TRAIN [--exclude EVAL | --exclude-task TASK] [--n-random 19] [--n-hard N] --out W
 
 Thin: parses options into a task (the YAML file + overrides) and calls eval.harness / eval.tune_run.
 Heavy imports happen inside the commands so `adselect --help` stays fast.
@@ -86,8 +86,12 @@ def run(
     if out is None:
         typer.echo(ctx.get_help())
         _fail(ValueError("--out DIR is required"))
+    import logging
+
     from eval.config import find_task_file, load_task, task_from_document
     from eval.harness import run_eval
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs index building at DEBUG whatever the root level
 
     overrides = _overrides(
         ads=ads, impressions=impressions, train=train, systems=systems, no_llm=no_llm, llm_sample=llm_sample,
@@ -165,7 +169,8 @@ def tune(
     ads: Path = typer.Option(..., "--ads", help="Ad catalog."),
     impressions: Path = typer.Option(..., "--impressions", help="Training impressions (clicked + sampled negatives)."),
     out: Path = typer.Option(..., "--out", help="Weights JSON to write."),
-    exclude: Optional[Path] = typer.Option(None, "--exclude", help="Impressions to be evaluated: their users are never fitted on."),
+    exclude: Optional[list[Path]] = typer.Option(None, "--exclude", help="Impressions to be evaluated: their users are never fitted on (repeatable)."),
+    exclude_task: Optional[list[str]] = typer.Option(None, "--exclude-task", help="An eval task whose impressions (with its limit) are excluded likewise (repeatable)."),
     train: Optional[list[Path]] = typer.Option(None, "--train", help="Histories for behaviour (default: --impressions)."),
     n_random: int = typer.Option(19, "--n-random", min=0, help="Random negatives per training impression."),
     n_hard: int = typer.Option(0, "--n-hard", min=0, help="Negatives from our own candidate generator."),
@@ -180,7 +185,8 @@ def tune(
     from eval.tune_run import TuneOptions, run_tune
 
     opts = TuneOptions(
-        ads=ads, impressions=impressions, out=out, exclude=exclude, train_histories=list(train or []) or None,
+        ads=ads, impressions=impressions, out=out, exclude=list(exclude or []), exclude_tasks=list(exclude_task or []),
+        train_histories=list(train or []) or None,
         n_random=n_random, n_hard=n_hard, max_impressions=max_impressions, seed=seed, C=C,
         interactions=interactions, llm_run=llm_run,
     )  # fmt: skip

@@ -65,7 +65,10 @@ class LLMSpec(_Strict):
     structured: Literal["json_schema", "json_object"] = "json_object"
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(256, ge=16, le=4096)
-    max_candidates: int = Field(20, ge=2, le=50)
+    max_candidates: int | None = Field(
+        None, ge=2, le=50,
+        description="Top-N by prior sent to the LLM; null = as the endpoint: settings.local_llm_max_candidates for the bundled model, else settings.llm_max_candidates.",
+    )
     timeout_s: float = Field(120.0, gt=0, description="Per impression (the deadline given to the pipeline).")
     concurrency: int = Field(4, ge=1, le=256)
     sample: int | None = Field(None, ge=1, description="Run the LLM systems on N impressions drawn with `sample_seed`.")

@@ -109,6 +109,11 @@ def load_impressions(path: Path, *, catalog: Mapping[str, int], limit: int | Non
     return LoadedImpressions(items, n_read, dict(skipped), dict(warnings))
 
 
-def read_user_ids(path: Path) -> set[str]:
-    """Users of an impression file (for excluding them from fusion training)."""
-    return {rec.user_id for _, rec in iter_impressions(path)}
+def read_user_ids(path: Path, *, limit: int | None = None) -> set[str]:
+    """Users of the first `limit` impressions of a file (all when None)."""
+    users: set[str] = set()
+    for n, (_, rec) in enumerate(iter_impressions(path)):
+        if limit is not None and n >= limit:
+            break
+        users.add(rec.user_id)
+    return users

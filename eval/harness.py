@@ -170,6 +170,9 @@ def run_eval(
             raise ResumeMismatch(f"{out_dir}: cannot resume: the task, data or weights differ from the interrupted run")
     run_file.write_text(dumps({"fingerprint": fingerprint, "task": task.to_jsonable(), "started": now_iso()}))
 
+    if task.llm.max_candidates is None:
+        n_llm = settings.llm_max_candidates if task.llm.url else settings.local_llm_max_candidates
+        task = task.model_copy(update={"llm": task.llm.model_copy(update={"max_candidates": n_llm})})
     eval_settings = settings.model_copy(
         update={
             "llm_max_candidates": task.llm.max_candidates,
@@ -195,7 +198,10 @@ def run_eval(
             reranker=stack.reranker if stack else None,
             show_progress=show_progress,
         )
-        report = _run(task, env, stack, systems, run_llm, not_run, results, imp_path, show_progress)
+        report = _run(
+            task, env, stack=stack, systems=systems, run_llm=run_llm, not_run=not_run, results=results,
+            imp_path=imp_path, show_progress=show_progress,
+        )  # fmt: skip
     finally:
         results.close()
         if stack is not None:
@@ -212,7 +218,18 @@ def run_eval(
     return report
 
 
-def _run(task, env: EvalEnv, stack, systems, run_llm, not_run, results: ResultsLog, imp_path: Path, show_progress: bool) -> dict:
+def _run(
+    task: EvalTask,
+    env: EvalEnv,
+    *,
+    stack,
+    systems: list[str],
+    run_llm: bool,
+    not_run: dict[str, str],
+    results: ResultsLog,
+    imp_path: Path,
+    show_progress: bool,
+) -> dict:
     from eval.bm25 import BM25Index
     from eval.rankers import FastRankers
 
@@ -311,7 +328,11 @@ def _run(task, env: EvalEnv, stack, systems, run_llm, not_run, results: ResultsL
             "model": stack.model if stack else None,
             "llm_server": stack.served_by if stack else None,
             "decoding": stack.llm.decoding if stack else None,
-            "fusion_weights": {"path": fusion.meta.get("path"), "sha256": fusion_provenance(fusion)["sha256"]},
+            "fusion_weights": {
+                "path": fusion.meta.get("path"),
+                "sha256": fusion_provenance(fusion)["sha256"],
+                "weights": {k: v for k, v in fusion.to_json().items() if k != "meta"},
+            },
             "catalog_hash": env.catalog_hash,
             "collection": env.collection,
             "behaviour_dir": str(env.behaviour_dir),
@@ -331,7 +352,7 @@ def _run(task, env: EvalEnv, stack, systems, run_llm, not_run, results: ResultsL
         "position_bias": position_bias(llm, order) if llm_block else None,
         "fusion": {
             "weights": fusion_provenance(fusion),
-            "separation": fusion_separation(fusion, loaded.users, file_sha256(imp_path)),
+            "separation": fusion_separation(fusion, loaded.users, file_sha256(imp_path), task.data.limit),
         },
         "speed": speed,
         "repo_root": str(REPO_ROOT),

@@ -50,11 +50,18 @@ def _existing(p: Any) -> Path | None:
     return q if q.is_file() else None
 
 
-def fusion_separation(model: FusionModel, eval_users: set[str], eval_sha256: str) -> dict[str, Any]:
-    """Were the weights fitted on the users this report evaluates? Says which files decided it."""
+def fusion_separation(model: FusionModel, eval_users: set[str], eval_sha256: str, eval_limit: int | None = None) -> dict[str, Any]:
+    """Were the weights fitted on the users this report evaluates? Says which files decided it.
+
+    `disjoint` by construction when the evaluated file (up to its limit) is one the fit excluded;
+    otherwise the evaluated users are intersected with the users of the training lines the fit read,
+    minus the excluded users.
+    """
     meta = model.meta
     train = meta.get("train_file")
-    exclude = meta.get("exclude_file")
+    exclude = meta.get("exclude") or []
+    if isinstance(exclude, dict):
+        exclude = [exclude]
     out: dict[str, Any] = {"weights_train": train, "weights_exclude": exclude, "status": "unknown", "overlap_users": None}
     if meta.get("source") == "hand_tuned":
         out["status"] = "not_fitted"
@@ -62,25 +69,25 @@ def fusion_separation(model: FusionModel, eval_users: set[str], eval_sha256: str
     if not isinstance(train, dict):
         out["note"] = "the weights do not record their training file"
         return out
-    excl_users: set[str] = set()
-    if isinstance(exclude, dict):
-        if exclude.get("sha256") == eval_sha256:
-            out["status"] = "disjoint"
-            out["overlap_users"] = 0
-            out["note"] = "the evaluated file is the file whose users were excluded from fitting"
+    for e in exclude:
+        lim = e.get("limit")
+        if e.get("sha256") == eval_sha256 and (lim is None or (eval_limit is not None and eval_limit <= lim)):
+            out.update(status="disjoint", overlap_users=0, note="the evaluated impressions are ones whose users were excluded from fitting")
             return out
-        ep = _existing(exclude.get("path"))
-        if ep is not None and file_sha256(ep) == exclude.get("sha256"):
-            excl_users = read_user_ids(ep)
+    excl_users: set[str] = set()
+    for e in exclude:
+        ep = _existing(e.get("path"))
+        if ep is not None and file_sha256(ep) == e.get("sha256"):
+            excl_users |= read_user_ids(ep, limit=e.get("limit"))
     tp = _existing(train.get("path"))
     if tp is None or file_sha256(tp) != train.get("sha256"):
         out["note"] = "the weights' training file is not available here (or changed): cannot check"
         return out
-    overlap = (eval_users - excl_users) & read_user_ids(tp)
+    overlap = (eval_users - excl_users) & read_user_ids(tp, limit=meta.get("train_lines_read"))
     out["overlap_users"] = len(overlap)
     out["status"] = "overlap" if overlap else "disjoint"
     if overlap:
-        out["note"] = "some evaluated users were in the fusion training file: the default's numbers are optimistic"
+        out["note"] = "some evaluated users were among the fusion training users: the default's numbers are optimistic"
         log.warning("fusion weights were fitted on evaluated users", extra={"overlap_users": len(overlap)})
     return out
 

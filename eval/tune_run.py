@@ -2,8 +2,9 @@
 
 Built on eval/tune.py (build_training_set, fit_fusion, fit_llm_weight) over the same environment the
 eval harness uses (catalog in Chroma, behaviour learned from training histories). The users of
-`exclude` (the impressions a report will evaluate) are never fitted on. The weights' `meta` records
-the command, the training and exclusion files with their sha256, so an eval report can state whether
+`exclude` (the impressions a report will evaluate: files, or eval tasks' impressions with their
+`limit`) are never fitted on. The weights' `meta` records the command, the training and exclusion
+files with their sha256 and how many training lines were read, so an eval report can state whether
 its users were kept out, and anyone can reproduce the file.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,8 @@ class TuneOptions:
     ads: Path
     impressions: Path
     out: Path
-    exclude: Path | None = None
+    exclude: list[Path] = field(default_factory=list)
+    exclude_tasks: list[str] = field(default_factory=list)  # eval task names/paths: their impressions (+ limit)
     train_histories: list[Path] | None = None  # behaviour source; default: the impressions file
     n_random: int = 19
     n_hard: int = 0
@@ -58,8 +60,10 @@ class TuneOptions:
 
     def command(self) -> str:
         parts = ["adselect", "eval", "tune", "--ads", _rel(self.ads), "--impressions", _rel(self.impressions)]
-        if self.exclude is not None:
-            parts += ["--exclude", _rel(self.exclude)]
+        for p in self.exclude:
+            parts += ["--exclude", _rel(p)]
+        for t in self.exclude_tasks:
+            parts += ["--exclude-task", t]
         for h in self.train_histories or []:
             parts += ["--train", _rel(h)]
         parts += ["--n-random", str(self.n_random), "--n-hard", str(self.n_hard)]
@@ -106,14 +110,40 @@ def _llm_rows(env, model, llm_run: Path, exclude_users: set[str]) -> tuple[np.nd
     return np.concatenate(priors), ranks, np.concatenate(ys), n
 
 
+def exclusion_sources(opts: TuneOptions) -> list[dict[str, Any]]:
+    """[{path, sha256, limit, task?, resolved}] for every --exclude file and --exclude-task."""
+    from eval.config import load_task, resolve_path
+
+    out: list[dict[str, Any]] = []
+    for p in opts.exclude:
+        out.append({**_file(p), "limit": None, "resolved": str(p)})
+    for name in opts.exclude_tasks:
+        task = load_task(name)
+        if task.data.impressions is None:
+            raise ValueError(f"task {name!r} names no impressions file")
+        p = resolve_path(task.data.impressions)
+        out.append({**_file(p), "limit": task.data.limit, "task": task.name, "resolved": str(p)})
+    return out
+
+
 def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     train_hist = opts.train_histories or [opts.impressions]
     env = prepare_env(settings, ads_path=opts.ads, train_paths=train_hist, show_progress=show_progress)
-    exclude_users = read_user_ids(opts.exclude) if opts.exclude is not None else set()
-    records = (rec for _, rec in iter_impressions(opts.impressions))
+    sources = exclusion_sources(opts)
+    exclude_users: set[str] = set()
+    for src in sources:
+        exclude_users |= read_user_ids(Path(src.pop("resolved")), limit=src["limit"])
+    lines_read = 0
+
+    def records():
+        nonlocal lines_read
+        for _, rec in iter_impressions(opts.impressions):
+            lines_read += 1
+            yield rec
+
     ts = build_training_set(
-        records,
+        records(),
         generator=env.services.selector.generator,
         recency_decay=env.services.selector.recency_decay,
         n_random=opts.n_random,
@@ -125,7 +155,7 @@ def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = Tru
     meta = {
         "command": opts.command(),
         "train_file": _file(opts.impressions),
-        "exclude_file": _file(opts.exclude),
+        "exclude": sources,
         "excluded_users": len(exclude_users),
         "behaviour_histories": [_file(p) for p in train_hist],
         "ads": _file(opts.ads),
@@ -135,6 +165,8 @@ def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = Tru
         "max_impressions": opts.max_impressions,
         "seed": opts.seed,
     }
+    # build_training_set pulls one record past the last one it uses: fitted users ⊆ these lines' users.
+    meta["train_lines_read"] = lines_read
     model = fit_fusion(ts, interactions=opts.interactions, C=opts.C, meta=meta)
     if opts.llm_run is not None:
         prior, ranks, y, n = _llm_rows(env, model, opts.llm_run, exclude_users)

@@ -29,7 +29,8 @@ def test_tune_excludes_evaluated_users_and_eval_reports_it(eval_settings, eval_d
     held_users = {json.loads(x)["user_id"] for x in lines[:10]}
     assert meta["excluded_users"] == len(held_users)
     assert meta["train_impressions"] == 54 - sum(1 for x in lines if json.loads(x)["user_id"] in held_users)
-    assert meta["exclude_file"]["sha256"] and meta["train_file"]["sha256"]
+    assert meta["exclude"][0]["sha256"] and meta["exclude"][0]["limit"] is None and meta["train_file"]["sha256"]
+    assert meta["train_lines_read"] == 54
     assert meta["command"].startswith("adselect eval tune --ads ") and "--exclude" in meta["command"]
     assert model.llm_coef == 0.0 and meta["llm_fit"] is None
 
@@ -43,3 +44,29 @@ def test_tune_excludes_evaluated_users_and_eval_reports_it(eval_settings, eval_d
     sep = on_all["fusion"]["separation"]
     assert sep["status"] == "overlap" and sep["overlap_users"] == 54 - 10
     assert "overlap" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_exclude_task_keeps_that_tasks_users_out(eval_settings, eval_data_dir: Path, tmp_path: Path) -> None:
+    task = tmp_path / "mind_head.yaml"
+    task.write_text(
+        f"name: mind_head\ndata:\n  ads: {MIND / 'ads.jsonl'}\n  impressions: {MIND / 'impressions_dev.jsonl'}\n  limit: 10\nno_llm: true\n"
+    )
+    weights = tmp_path / "w.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval", "tune", "--ads", str(MIND / "ads.jsonl"), "--impressions", str(MIND / "impressions_dev.jsonl"),
+            "--exclude-task", str(task), "--data-dir", str(eval_data_dir), "--out", str(weights), "--no-interactions",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    meta = FusionModel.load(weights).meta
+    assert meta["exclude"][0]["limit"] == 10 and meta["exclude"][0]["task"] == "mind_head"
+    assert "--exclude-task" in meta["command"]
+    doc = {
+        "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl"), "limit": 10},
+        "no_llm": True,
+        "fusion": {"weights": str(weights)},
+    }
+    report = run_task(doc, settings=eval_settings, out=tmp_path / "out")
+    assert report["fusion"]["separation"]["status"] == "disjoint"

@@ -1,0 +1,264 @@
+"""The selection pipeline on the real demo catalog (embedded Chroma, MiniLM, learned behaviour, the
+serving safety stack: eligibility, SQLite frequency caps, breaker, copy validator).
+
+Only the LLM is replaced, and only where a real one cannot misbehave on demand: FakeQueueLLM and
+FakeGarbageLLM go through the reranker's ChatLLMLike interface; FakeHangingLLMServer is a real
+socket the real ChatLLM connects to. Each request gets its own user id so frequency caps stay out
+of the way of tests that compare rankings.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import asdict, replace
+
+import numpy as np
+import pytest
+
+from adselect.errors import LLMUnavailable
+from adselect.pipeline import Selector
+from adselect.types import Decision, SelectRequest
+from agent.breaker import CircuitBreaker, ConcurrencyLimiter
+from agent.llm import ChatLLM, ChatLLMLike
+from agent.reranker import LLMReranker
+from retrieval.features import build_profile, recency_weights
+from tests.utils.fakes import FakeGarbageLLM, FakeHangingLLMServer, FakeQueueLLM
+
+RUN_HISTORY = ["run-001", "run-004", "run-009", "run-012"]
+GOOD_COPY = {"headline": "Your next road shoe", "description": "A road shoe for your long runs."}
+
+
+def category(services, ad_id: str) -> str:
+    return services.index.ads[services.index.row[ad_id]].category
+
+
+def with_llm(services, llm: ChatLLMLike, **changes) -> Selector:
+    """The session's selector with an LLM stage over `llm` (the real reranker, prompt, breaker, limiter)."""
+    s = services.settings
+    reranker = LLMReranker.from_settings(s, llm)
+    return replace(
+        services.selector,
+        reranker=reranker,
+        prompt_info=reranker.prompt.info(),
+        breaker=CircuitBreaker(s.llm_breaker_failures, s.llm_breaker_reset_s),
+        limiter=ConcurrencyLimiter(s.llm_max_concurrency),
+        **changes,
+    )
+
+
+def request(**fields) -> SelectRequest:
+    return SelectRequest(**{"user_id": f"u-{uuid.uuid4().hex}", "history": RUN_HISTORY, "k": 3, **fields})
+
+
+def served(d: Decision) -> list[str]:
+    return [a.ad.ad_id for a in d.ads]
+
+
+def fast_path(services, **fields) -> list[str]:
+    return served(services.selector.select(request(use_llm=False, **fields)))
+
+
+def shown_ids(sel: Selector, req: SelectRequest) -> tuple[list[str], list[str]]:
+    """(ids the LLM sees, the real ids they stand for), exactly as the pipeline will send them."""
+    stage = sel.prior_stage(req)
+    call = sel.reranker.prepare(
+        history_ads=stage.history_ads, events=req.events, candidates=stage.candidates[: sel.llm_max_candidates], rewrite=True
+    )
+    return call.shown_ids, call.candidate_ids
+
+
+def answer(ranking: list[str], *, justification: str = "You buy road shoes.", **copy: str) -> str:
+    return json.dumps({"ranking": ranking, "justification": justification, **(copy or GOOD_COPY)})
+
+
+# ---- priors -------------------------------------------------------------------------------------
+
+
+def test_profile_pooling_weights_recent_items_more(demo_services):
+    index = demo_services.index
+    run, pet = index.row["run-001"], index.row["pet-001"]
+    np.testing.assert_allclose(recency_weights(3, 0.5), np.array([1, 2, 4]) / 7, rtol=1e-6)
+
+    def sims(rows, decay):
+        p = build_profile(index, rows, decay=decay).vector
+        return float(p @ index.vectors[run]), float(p @ index.vectors[pet])
+
+    run_sim, pet_sim = sims([run, pet], 0.5)  # pet is the latest
+    assert pet_sim > run_sim
+    run_sim, pet_sim = sims([pet, run], 0.5)
+    assert run_sim > pet_sim
+    run_sim, pet_sim = sims([run, pet], 1.0)  # no decay: both count the same
+    assert run_sim == pytest.approx(pet_sim, abs=1e-5)
+
+
+def test_the_pipeline_pools_with_recency(demo_services):
+    """Same items, other order: each ad's `dense` prior is higher when its own kind came last."""
+    logged = ["run-023", "pet-009"]
+
+    def dense(history):
+        d = demo_services.selector.select(request(history=history, candidates=logged, k=2, use_llm=False))
+        return {a.ad.ad_id: a.priors["dense"] for a in d.ads}
+
+    pets_last = dense(["run-001", "run-004", "pet-001", "pet-004"])
+    runs_last = dense(["pet-001", "pet-004", "run-001", "run-004"])
+    assert pets_last["pet-009"] > runs_last["pet-009"]
+    assert runs_last["run-023"] > pets_last["run-023"]
+
+
+@pytest.mark.parametrize("rank_by", ["expected_value", "relevance"])
+def test_running_shoes_history_gets_running_shoes_ads(demo_services, rank_by):
+    sel = replace(demo_services.selector, rank_by=rank_by)
+    d = sel.select(request(k=5, use_llm=False))
+    assert [category(demo_services, a) for a in served(d)] == ["running shoes"] * 5
+    key = [a.expected_value for a in d.ads] if rank_by == "expected_value" else [a.score for a in d.ads]
+    assert key == sorted(key, reverse=True)
+
+
+def test_candidates_exclude_history_by_default(demo_services):
+    assert demo_services.settings.exclude_history and demo_services.selector.exclude_history
+    d = demo_services.selector.select(request(k=20, use_llm=False))
+    assert len(d.ranking) > 20 and not set(d.ranking) & set(RUN_HISTORY)
+    # The exclusion is what keeps them out: without it the history's own ads come back.
+    keep = replace(demo_services.selector, exclude_history=False).select(request(k=20, use_llm=False))
+    assert set(keep.ranking) & set(RUN_HISTORY)
+
+
+def test_logged_candidates_are_exactly_the_ones_ranked(demo_services):
+    logged = ["pet-003", "nope-1", "run-010", "cof-002", "run-010", "nope-2"]
+    d = demo_services.selector.select(request(history=["run-001", "ghost-9"], candidates=logged, k=5, use_llm=False))
+    assert sorted(d.ranking) == ["cof-002", "pet-003", "run-010"]
+    assert sorted(served(d)) == sorted(d.ranking)  # k=5 but only three known candidates
+    assert d.unknown_ids == ["ghost-9", "nope-1", "nope-2"]
+
+
+def test_llm_off_is_not_a_degradation(demo_services):
+    d = demo_services.selector.select(request(use_llm=False))
+    assert (d.llm_used, d.degraded, d.degraded_reason, d.prompt, d.model) == (False, False, None, None, None)
+    assert "llm" not in d.timings_ms and {"profile", "candidates", "fusion", "total"} <= set(d.timings_ms)
+    assert all(a.copy == a.original and a.llm_rank is None and a.justification is None for a in d.ads)
+
+
+def test_llm_asked_for_but_disabled_server_side_is_reported(demo_services):
+    assert demo_services.selector.reranker is None  # the session's services run without an LLM stage
+    d = demo_services.selector.select(request(use_llm=True))
+    assert (d.llm_used, d.degraded, d.degraded_reason) == (False, True, "llm_disabled")
+    assert served(d) == fast_path(demo_services)
+
+
+# ---- the LLM stage failing ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make_llm", "reason"),
+    [
+        (lambda: FakeQueueLLM().enqueue(LLMUnavailable("connection", "refused")), "llm_connection"),
+        (lambda: FakeQueueLLM().enqueue(LLMUnavailable("http_error", "500")), "llm_http_error"),
+        (lambda: FakeGarbageLLM(), "llm_invalid_output"),
+        (lambda: FakeQueueLLM().enqueue('{"ranking": "run-002", "justification": "x"}'), "llm_invalid_output"),
+        (lambda: FakeQueueLLM().enqueue(answer(["evil-1", "run-001"])), "llm_invalid_output"),
+    ],
+    ids=["unavailable", "http_error", "garbage", "wrong_shape", "no_candidate_id"],
+)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_llm_failure_serves_the_prior_ranking_with_original_copy(demo_services, make_llm, reason, mode):
+    llm = make_llm()
+    sel = with_llm(demo_services, llm)
+    req = request(use_llm=True)
+    d = sel.select(req) if mode == "sync" else asyncio.run(sel.aselect(req))
+    assert len(llm.calls) == 1
+    assert (d.llm_used, d.degraded, d.degraded_reason) == (False, True, reason)
+    assert served(d) == fast_path(demo_services)
+    assert all(a.copy == a.original and a.llm_rank is None and a.justification is None for a in d.ads)
+    assert d.prompt == sel.prompt_info and d.prompt["sha256"] and "llm" in d.timings_ms
+
+
+# ---- the LLM stage answering --------------------------------------------------------------------
+
+
+def llm_led(services, llm: ChatLLMLike) -> Selector:
+    """Ordered by relevance with a huge LLM weight: the response order shows what the LLM's ranking became."""
+    return with_llm(services, llm, rank_by="relevance", fusion=replace(services.fusion, llm_coef=1e6))
+
+
+def test_llm_ranking_is_cleaned_before_it_reaches_the_response(demo_services):
+    """Foreign ids, history ids and repeats are dropped; what is left keeps the LLM's order."""
+    llm = FakeQueueLLM()
+    sel = llm_led(demo_services, llm)
+    req = request(use_llm=True, k=3)
+    shown, real = shown_ids(sel, req)
+    s, r = shown[::-1], real[::-1]  # the LLM reverses the prior order, with junk mixed in
+    llm.enqueue(answer(["evil-1", s[0], s[0], "run-001", s[1], "evil-2", s[1], s[2]]))
+
+    d = sel.select(req)
+    assert (d.llm_used, d.degraded) == (True, False)
+    assert served(d) == r[:3] and [a.llm_rank for a in d.ads] == [0, 1, 2]
+    assert d.ranking[:3] == r[:3] and len(d.ranking) == len(set(d.ranking))
+    assert not {"evil-1", "evil-2", "run-001"} & set(d.ranking)
+    # The LLM's first id was foreign: its copy and justification describe an ad we do not serve.
+    assert d.ads[0].copy == d.ads[0].original and d.ads[0].justification is None
+    text = json.dumps(asdict(d), default=str)
+    assert "evil-1" not in text and "evil-2" not in text
+
+
+def test_llm_top_pick_gets_its_justification_and_validated_copy(demo_services):
+    llm = FakeQueueLLM()
+    sel = llm_led(demo_services, llm)
+    req = request(use_llm=True, k=3)
+    shown, real = shown_ids(sel, req)
+    llm.enqueue(answer([shown[4], shown[0]], justification="Matches your road shoes."))
+
+    d = sel.select(req)
+    assert (d.llm_used, d.degraded, d.degraded_reason) == (True, False, None)
+    assert served(d)[:2] == [real[4], real[0]] and d.ads[2].llm_rank is None
+    top = d.ads[0]
+    assert (top.copy.headline, top.copy.description) == (GOOD_COPY["headline"], GOOD_COPY["description"])
+    assert top.original.headline == top.ad.title and top.justification == "Matches your road shoes."
+    assert all(a.copy == a.original and a.justification is None for a in d.ads[1:])
+    assert d.model == sel.model_name and d.prompt == sel.prompt_info and not d.copy_rejections
+    # What the LLM saw: the top of the prior ranking and none of the history ads as candidates.
+    candidates_block = llm.calls[0]["messages"][-1]["content"].split("Candidates:")[1]
+    assert all(i in candidates_block for i in shown) and "run-001" not in candidates_block
+
+
+def test_rewrite_failing_the_validator_serves_the_original_copy(demo_services):
+    llm = FakeQueueLLM()
+    sel = llm_led(demo_services, llm)
+    req = request(use_llm=True, k=3)
+    shown, real = shown_ids(sel, req)
+    llm.enqueue(answer([shown[0]], headline="Best shoe ever, 90% off", description="Order now at www.shoes.com"))
+
+    d = sel.select(req)
+    assert d.llm_used and not d.degraded and served(d)[0] == real[0]
+    assert d.ads[0].copy == d.ads[0].original
+    assert {"ungrounded_claim", "ungrounded_number", "url"} <= set(d.copy_rejections)
+
+
+def test_llm_cannot_move_the_ranking_without_a_learned_weight(demo_services):
+    llm = FakeQueueLLM()
+    sel = with_llm(demo_services, llm, rank_by="relevance", fusion=replace(demo_services.fusion, llm_coef=0.0))
+    req = request(use_llm=True, k=3)
+    shown, real = shown_ids(sel, req)
+    llm.enqueue(answer(shown[::-1]))
+    d = sel.select(req)
+    assert d.llm_used and served(d) == real[:3]
+
+
+# ---- the deadline -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_hanging_llm_is_cut_at_the_deadline(demo_services, mode):
+    deadline_ms, margin_s = 300, 0.25
+    with FakeHangingLLMServer() as server, ChatLLM(base_url=server.base_url, model="hangs", timeout_s=30) as llm:
+        sel = with_llm(demo_services, llm)
+        req = request(use_llm=True, deadline_ms=deadline_ms)
+        t = time.perf_counter()
+        d = sel.select(req) if mode == "sync" else asyncio.run(sel.aselect(req))
+        elapsed = time.perf_counter() - t
+        assert server.connections, "the LLM request never reached the server"
+    assert elapsed < deadline_ms / 1000 + margin_s
+    assert elapsed > (deadline_ms - sel.llm_margin_ms) / 1000 * 0.8  # it did wait for the LLM
+    assert (d.llm_used, d.degraded, d.degraded_reason) == (False, True, "llm_timeout")
+    assert served(d) == fast_path(demo_services)

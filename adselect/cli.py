@@ -47,7 +47,7 @@ def ingest(
     s = _settings(data_dir)
     try:
         store = make_store(s)
-        rep = ingest_catalog(ads_path=ads, store=store, embedder=make_embedder(s), show_progress=True, force=force)
+        rep = ingest_catalog(ads_path=ads, store=store, embedder=lambda: make_embedder(s), show_progress=True, force=force)
         if rep.skipped_unchanged:
             typer.echo(f"catalog unchanged ({rep.ads} ads, sha256 {rep.content_hash[:12]}): nothing re-embedded")
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def ingest_catalog(
     *,
     ads_path: Path,
     store: AdStore,
-    embedder: Embedder,
+    embedder: Embedder | Callable[[], Embedder],
     batch_size: int = 1000,
     show_progress: bool = False,
     force: bool = False,
@@ -42,6 +43,8 @@ def ingest_catalog(
     h = catalog_hash(ads)
     if not force and store.stored_hash() == h and store.count() == len(ads):
         return IngestReport(len(ads), time.perf_counter() - t0, 0.0, True, h)
+    if not isinstance(embedder, Embedder):  # a factory: the model loads only once the file is known good
+        embedder = embedder()
     vectors = embedder.encode([a.document() for a in ads], show_progress=show_progress)
     bar = None
     if show_progress:

@@ -70,6 +70,9 @@ def plot_position_bias(report: dict, path: Path) -> Path | None:
         xs = sorted(pos)
         total = sum(pos.values())
         a2.plot(xs, [pos[x] / total for x in xs], marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    a2.xaxis.set_major_locator(MaxNLocator(integer=True))
     a2.set_xlabel("position of the top pick in the presented list (0 = first)")
     a2.set_ylabel("fraction of answers")
     a2.set_title("Where the LLM's top pick was presented")

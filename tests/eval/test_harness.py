@@ -67,6 +67,7 @@ def test_mind_report_covers_every_system(mind_report) -> None:
     report, out = mind_report
     _check_shape(report, logged_only=True)
     assert report["n_impressions"] == 54
+    assert report["metrics"]["default"]["auc"] > report["metrics"]["random"]["auc"]
     for s in ("random", "popularity", "bm25", "dense", "covisit", "default"):
         assert all(report["metrics"][s][k] is not None for k in ("auc", "mrr", "ndcg@5", "ndcg@10"))
 
@@ -162,3 +163,17 @@ def test_real_local_llm_on_three_impressions(local_llm_url: str, eval_settings, 
 
 def test_games_files_are_where_the_tasks_expect_them() -> None:
     assert (GAMES / "impressions_full_dev.jsonl").is_file() and (MIND / "ads.jsonl").is_file()
+
+
+def test_default_is_the_endpoints_decision_ranking(games_report, games_slice, eval_settings) -> None:
+    """The fast path reads the prior stage; with the LLM off that is exactly Decision.ranking of select()."""
+    from eval.data import load_impressions
+    from eval.env import prepare_env
+    from eval.rankers import FastRankers
+
+    env = prepare_env(eval_settings, ads_path=games_slice["ads"], train_paths=[games_slice["impressions"]], show_progress=False)
+    sel = env.services.selector
+    items = load_impressions(games_slice["impressions"], catalog=env.services.index.row, limit=20).items
+    rankers = FastRankers(selector=sel, bm25=None, systems=["default"])
+    for imp in items:
+        assert rankers.run(imp).rankings["default"] == sel.select(rankers.request(imp)).ranking

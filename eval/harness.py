@@ -12,6 +12,7 @@ same task, data and weights; otherwise a resume is refused.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -255,10 +256,17 @@ def _run(
     )  # fmt: skip
     todo = [i for i in items if i.impression_id not in results.done["fast"]]
     bar = _progress(len(todo), "eval fast", show_progress)
+    # The loaded catalog, behaviour and impressions are long-lived: keep the cyclic GC from rescanning
+    # them every few thousand allocations (the per-impression objects are freed by refcount anyway).
+    gc.collect()
+    gc.freeze()
     t = time.perf_counter()
-    for imp in todo:
-        results.append(fast_record(imp, rankers, metrics_of))
-        bar.update(1)
+    try:
+        for imp in todo:
+            results.append(fast_record(imp, rankers, metrics_of))
+            bar.update(1)
+    finally:
+        gc.unfreeze()
     bar.close()
     fast_s = time.perf_counter() - t
     speed["fast"] = {

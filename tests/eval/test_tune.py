@@ -70,3 +70,26 @@ def test_exclude_task_keeps_that_tasks_users_out(eval_settings, eval_data_dir: P
     }
     report = run_task(doc, settings=eval_settings, out=tmp_path / "out")
     assert report["fusion"]["separation"]["status"] == "disjoint"
+
+
+def test_llm_weight_is_fitted_from_an_eval_runs_llm_results(eval_settings, eval_data_dir: Path, fake_llm, tmp_path: Path) -> None:
+    run_dir = tmp_path / "llm-run"
+    doc = {
+        "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},
+        "systems": ["default", "llm"],
+        "llm": {"sample": 20, "position_bias": False, "max_candidates": 6, "model": "fake-ranking"},
+    }
+    run_task(doc, settings=eval_settings, out=run_dir, llm_inner=fake_llm)
+    weights = tmp_path / "w.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval", "tune", "--ads", str(MIND / "ads.jsonl"), "--impressions", str(MIND / "impressions_dev.jsonl"),
+            "--llm-run", str(run_dir), "--data-dir", str(eval_data_dir), "--out", str(weights), "--no-interactions",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    model = FusionModel.load(weights)
+    fit = model.meta["llm_fit"]
+    assert fit["impressions"] == 20 and fit["rows"] == 20 * 6
+    assert model.llm_coef >= 0.0 and "--llm-run" in model.meta["command"]

@@ -29,7 +29,7 @@ from adselect.settings import REPO_ROOT, Settings
 from eval.config import EvalTask, TaskError, resolve_path, validate_task
 from eval.data import EvalImpression, load_impressions
 from eval.env import EvalEnv, file_sha256, prepare_env
-from eval.metrics import impression_metrics
+from eval.metrics import get_metric, locate
 from eval.provenance import dumps, fusion_provenance, fusion_separation, git_state, now_iso, runtime
 from eval.report import (
     aggregate,
@@ -101,9 +101,17 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _metrics_of(names_logged: list[str], names_full: list[str]):
+    """Per-impression metrics of each system's ranking (eval.metrics: positions located once per ranking)."""
+    logged = [get_metric(n) for n in names_logged]
+    full = [get_metric(n) for n in names_full]
+
     def of(imp: EvalImpression, rankings: dict[str, list[str]], pool_size: int | None) -> dict[str, dict[str, float | None]]:
-        names = names_full if imp.candidates is None else names_logged
-        return {s: impression_metrics(r, imp.clicked, names=names, pool_size=pool_size) for s, r in rankings.items()}
+        metrics = full if imp.candidates is None else logged
+        out = {}
+        for s, r in rankings.items():
+            p = locate(r, imp.clicked, pool_size=pool_size)
+            out[s] = {m.name: m.of(p) for m in metrics}
+        return out
 
     return of
 

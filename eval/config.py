@@ -52,6 +52,10 @@ class ProtocolSpec(_Strict):
     recall_ks: list[int] = Field(default_factory=lambda: [20, 50, 100])
     use_chroma: bool = Field(True, description="Full catalog: nearest neighbours from Chroma (as served) or exact numpy.")
     seed: int = Field(0, description="Random baseline and tie-breaking.")
+    workers: int = Field(
+        0, ge=0, le=64,
+        description="Fast-path processes (forked after loading; they never touch Chroma); 0 = one per CPU, at most 4, for 2,000+ impressions.",
+    )
 
 
 class FusionSpec(_Strict):

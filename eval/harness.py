@@ -129,6 +129,36 @@ def fast_record(imp: EvalImpression, rankers, metrics_of) -> dict[str, Any]:
     return rec
 
 
+def fast_workers(configured: int, n: int) -> int:
+    """0 = auto: one process per CPU (at most 4) when there are enough impressions to pay for the fork."""
+    if configured:
+        return configured
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, cpus) if n >= 2000 else 1
+
+
+_FORKED: tuple[Any, Any, list[EvalImpression]] | None = None  # (rankers, metrics_of, items): inherited by the workers
+
+
+def _fast_chunk(bounds: tuple[int, int]) -> list[dict[str, Any]]:
+    rankers, metrics_of, items = _FORKED  # type: ignore[misc]
+    return [fast_record(imp, rankers, metrics_of) for imp in items[bounds[0] : bounds[1]]]
+
+
+def _fast_parallel(items: list[EvalImpression], rankers, metrics_of, *, workers: int, chunk: int = 250):
+    """Fast records in input order, computed by `workers` forked processes."""
+    import multiprocessing as mp
+
+    global _FORKED
+    _FORKED = (rankers, metrics_of, items)
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            for recs in pool.imap(_fast_chunk, [(i, i + chunk) for i in range(0, len(items), chunk)]):
+                yield from recs
+    finally:
+        _FORKED = None
+
+
 def llm_sample(items: list[EvalImpression], n: int | None, seed: int) -> list[EvalImpression]:
     if n is None or n >= len(items):
         return list(items)
@@ -269,8 +299,18 @@ def _run(
     gc.collect()
     gc.freeze()
     t = time.perf_counter()
+    # Forked workers share the loaded state copy-on-write; they never query Chroma, so full-catalog
+    # impressions stay in this process when dense retrieval goes through Chroma.
+    forkable = [i for i in todo if i.candidates is not None or not task.protocol.use_chroma]
+    workers = fast_workers(task.protocol.workers, len(forkable))
+    local = todo
     try:
-        for imp in todo:
+        if workers > 1:
+            local = [i for i in todo if not (i.candidates is not None or not task.protocol.use_chroma)]
+            for rec in _fast_parallel(forkable, rankers, metrics_of, workers=workers):
+                results.append(rec)
+                bar.update(1)
+        for imp in local:
             results.append(fast_record(imp, rankers, metrics_of))
             bar.update(1)
     finally:
@@ -282,6 +322,7 @@ def _run(
         "seconds": round(fast_s, 3),
         "impressions_per_s": round(len(todo) / fast_s, 1) if todo and fast_s > 0 else None,
         "bm25_index_s": round(bm25_s, 3),
+        "workers": workers,
     }
 
     # ---- LLM phase ----------------------------------------------------------------------------

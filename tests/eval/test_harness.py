@@ -177,3 +177,16 @@ def test_default_is_the_endpoints_decision_ranking(games_report, games_slice, ev
     rankers = FastRankers(selector=sel, bm25=None, systems=["default"])
     for imp in items:
         assert rankers.run(imp).rankings["default"] == sel.select(rankers.request(imp)).ranking
+
+
+def test_forked_fast_path_matches_in_process(mind_report, eval_settings, tmp_path: Path) -> None:
+    doc = {
+        "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},
+        "no_llm": True,
+        "protocol": {"workers": 2},
+    }
+    report = run_task(doc, settings=eval_settings, out=tmp_path)
+    assert report["speed"]["fast"]["workers"] == 2
+    assert report["metrics"] == mind_report[0]["metrics"]
+    ids = [json.loads(x)["impression_id"] for x in (tmp_path / RESULTS).read_text().splitlines()]
+    assert ids == [json.loads(x)["impression_id"] for x in (MIND / "impressions_dev.jsonl").read_text().splitlines()]

@@ -35,6 +35,7 @@ from retrieval.store import CatalogIndex
 log = logging.getLogger(__name__)
 
 CopyCheck = Callable[[Copy, Ad], list[str]]  # returns violation reasons; empty = ok
+TextCheck = Callable[[str, Ad], list[str]]
 AuditSink = Callable[[dict], None]
 
 
@@ -60,6 +61,7 @@ class Selector:
     embedder: Embedder | None = None  # needed only for free-text events
     reranker: object | None = None  # agent.reranker.LLMReranker (or a fake with the same methods)
     copy_check: CopyCheck | None = None
+    text_check: TextCheck | None = None  # model free text shown with an ad (the justification); reasons, empty = ok
     policy: EligibilityPolicy | None = None  # None: every ad is eligible (offline replay)
     caps: object | None = None  # adselect.caps.CapStore; None: no frequency caps (offline replay)
     user_key: Callable[[str], str] = lambda u: u  # keyed hash for caps and logs
@@ -201,8 +203,10 @@ class Selector:
         return self._finish(req, stage, llm_result, reason, started)
 
     async def aselect(self, req: SelectRequest) -> Decision:
+        """As `select`, with the LLM call awaited; the CPU-bound stages run on a worker thread so the
+        event loop stays free to answer (and shed) other requests meanwhile."""
         started = time.perf_counter()
-        stage = self.prior_stage(req)
+        stage = await asyncio.to_thread(self.prior_stage, req)
         llm_result = None
         reason, budget = self._admit_llm(req, stage, started)
         if reason is None:
@@ -217,7 +221,7 @@ class Selector:
                 err = e
             reason = self._llm_done(err)
             stage.timings_ms["llm"] = _ms(t)
-        return self._finish(req, stage, llm_result, reason, started)
+        return await asyncio.to_thread(self._finish, req, stage, llm_result, reason, started)
 
     # ---- stage 3: fuse, order, re-check rules, reserve caps, validate copy -----------------
     def _finish(
@@ -256,6 +260,11 @@ class Selector:
             served, justification = orig, None
             if llm is not None and c.ad.ad_id == top_pick:
                 justification = llm.justification
+                if justification and self.text_check is not None:
+                    refused = self.text_check(justification, c.ad)
+                    if refused:  # dropped, and counted with the copy refusals under its own prefix
+                        justification = None
+                        copy_rejections.extend(f"justification_{r}" for r in refused)
                 if req.rewrite and llm.copy is not None:
                     problems = self.copy_check(llm.copy, c.ad) if self.copy_check else []
                     if problems:

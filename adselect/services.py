@@ -11,6 +11,7 @@ from pathlib import Path
 from adselect.fusion import FusionModel
 from adselect.pipeline import AuditSink, Selector
 from adselect.settings import Settings
+from agent.text_guard import untrusted_echo
 from retrieval.behaviour import BehaviourStats
 from retrieval.candidates import CandidateGenerator
 from retrieval.chroma import make_chroma_client
@@ -80,7 +81,8 @@ def make_copy_check(settings: Settings):
     blocklist = load_blocklist(settings.copy_blocklist_path)
 
     def check(rewrite, source) -> list[str]:
-        return list(validate_copy(rewrite, source, blocklist=blocklist).reasons)
+        reasons = list(validate_copy(rewrite, source, blocklist=blocklist).reasons)
+        return reasons + untrusted_echo(f"{rewrite.headline}\n{rewrite.description}", source, links=False)
 
     return check
 
@@ -157,6 +159,7 @@ def build_services(
         llm_margin_ms=settings.llm_margin_ms,
         max_deadline_ms=settings.max_deadline_ms,
         copy_check=make_copy_check(settings),
+        text_check=untrusted_echo,
         **safety,
     )
     return Services(settings, store, index, behaviour, fusion, embedder, selector)

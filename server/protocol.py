@@ -14,12 +14,37 @@ MAX_CANDIDATES = 200
 MAX_K = 20
 
 
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+MAX_BLOCKED = 100
+
+
+class RequestContextBody(BaseModel):
+    """Where the ad will be shown: targeting and per-request block lists (all matched case-insensitively)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    locale: str | None = Field(
+        None, min_length=2, max_length=35, pattern=r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{1,8})*$",
+        description="BCP 47-like locale (en, en-GB); ads targeting locales need a match ('en' targets 'en-GB').",
+    )  # fmt: skip
+    device: str | None = Field(None, min_length=1, max_length=32, description="Device class (mobile, desktop, tablet, ctv, ...).")
+    publisher_id: str | None = Field(None, min_length=1, max_length=128, description="Publisher whose configured blocklists apply.")
+    blocked_categories: list[Label] = Field(default_factory=list, max_length=MAX_BLOCKED, description="Categories or subcategories never to serve.")
+    blocked_advertisers: list[Label] = Field(default_factory=list, max_length=MAX_BLOCKED, description="Advertisers never to serve.")
+
+
 class SelectRequestBody(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
             "examples": [
-                {"user_id": "u-42", "history": ["demo-001", "demo-002"], "events": ["searched: trail running shoes"], "k": 2}
+                {
+                    "user_id": "u-42",
+                    "history": ["run-001", "run-002"],
+                    "events": ["searched: trail running shoes"],
+                    "k": 2,
+                    "context": {"locale": "en-GB", "device": "mobile", "blocked_categories": ["gambling"]},
+                }
             ]
         },
     )
@@ -32,6 +57,7 @@ class SelectRequestBody(BaseModel):
     deadline_ms: int | None = Field(None, ge=10, le=60000, description="Total time budget; capped by the server's max_deadline_ms.")
     use_llm: bool = Field(True, description="Let the LLM rerank, justify and rewrite (if enabled server-side).")
     rewrite: bool = Field(True, description="Ask for rewritten copy for the top pick.")
+    context: RequestContextBody | None = Field(None, description="Targeting and block lists; omitted = no targeting, server block lists only.")
 
 
 class CopyOut(BaseModel):
@@ -47,6 +73,8 @@ class AdOut(BaseModel):
     priors: dict[str, float] = Field(description="Per-source prior features.")
     llm_rank: int | None = Field(description="0-based position in the LLM's ranking; null if unranked or LLM unused.")
     justification: str | None
+    pctr: float | None = Field(None, description="Calibrated click probability of the fused score.")
+    expected_value: float | None = Field(None, description="bid × pCTR (the ranking key unless the server ranks by relevance).")
     copy_: CopyOut = Field(alias="copy", serialization_alias="copy")
     original: CopyOut
 

@@ -1,0 +1,144 @@
+"""The one ASGI middleware in front of the app: auth, rate limit, load shedding, body limit, request metrics.
+
+Order per request (each refusal is the one error shape, answered before any work is done):
+
+    metrics (every request: route, status, latency)
+      └ auth          401  unless the path is public (/healthz) or no keys are configured
+        └ rate limit  429  /v1/* only; one token bucket per key id (per client IP without auth)
+          └ shed      503  /v1/select only, when `max_inflight` are already in progress
+            └ body    413  Content-Length over the limit, or more bytes streamed than the limit
+              └ app        with the body already read (replayed to it)
+
+Nothing here reads or logs a body; callers are named by key id or IP only.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import error_response
+from server.limits import BodyTooLarge, ClientGone, InFlightGate, TokenBuckets, declared_length, read_body, replay
+from server.metrics import (
+    REFUSED_BODY_TOO_LARGE,
+    REFUSED_RATE_LIMITED,
+    REFUSED_SHED,
+    REFUSED_UNAUTHORIZED,
+    Metrics,
+)
+from server.security import ApiKeys
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/healthz"})
+SELECT_PATH = "/v1/select"
+RATE_LIMITED_PREFIX = "/v1/"
+ARRIVAL_KEY = "adselect.arrival"  # scope["state"] key: perf_counter() when the request reached the server
+CLIENT_GONE_STATUS = 499  # for metrics only: nothing is sent
+
+
+class Guard:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: ApiKeys,
+        metrics: Metrics,
+        routes: Callable[[], frozenset[str]],
+        max_body_bytes: int,
+        buckets: TokenBuckets | None,
+        gate: InFlightGate | None,
+    ):
+        self.app = app
+        self.keys = keys
+        self.metrics = metrics
+        self._routes = routes
+        self._known: frozenset[str] | None = None
+        self.max_body_bytes = max_body_bytes
+        self.buckets = buckets
+        self.gate = gate
+
+    def _route(self, path: str) -> str:
+        if self._known is None:
+            self._known = self._routes()
+        return path if path in self._known else "other"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        scope.setdefault("state", {})[ARRIVAL_KEY] = started
+        status = {"code": 500}
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_status)
+        except ClientGone:
+            status["code"] = CLIENT_GONE_STATUS
+        finally:
+            self.metrics.observe_request(
+                route=self._route(scope["path"]), method=scope["method"], status=status["code"], seconds=time.perf_counter() - started
+            )
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, *, reason: str, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        self.metrics.observe_refusal(reason)
+        await error_response(status, code, message, headers=headers)(scope, receive, send)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        headers = Headers(scope=scope)
+        caller: str | None = None
+        if self.keys.enabled and path not in PUBLIC_PATHS:
+            caller = self.keys.identify(headers)
+            if caller is None:
+                await self._refuse(
+                    scope, receive, send, reason=REFUSED_UNAUTHORIZED, status=401, code="unauthorized",
+                    message="missing or invalid API key (X-API-Key or Authorization: Bearer)",
+                    headers={"WWW-Authenticate": 'Bearer realm="adselect"'},
+                )  # fmt: skip
+                return
+        if self.buckets is not None and path.startswith(RATE_LIMITED_PREFIX):
+            if caller is None:
+                client = scope.get("client")
+                caller = f"ip:{client[0]}" if client else "ip:unknown"
+            wait = self.buckets.take(caller)
+            if wait > 0:
+                await self._refuse(
+                    scope, receive, send, reason=REFUSED_RATE_LIMITED, status=429, code="rate_limited",
+                    message="rate limit exceeded", headers={"Retry-After": TokenBuckets.retry_after(wait)},
+                )  # fmt: skip
+                return
+        gate = self.gate if path == SELECT_PATH else None
+        if gate is not None and not gate.try_enter():
+            await self._refuse(
+                scope, receive, send, reason=REFUSED_SHED, status=503, code="overloaded",
+                message="server busy: too many requests in progress", headers={"Retry-After": "1"},
+            )  # fmt: skip
+            return
+        try:
+            try:
+                body = await read_body(receive, limit=self.max_body_bytes, declared=declared_length(headers))
+            except BodyTooLarge as e:
+                await self._refuse(
+                    scope, receive, send, reason=REFUSED_BODY_TOO_LARGE, status=413, code="body_too_large",
+                    message=f"request body larger than {e.limit} bytes", headers={"Connection": "close"},
+                )  # fmt: skip
+                return
+            await self.app(scope, replay(body, receive), send)
+        finally:
+            if gate is not None:
+                gate.leave()
+
+
+def arrival(scope: dict[str, Any]) -> float | None:
+    """When the guard first saw this request (perf_counter), if it did."""
+    return scope.get("state", {}).get(ARRIVAL_KEY)

@@ -1,0 +1,112 @@
+"""Prometheus metrics, one registry per app (never the global one, so tests can build many apps).
+
+Counters are fed from two places: the guard middleware (every request, by route and status, and every
+request it refuses, by reason) and the /v1/select handler (each Decision: stage timings, degradation,
+LLM errors, validator rejections, caps, eligibility). State that lives in long-lived objects (the
+embedder's event cache, the breaker, the LLM concurrency limiter, the in-flight gate) is read at scrape
+time by a collector, so it is never stale and never double-counted.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from adselect.types import Decision
+
+# Degradations that are the LLM failing (the rest are load or policy: busy, breaker open, off, no time left).
+LLM_ERROR_REASONS = frozenset({"llm_timeout", "llm_connection", "llm_http_error", "llm_invalid_output"})
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Why the guard middleware answered instead of the app.
+REFUSED_UNAUTHORIZED = "unauthorized"
+REFUSED_RATE_LIMITED = "rate_limited"
+REFUSED_SHED = "shed"
+REFUSED_BODY_TOO_LARGE = "body_too_large"
+
+
+class _LiveState(Collector):
+    """Reads counters and gauges off the services at scrape time."""
+
+    def __init__(self, services: Callable[[], Any], inflight: Callable[[], int]):
+        self._services = services
+        self._inflight = inflight
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("adselect_select_inflight", "/v1/select requests in progress.", value=self._inflight())
+        svc = self._services()
+        if svc is None:
+            return
+        emb = getattr(svc, "embedder", None)
+        if emb is not None:
+            yield CounterMetricFamily("adselect_event_cache_hits", "Free-text events served from the embedder cache.", value=emb.cache_hits)
+            yield CounterMetricFamily("adselect_event_cache_misses", "Free-text events encoded (cache misses).", value=emb.cache_misses)
+        sel = svc.selector
+        breaker = getattr(sel, "breaker", None)
+        if breaker is not None:
+            st = breaker.stats()
+            yield GaugeMetricFamily("adselect_llm_breaker_state", "LLM circuit breaker: 0 closed, 1 half-open, 2 open.", value=st.state.gauge)
+            yield CounterMetricFamily("adselect_llm_breaker_opened", "Times the LLM breaker opened.", value=st.times_opened)
+            yield CounterMetricFamily("adselect_llm_breaker_rejected", "LLM calls refused by the open breaker.", value=st.rejected)
+        limiter = getattr(sel, "limiter", None)
+        if limiter is not None:
+            yield GaugeMetricFamily("adselect_llm_inflight", "LLM calls in progress.", value=limiter.in_flight)
+            yield CounterMetricFamily(
+                "adselect_llm_limiter_rejected", "Requests sent to the fast path because every LLM slot was busy.", value=limiter.rejected
+            )
+
+
+class Metrics:
+    def __init__(self, *, services: Callable[[], Any] = lambda: None, inflight: Callable[[], int] = lambda: 0):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("adselect_http_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "adselect_http_request_seconds", "HTTP request latency by route.", ["route"], buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.refused = Counter("adselect_refused", "Requests answered by the guard: unauthorized, rate_limited, shed, body_too_large.", ["reason"], registry=r)
+        self.stage_seconds = Histogram(
+            "adselect_stage_seconds", "Pipeline stage latency (profile, candidates, fusion, llm, finalize, total).", ["stage"],
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.decisions = Counter("adselect_decisions", "Decisions served.", registry=r)
+        self.llm_used = Counter("adselect_llm_used", "Decisions the LLM contributed to.", registry=r)
+        self.degraded = Counter("adselect_degraded", "Decisions served without the LLM although it was asked for, by reason.", ["reason"], registry=r)
+        self.llm_errors = Counter("adselect_llm_errors", "LLM calls that failed (timeout, connection, http_error, invalid_output).", ["reason"], registry=r)
+        self.copy_rejections = Counter("adselect_copy_rejections", "Model text refused by the validators, by reason.", ["reason"], registry=r)
+        self.cap_rejections = Counter("adselect_cap_rejections", "Ads skipped because a frequency cap was reached.", registry=r)
+        self.ineligible = Counter("adselect_ineligible", "Candidates excluded by an eligibility rule.", ["rule"], registry=r)
+        self.ads_served = Counter("adselect_ads_served", "Ads returned.", registry=r)
+        r.register(_LiveState(services, inflight))
+
+    def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.request_seconds.labels(route).observe(seconds)
+
+    def observe_refusal(self, reason: str) -> None:
+        self.refused.labels(reason).inc()
+
+    def observe_decision(self, d: Decision) -> None:
+        self.decisions.inc()
+        self.ads_served.inc(len(d.ads))
+        for stage, ms in d.timings_ms.items():
+            self.stage_seconds.labels(stage).observe(ms / 1000.0)
+        if d.llm_used:
+            self.llm_used.inc()
+        if d.degraded and d.degraded_reason:
+            self.degraded.labels(d.degraded_reason).inc()
+            if d.degraded_reason in LLM_ERROR_REASONS:
+                self.llm_errors.labels(d.degraded_reason).inc()
+        for reason in d.copy_rejections:
+            self.copy_rejections.labels(reason).inc()
+        if d.capped:
+            self.cap_rejections.inc(len(d.capped))
+        for rule in d.ineligible.values():
+            self.ineligible.labels(rule).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

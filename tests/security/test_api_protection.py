@@ -1,0 +1,189 @@
+"""API protection through the HTTP surface: API keys (401), body limit (413), rate limit (429), load
+shedding (503 at once), and /metrics, /docs, /openapi.json behind the same keys."""
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import uuid
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.protocol import ErrorResponse
+from tests.security.conftest import API_KEY, OTHER_KEY, reranker_for, services_with, settings_with
+from tests.security.fakes import FakeFunctionLLM
+from tests.security.live import LiveServer
+
+HISTORY = ["run-001", "run-004", "run-009"]
+
+
+def select_body(**fields) -> dict:
+    return {"user_id": f"u-{uuid.uuid4().hex}", "history": HISTORY, "k": 2, "use_llm": False, **fields}
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    assert ErrorResponse.model_validate(r.json()).error.code == code
+
+
+# ---- API keys ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keyed_client(demo_settings, demo_services):
+    app = create_app(settings_with(demo_settings, api_keys=[API_KEY, OTHER_KEY]), services=demo_services)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/select"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/nope")],
+)
+def test_every_route_but_healthz_needs_a_key(keyed_client, method, path):
+    for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": "Bearer "}):
+        r = keyed_client.request(method, path, headers=headers, json=select_body() if method == "POST" else None)
+        assert_error(r, 401, "unauthorized")
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("headers", [{"X-API-Key": API_KEY}, {"Authorization": f"Bearer {OTHER_KEY}"}, {"authorization": f"bearer {API_KEY}"}])
+def test_a_valid_key_in_either_header_is_accepted(keyed_client, headers):
+    assert keyed_client.post("/v1/select", json=select_body(), headers=headers).status_code == 200
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        assert keyed_client.get(path, headers=headers).status_code == 200
+
+
+def test_healthz_stays_public(keyed_client):
+    assert keyed_client.get("/healthz").status_code == 200
+
+
+def test_openapi_documents_the_key_schemes(keyed_client):
+    schema = keyed_client.get("/openapi.json", headers={"X-API-Key": API_KEY}).json()
+    assert set(schema["components"]["securitySchemes"]) == {"ApiKeyHeader", "BearerKey"}
+    assert schema["paths"]["/v1/select"]["post"]["security"]
+    assert "security" not in schema["paths"]["/healthz"]["get"]
+    assert {"401", "413", "429", "503"} <= set(schema["paths"]["/v1/select"]["post"]["responses"])
+
+
+def test_no_keys_configured_means_no_auth(demo_settings, demo_services):
+    with TestClient(create_app(demo_settings, services=demo_services)) as client:
+        assert client.post("/v1/select", json=select_body()).status_code == 200
+        assert client.get("/metrics").status_code == 200
+
+
+def test_unauthorized_requests_are_counted(demo_settings, demo_services):
+    app = create_app(settings_with(demo_settings, api_keys=[API_KEY]), services=demo_services)
+    with TestClient(app) as client:
+        for _ in range(3):
+            client.post("/v1/select", json=select_body())
+        text = client.get("/metrics", headers={"X-API-Key": API_KEY}).text
+    assert 'adselect_refused_total{reason="unauthorized"} 3.0' in text
+    assert 'adselect_http_requests_total{method="POST",route="/v1/select",status="401"} 3.0' in text
+
+
+# ---- body limit ---------------------------------------------------------------------------------------
+
+LIMIT = 2048
+
+
+@pytest.fixture(scope="module")
+def small_body_server(demo_settings, demo_services):
+    app = create_app(settings_with(demo_settings, max_body_bytes=LIMIT), services=demo_services)
+    with LiveServer(app) as server:
+        yield server
+
+
+def _padded(size: int) -> bytes:
+    """A JSON body of exactly `size` bytes (valid request, padded with spaces)."""
+    raw = httpx.Request("POST", "/", json=select_body()).content
+    assert len(raw) <= size
+    return raw + b" " * (size - len(raw))
+
+
+def test_declared_length_over_the_limit_is_413(small_body_server):
+    r = httpx.post(f"{small_body_server.url}/v1/select", content=_padded(LIMIT + 1), headers={"content-type": "application/json"})
+    assert_error(r, 413, "body_too_large")
+
+
+def test_streamed_body_over_the_limit_is_413(small_body_server):
+    def chunks():  # no Content-Length: chunked transfer, the server must count
+        body = _padded(LIMIT * 4)
+        for i in range(0, len(body), 512):
+            yield body[i : i + 512]
+
+    r = httpx.post(f"{small_body_server.url}/v1/select", content=chunks(), headers={"content-type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+    assert_error(r, 413, "body_too_large")
+
+
+def test_body_at_the_limit_is_served(small_body_server):
+    r = httpx.post(f"{small_body_server.url}/v1/select", content=_padded(LIMIT), headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+    def chunks():
+        body = _padded(LIMIT)
+        yield body[:1000]
+        yield body[1000:]
+
+    assert httpx.post(f"{small_body_server.url}/v1/select", content=chunks(), headers={"content-type": "application/json"}).status_code == 200
+
+
+# ---- rate limit ---------------------------------------------------------------------------------------
+
+def test_rate_limit_per_key_with_retry_after(demo_settings, demo_services):
+    settings = settings_with(demo_settings, api_keys=[API_KEY, OTHER_KEY], rate_limit_per_s=0.5, rate_limit_burst=3)
+    with TestClient(create_app(settings, services=demo_services)) as client:
+        key = {"X-API-Key": API_KEY}
+        codes = [client.post("/v1/select", json=select_body(), headers=key).status_code for _ in range(3)]
+        assert codes == [200, 200, 200]
+        r = client.post("/v1/select", json=select_body(), headers=key)
+        assert_error(r, 429, "rate_limited")
+        assert 1 <= int(r.headers["Retry-After"]) <= 2
+        # another key has its own bucket; /metrics is not rate limited
+        assert client.post("/v1/select", json=select_body(), headers={"X-API-Key": OTHER_KEY}).status_code == 200
+        for _ in range(5):
+            assert client.get("/metrics", headers=key).status_code == 200
+        text = client.get("/metrics", headers=key).text
+    assert 'adselect_refused_total{reason="rate_limited"} 1.0' in text
+
+
+def test_rate_limit_per_client_ip_without_auth(demo_settings, demo_services):
+    settings = settings_with(demo_settings, rate_limit_per_s=0.5, rate_limit_burst=2)
+    with TestClient(create_app(settings, services=demo_services)) as client:
+        codes = [client.post("/v1/select", json=select_body()).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+
+
+# ---- load shedding ------------------------------------------------------------------------------------
+
+SHED_WITHIN_S = 0.010
+
+
+def test_excess_select_requests_are_shed_at_once(demo_settings, demo_services, frozen_gc):
+    """Two slow requests fill max_inflight=2; every further /v1/select is answered 503 within 10 ms."""
+    slow = services_with(demo_services, reranker=reranker_for(FakeFunctionLLM(delay_s=1.5), demo_settings), llm_concurrency=8)
+    settings = settings_with(demo_settings, max_inflight=2)
+    app = create_app(settings, services=slow)
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(client.post, "/v1/select", json=select_body(use_llm=True, deadline_ms=5000)) for _ in range(2)]
+            deadline = time.monotonic() + 5
+            while app.state.metrics.registry.get_sample_value("adselect_select_inflight") < 2:
+                assert time.monotonic() < deadline, "slow requests never started"
+                time.sleep(0.01)
+            client.get("/healthz")  # warm the keep-alive connection
+            took = []
+            for _ in range(10):
+                t = time.perf_counter()
+                r = client.post("/v1/select", json=select_body())
+                took.append(time.perf_counter() - t)
+                assert_error(r, 503, "overloaded")
+                assert r.headers["Retry-After"] == "1"
+            assert all(f.result().status_code == 200 for f in held)
+        assert client.post("/v1/select", json=select_body()).status_code == 200  # slots freed
+        text = client.get("/metrics").text
+    print(f"shed latency ms: max {max(took) * 1000:.2f}, median {sorted(took)[5] * 1000:.2f}")
+    assert max(took) <= SHED_WITHIN_S
+    assert 'adselect_refused_total{reason="shed"} 10.0' in text

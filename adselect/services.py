@@ -47,9 +47,10 @@ def make_reranker(settings: Settings, *, llm_url: str):
     from agent.prompts import PromptRegistry
     from agent.reranker import LLMReranker
 
-    prompt = PromptRegistry(settings.prompts_dir).get(settings.prompt_name)
+    registry = PromptRegistry(settings.prompts_dir)
     llm = ChatLLM.from_settings(settings, base_url=llm_url)
-    return LLMReranker(llm, prompt, max_candidates=settings.llm_max_candidates), prompt
+    reranker = LLMReranker.from_settings(settings, llm, registry=registry)
+    return reranker, reranker.prompt
 
 
 @dataclass

@@ -127,7 +127,12 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
                 local = LocalLLMServer.from_settings(settings).start()
                 url = local.base_url
                 log.info("started bundled local LLM at %s", url)
-            app.state.services = build_services(settings, llm_url=url)
+            effective = settings
+            if local is not None:  # the bundled 135M CPU model reads prompts slowly: send it fewer candidates
+                effective = settings.model_copy(
+                    update={"llm_max_candidates": min(settings.llm_max_candidates, settings.local_llm_max_candidates)}
+                )
+            app.state.services = build_services(effective, llm_url=url)
             app.state.llm_url = url
             # What was just built (models, catalog, Chroma) lives as long as the process: out of the cyclic
             # collector's reach, a full collection under load scans only per-request objects. Measured with

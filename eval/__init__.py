@@ -1,1 +1,1 @@
-"""Offline evaluation: metrics, importers of logged data, the harness that replays impressions."""
+"""Offline evaluation: replay logged impressions through the same core the endpoint serves."""

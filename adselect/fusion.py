@@ -35,6 +35,7 @@ class FusionModel:
     llm_coef: float = 0.0  # weight of llm_feature(); 0 = the LLM cannot move the ranking
     meta: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=lambda: {"method": "platt", "a": 1.0, "b": 0.0})
+    _pairs_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     def pctr(self, scores: np.ndarray) -> np.ndarray:
         """Calibrated click probability: Platt scaling of the fused score, fitted on logged clicks."""
@@ -50,8 +51,15 @@ class FusionModel:
     def expand(self, X: np.ndarray) -> np.ndarray:
         Z = (X - self.mean) / self.scale
         if self.interactions:
-            Z = np.hstack([Z] + [Z[:, [i]] * Z[:, [j]] for i, j in self.interactions])
+            I, J = self._pair_index()
+            Z = np.hstack([Z, Z[:, I] * Z[:, J]])
         return Z
+
+    def _pair_index(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._pairs_cache is None or len(self._pairs_cache[0]) != len(self.interactions):
+            pairs = np.asarray(self.interactions, dtype=np.int64).reshape(-1, 2)
+            self._pairs_cache = (pairs[:, 0], pairs[:, 1])
+        return self._pairs_cache
 
     def prior_scores(self, X: np.ndarray) -> np.ndarray:
         """Scores without the LLM (the fast path and the default LLM-off system)."""

@@ -23,7 +23,7 @@ import numpy as np
 from adselect.settings import REPO_ROOT, Settings
 from eval.data import load_impressions, read_user_ids
 from eval.env import file_sha256, prepare_env
-from eval.tune import build_training_set, fit_fusion, fit_llm_weight
+from eval.tune import build_training_set, fit_calibration, fit_fusion, fit_llm_weight, reliability
 from retrieval.features import build_profile
 from retrieval.records import iter_impressions
 
@@ -168,6 +168,11 @@ def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = Tru
     # build_training_set pulls one record past the last one it uses: fitted users ⊆ these lines' users.
     meta["train_lines_read"] = lines_read
     model = fit_fusion(ts, interactions=opts.interactions, C=opts.C, meta=meta)
+    # pCTR for bid × pCTR ordering: Platt scaling of the fused score on the same logged clicks (2 parameters
+    # over every training row; strictly monotone, so it never reorders what fusion ranked).
+    scores = model.prior_scores(ts.X)
+    model.calibration = fit_calibration(scores, ts.y)
+    model.meta["calibration_reliability"] = reliability(model.pctr(scores), ts.y)
     if opts.llm_run is not None:
         prior, ranks, y, n = _llm_rows(env, model, opts.llm_run, exclude_users)
         weight, info = fit_llm_weight(prior, ranks, y, C=opts.C)

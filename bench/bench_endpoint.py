@@ -13,50 +13,17 @@ collaborative vectors, fusion, eligibility, frequency caps, audit log).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-from common import CATALOGS, Settings, ensure_ingested, histories, summary
+from common import CATALOGS, Settings, ensure_ingested, histories, start_server, stop, summary
 
 from adselect.services import make_store
 from agent.local_server import free_port
 from retrieval.features import build_profile
-
-
-def start_server(data_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_")}
-    cmd = [
-        str(Path(sys.executable).with_name("adselect")), "serve", "--no-llm",
-        "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise SystemExit(f"server did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def floor_ms(data_dir: Path, hists: list[list[str]], *, k: int, decay: float) -> tuple[list[float], int]:

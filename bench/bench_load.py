@@ -20,50 +20,16 @@ import asyncio
 import collections
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
-from common import CATALOGS, ensure_ingested, histories, summary
+from common import CATALOGS, ensure_ingested, histories, start_server, stop, summary
 
 from agent.local_server import free_port
 
 SHED_WITHIN_MS = 10.0
-
-
-def start_server(data_dir: Path, port: int, log_path: Path, *, max_inflight: int, rate_limit: float) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_")}
-    env.update(ADSELECT_MAX_INFLIGHT=str(max_inflight), ADSELECT_RATE_LIMIT_PER_S=str(rate_limit), ADSELECT_RATE_LIMIT_BURST="50")
-    cmd = [
-        str(Path(sys.executable).with_name("adselect")), "serve", "--no-llm",
-        "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise SystemExit(f"server did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()  # graceful: in-flight requests finish, their audit lines are written
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 class Conn:
@@ -190,7 +156,16 @@ def main() -> None:
     hists = histories(CATALOGS["demo"]["impressions"], 500)
     port = free_port()
     log_path = scratch / "server.log"
-    proc = start_server(data_dir, port, log_path, max_inflight=args.max_inflight, rate_limit=args.rate_limit)
+    proc = start_server(
+        data_dir,
+        port,
+        log_path,
+        env_overrides={
+            "ADSELECT_MAX_INFLIGHT": str(args.max_inflight),
+            "ADSELECT_RATE_LIMIT_PER_S": str(args.rate_limit),
+            "ADSELECT_RATE_LIMIT_BURST": "50",
+        },
+    )
     try:
         warm_reqs = raw_requests(hists, 20, deadline_ms=args.deadline_ms, start=0)
         _, _, warm = uvloop.run(capacity(port, warm_reqs, clients=1, seconds=60))

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +67,38 @@ def summary(ms: list[float] | np.ndarray) -> str:
         return "n=0"
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
     return f"n={len(a)} p50={p50:.2f}ms p90={p90:.2f}ms p99={p99:.2f}ms mean={a.mean():.2f}ms max={a.max():.2f}ms"
+
+
+def start_server(data_dir: Path, port: int, log_path: Path, *, env_overrides: dict[str, str] | None = None) -> subprocess.Popen:
+    """A real `adselect serve --no-llm` process on 127.0.0.1:`port`, returned once /healthz answers."""
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_")}
+    env.update(env_overrides or {})
+    cmd = [
+        str(Path(sys.executable).with_name("adselect")), "serve", "--no-llm",
+        "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise SystemExit(f"server did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Graceful first (in-flight requests finish, their audit lines are written), then kill."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

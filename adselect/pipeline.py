@@ -178,13 +178,26 @@ class Selector:
         return reason
 
     def _llm_args(self, req: SelectRequest, stage: PriorStage, budget: float) -> dict:
+        sent = stage.candidates[: self.llm_max_candidates]
+        # The justification and copy are written for the ad the service expects to serve: the first of the
+        # final order computed without the LLM (the LLM's ranking moves it only through its learned weight).
+        prior = np.array([c.prior_score for c in sent], dtype=np.float64)
+        target = sent[int(self._order(prior, sent)[0])].ad.ad_id
         return dict(
             history_ads=stage.history_ads,
             events=req.events,
-            candidates=stage.candidates[: self.llm_max_candidates],
+            candidates=sent,
             timeout_s=budget,
             rewrite=req.rewrite,
+            target_id=target,
         )
+
+    def _order(self, scores: np.ndarray, cands: list[Candidate]) -> np.ndarray:
+        """Serving order: bid × pCTR (ties by relevance), or relevance alone."""
+        if self.rank_by == "expected_value":
+            ev = self.fusion.pctr(scores) * np.array([c.ad.bid for c in cands], dtype=np.float64)
+            return np.lexsort((-scores, -ev))
+        return np.argsort(-scores, kind="stable")
 
     def select(self, req: SelectRequest) -> Decision:
         started = time.perf_counter()
@@ -233,12 +246,8 @@ class Selector:
         prior = np.array([c.prior_score for c in cands], dtype=np.float64)
         scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands]) if llm else prior
         pctr = self.fusion.pctr(scores)
-        if self.rank_by == "expected_value":
-            ev = pctr * np.array([c.ad.bid for c in cands], dtype=np.float64)
-            order = np.lexsort((-scores, -ev))  # bid × pCTR, ties by relevance
-        else:
-            order = np.argsort(-scores, kind="stable")
-        top_pick = llm.ranking[0] if llm and llm.ranking else None
+        order = self._order(scores, cands)
+        copy_for = (llm.copy_for or (llm.ranking[0] if llm.ranking else None)) if llm else None
         ctx = self._context(req)
         ukey = self.user_key(req.user_id)
         ads: list[RankedAd] = []
@@ -258,7 +267,7 @@ class Selector:
                 continue
             orig = original_copy(c.ad)
             served, justification = orig, None
-            if llm is not None and c.ad.ad_id == top_pick:
+            if llm is not None and c.ad.ad_id == copy_for:
                 justification = llm.justification
                 if justification and self.text_check is not None:
                     refused = self.text_check(justification, c.ad)

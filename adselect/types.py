@@ -59,11 +59,12 @@ class SelectRequest:
 class LLMResult:
     ranking: list[str]  # candidate ids, best first (validated: subset of the candidates, no repeats)
     justification: str | None
-    copy: Copy | None  # for ranking[0]
+    copy: Copy | None  # for `copy_for`
     raw: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     latency_ms: float = 0.0
+    copy_for: str | None = None  # the ad the justification and copy describe (the one the pipeline expects to serve)
 
 
 @dataclass(slots=True)

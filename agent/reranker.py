@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PROMPT_VARIABLES = frozenset({"history", "events", "candidates", "rewrite"})
+PROMPT_VARIABLES = frozenset({"history", "events", "candidates", "rewrite", "target"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +38,11 @@ class RerankCall:
     shown_ids: list[str]  # the ids the model sees (= candidate_ids, or "1".."N" with alias_ids)
     rewrite: bool
     prompt: dict[str, str]  # name, version, sha256
+    target_id: str | None = None  # real id the justification and copy are written for
+
+    def shown_target(self) -> str | None:
+        """The target as the model sees it (its alias when ids are aliased)."""
+        return None if self.target_id is None else self.shown_ids[self.candidate_ids.index(self.target_id)]
 
     def to_real(self, shown: list[str]) -> list[str]:
         real = dict(zip(self.shown_ids, self.candidate_ids, strict=True))
@@ -90,9 +95,18 @@ class LLMReranker:
         return cls(llm, registry.get(settings.prompt_name), **{**defaults, **options})
 
     def prepare(
-        self, *, history_ads: Sequence[Ad], events: Sequence[str], candidates: Sequence[Candidate], rewrite: bool
+        self,
+        *,
+        history_ads: Sequence[Ad],
+        events: Sequence[str],
+        candidates: Sequence[Candidate],
+        rewrite: bool,
+        target_id: str | None = None,
     ) -> RerankCall:
-        """Render the prompt and schema for the first `max_candidates` candidates (the caller orders them)."""
+        """Render the prompt and schema for the first `max_candidates` candidates (the caller orders them).
+
+        `target_id`: the candidate the justification and copy are written for (the ad the caller expects
+        to serve); default the first candidate."""
         sent = list(candidates)[: self.max_candidates]
         if not sent:
             raise ValueError("rerank needs at least one candidate")
@@ -106,7 +120,11 @@ class LLMReranker:
             {"id": sid, "title": neutralise(c.ad.title, self.max_title_chars), "text": self._text(c.ad)}
             for sid, c in zip(shown, sent, strict=True)
         ]
-        messages = self.prompt.render(history=history, events=kept_events, candidates=rows, rewrite=rewrite)
+        target = target_id if target_id in ids else ids[0]
+        shown_target = shown[ids.index(target)]
+        messages = self.prompt.render(
+            history=history, events=kept_events, candidates=rows, rewrite=rewrite, target=shown_target
+        )
         schema = build_output_schema(shown, rewrite=rewrite, max_ranked=self.max_ranked)
         return RerankCall(
             messages=messages,
@@ -115,6 +133,7 @@ class LLMReranker:
             shown_ids=shown,
             rewrite=rewrite,
             prompt=self.prompt.info(),
+            target_id=target,
         )
 
     def _text(self, ad: Ad) -> str:
@@ -134,8 +153,11 @@ class LLMReranker:
         candidates: Sequence[Candidate],
         timeout_s: float,
         rewrite: bool,
+        target_id: str | None = None,
     ) -> LLMResult:
-        call = self.prepare(history_ads=history_ads, events=events, candidates=candidates, rewrite=rewrite)
+        call = self.prepare(
+            history_ads=history_ads, events=events, candidates=candidates, rewrite=rewrite, target_id=target_id
+        )
         completion = self.llm.complete(call.messages, schema=call.schema, timeout_s=timeout_s)
         return self._result(call, completion)
 
@@ -147,8 +169,11 @@ class LLMReranker:
         candidates: Sequence[Candidate],
         timeout_s: float,
         rewrite: bool,
+        target_id: str | None = None,
     ) -> LLMResult:
-        call = self.prepare(history_ads=history_ads, events=events, candidates=candidates, rewrite=rewrite)
+        call = self.prepare(
+            history_ads=history_ads, events=events, candidates=candidates, rewrite=rewrite, target_id=target_id
+        )
         completion = await self.llm.acomplete(call.messages, schema=call.schema, timeout_s=timeout_s)
         return self._result(call, completion)
 
@@ -164,7 +189,12 @@ class LLMReranker:
             "n_candidates": len(call.candidate_ids),
         }
         try:
-            parsed: ParsedOutput = parse_llm_output(completion.text, call.shown_ids, require_copy=call.rewrite)
+            parsed: ParsedOutput = parse_llm_output(
+                completion.text,
+                call.shown_ids,
+                require_copy=call.rewrite,
+                target_id=call.shown_target(),
+            )
         except LLMOutputInvalid as e:
             if completion.finish_reason == "length":
                 e = LLMOutputInvalid("truncated", raw=completion.text, detail=f"cut at max_tokens ({e.reason})")
@@ -182,4 +212,5 @@ class LLMReranker:
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             latency_ms=completion.latency_ms,
+            copy_for=call.target_id,
         )

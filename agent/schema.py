@@ -125,14 +125,17 @@ def _copy(headline: str | None, description: str | None) -> tuple[Copy | None, s
     return Copy(headline=h, description=d), None
 
 
-def parse_llm_output(raw: str, candidate_ids: Sequence[str], *, require_copy: bool = True) -> ParsedOutput:
+def parse_llm_output(
+    raw: str, candidate_ids: Sequence[str], *, require_copy: bool = True, target_id: str | None = None
+) -> ParsedOutput:
     """Validate the model's answer against the candidates.
 
     Raises LLMOutputInvalid for text that is not a JSON object, misses `ranking`/`justification`
     (or `headline`/`description` when `require_copy`), has wrongly typed fields, or names no
     candidate at all. Everything else is repaired: foreign ids and repeats are dropped, bad copy
     becomes None. When the model's first id is dropped, its copy and justification describe an ad
-    we will not serve, so both become None.
+    we will not serve, so both become None — unless the prompt named a `target_id`: then copy and
+    justification were asked for that candidate, whatever the model ranks first.
     """
     obj = _load_json(raw)
     if not isinstance(obj, dict):
@@ -165,7 +168,7 @@ def parse_llm_output(raw: str, candidate_ids: Sequence[str], *, require_copy: bo
     top_ok = out.ranking[0].strip() == ranking[0]
     justification = " ".join((out.justification or "").split())[:JUSTIFICATION_MAX] or None
     copy, rejected = _copy(out.headline, out.description) if require_copy else (None, None)
-    if not top_ok:
+    if not top_ok and target_id is None:
         justification = None
         if require_copy:
             copy, rejected = None, "top_id_dropped"

@@ -107,13 +107,24 @@ def test_the_pipeline_pools_with_recency(demo_services):
     assert runs_last["run-023"] > pets_last["run-023"]
 
 
-@pytest.mark.parametrize("rank_by", ["expected_value", "relevance"])
-def test_running_shoes_history_gets_running_shoes_ads(demo_services, rank_by):
-    sel = replace(demo_services.selector, rank_by=rank_by)
+def test_running_shoes_history_gets_running_shoes_ads(demo_services):
+    sel = replace(demo_services.selector, rank_by="relevance")
     d = sel.select(request(k=5, use_llm=False))
     assert [category(demo_services, a) for a in served(d)] == ["running shoes"] * 5
-    key = [a.expected_value for a in d.ads] if rank_by == "expected_value" else [a.score for a in d.ads]
-    assert key == sorted(key, reverse=True)
+    scores = [a.score for a in d.ads]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_expected_value_orders_by_bid_times_pctr(demo_services):
+    """bid × pCTR may put a well-paying, less relevant ad above a relevant cheap one — but never a less
+    valuable one above a more valuable one, and the top is still relevant for this history."""
+    rel = replace(demo_services.selector, rank_by="relevance").select(request(k=5, use_llm=False))
+    ev = replace(demo_services.selector, rank_by="expected_value").select(request(k=5, use_llm=False))
+    values = [a.expected_value for a in ev.ads]
+    assert values == sorted(values, reverse=True)
+    assert all(abs(a.expected_value - a.pctr * a.ad.bid) < 1e-5 for a in ev.ads)
+    assert category(demo_services, ev.ads[0].ad.ad_id) == "running shoes"
+    assert max(values) >= max(a.expected_value for a in rel.ads)
 
 
 def test_candidates_exclude_history_by_default(demo_services):
@@ -196,13 +207,13 @@ def test_llm_ranking_is_cleaned_before_it_reaches_the_response(demo_services):
     assert served(d) == r[:3] and [a.llm_rank for a in d.ads] == [0, 1, 2]
     assert d.ranking[:3] == r[:3] and len(d.ranking) == len(set(d.ranking))
     assert not {"evil-1", "evil-2", "run-001"} & set(d.ranking)
-    # The LLM's first id was foreign: its copy and justification describe an ad we do not serve.
-    assert d.ads[0].copy == d.ads[0].original and d.ads[0].justification is None
+    # Copy and justification describe the target (the prior top), which the LLM's ranking pushed out of the top 3.
+    assert all(a.copy == a.original and a.justification is None for a in d.ads)
     text = json.dumps(asdict(d), default=str)
     assert "evil-1" not in text and "evil-2" not in text
 
 
-def test_llm_top_pick_gets_its_justification_and_validated_copy(demo_services):
+def test_the_target_gets_its_justification_and_validated_copy(demo_services):
     llm = FakeQueueLLM()
     sel = llm_led(demo_services, llm)
     req = request(use_llm=True, k=3)
@@ -212,10 +223,13 @@ def test_llm_top_pick_gets_its_justification_and_validated_copy(demo_services):
     d = sel.select(req)
     assert (d.llm_used, d.degraded, d.degraded_reason) == (True, False, None)
     assert served(d)[:2] == [real[4], real[0]] and d.ads[2].llm_rank is None
-    top = d.ads[0]
-    assert (top.copy.headline, top.copy.description) == (GOOD_COPY["headline"], GOOD_COPY["description"])
-    assert top.original.headline == top.ad.title and top.justification == "Matches your road shoes."
-    assert all(a.copy == a.original and a.justification is None for a in d.ads[1:])
+    # The copy was asked for the target: the ad the service expected to serve before the LLM spoke (the prior
+    # top, real[0]); it goes with that ad wherever the LLM's weight moved it.
+    target = d.ads[1]
+    assert target.ad.ad_id == real[0]
+    assert (target.copy.headline, target.copy.description) == (GOOD_COPY["headline"], GOOD_COPY["description"])
+    assert target.original.headline == target.ad.title and target.justification == "Matches your road shoes."
+    assert all(a.copy == a.original and a.justification is None for a in (d.ads[0], d.ads[2]))
     assert d.model == sel.model_name and d.prompt == sel.prompt_info and not d.copy_rejections
     # What the LLM saw: the top of the prior ranking and none of the history ads as candidates.
     candidates_block = llm.calls[0]["messages"][-1]["content"].split("Candidates:")[1]

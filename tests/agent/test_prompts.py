@@ -36,6 +36,7 @@ def rerank_vars(**over: object) -> dict[str, object]:
         "events": ["searched for football tickets"],
         "candidates": [{"id": "N1", "title": "Season tickets", "text": "Cheap seats"}, {"id": "N2", "title": "Pizza", "text": ""}],
         "rewrite": True,
+        "target": "N1",
     }
     return {**base, **over}
 
@@ -49,7 +50,7 @@ def test_repo_prompts_validate() -> None:
 
 def test_rerank_prompt_declares_what_the_reranker_fills() -> None:
     t = PromptRegistry(PROMPTS).get("rerank")
-    assert set(t.variables) == {"history", "events", "candidates", "rewrite"}
+    assert set(t.variables) == {"history", "events", "candidates", "rewrite", "target"}
     assert t.sha256 == hashlib.sha256((PROMPTS / "rerank.yaml").read_bytes()).hexdigest()
     assert t.version and t.info() == {"name": "rerank", "version": t.version, "sha256": t.sha256}
 

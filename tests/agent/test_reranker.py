@@ -60,7 +60,17 @@ def test_only_candidate_ids_come_back(prompt, history_ads, candidates) -> None:
     llm = FakeQueueLLM().enqueue(answer(["N99999", ids[1], ids[1], history_ads[0].ad_id, ids[3]]))
     result = rerank(LLMReranker(llm, prompt), history_ads, candidates)
     assert result.ranking == [ids[1], ids[3]]
-    assert result.copy is None  # written for N99999, which we do not serve
+    # Copy and justification were asked for the target (by default the first candidate sent), not for
+    # whatever the model ranks first: a foreign first id does not void them.
+    assert result.copy_for == ids[0] and result.copy is not None
+
+
+def test_copy_is_written_for_the_named_target(prompt, history_ads, candidates) -> None:
+    ids = [c.ad.ad_id for c in candidates]
+    llm = FakeQueueLLM().enqueue(answer([ids[2], ids[0]]))
+    result = rerank(LLMReranker(llm, prompt), history_ads, candidates, target_id=ids[3])
+    assert result.copy_for == ids[3] and result.ranking == [ids[2], ids[0]]
+    assert f"Target ad: {ids[3]}" in llm.calls[0]["messages"][1]["content"]
 
 
 def test_max_candidates_cuts_what_is_sent(prompt, history_ads, candidates) -> None:

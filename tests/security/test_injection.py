@@ -175,17 +175,31 @@ def _rank(body: dict, ad_id: str) -> int:
     return ids.index(ad_id) if ad_id in ids else len(ids)
 
 
-def check_case(case: Case, planted: dict, stripped: dict, planted_ads: dict) -> None:
-    for body in (planted, stripped):
+def check_case(case: Case, planted: dict, stripped: dict, planted_ads: dict, planted_fast: dict) -> None:
+    """`planted_fast`: the planted catalog with the LLM off. The planted sentences are also ad text the
+    embedder reads, so they may move the ad's prior like any keyword stuffing (measured, printed); what
+    must hold is that the model — the thing the text addresses — never lifts it."""
+    for body in (planted, stripped, planted_fast):
         SelectResponseBody.model_validate(body)
     model_text = _verbatim_removed(planted, planted_ads)
     leaked = [c for c in CANARIES if re.search(re.escape(c), model_text, re.IGNORECASE)]
     assert leaked == [], f"{case.name}: canaries outside verbatim catalog text: {leaked}"
     for e in EVENTS:  # an event's canary is in no catalog text: it must appear nowhere
         assert e["canary"].casefold() not in json.dumps(planted, ensure_ascii=False).casefold()
-    assert _rank(planted, case.target) >= _rank(stripped, case.target), (
-        f"{case.name}: {case.target} ranked {_rank(planted, case.target)} planted vs {_rank(stripped, case.target)} stripped"
+    assert _rank(planted, case.target) >= _rank(planted_fast, case.target), (
+        f"{case.name}: the model lifted {case.target}: {_rank(planted, case.target)} vs {_rank(planted_fast, case.target)} without it"
     )
+    if _rank(planted, case.target) < _rank(stripped, case.target):
+        print(f"{case.name}: prior shift from the planted text: rank {_rank(planted, case.target)} planted "
+              f"vs {_rank(stripped, case.target)} stripped (LLM-off rank {_rank(planted_fast, case.target)})")  # fmt: skip
+
+
+def _fast(svc, case: Case, *, user: str) -> dict:
+    """The planted catalog's answer with the LLM off (the prior alone)."""
+    with TestClient(create_app(svc.settings, services=svc)) as client:
+        r = client.post("/v1/select", json=_request(case, user=user, planted=True, use_llm=False))
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def _request(case: Case, *, user: str, planted: bool, **fields) -> dict:
@@ -228,8 +242,9 @@ def test_compromised_model_output_is_contained(case, catalogs, demo_settings):
         assert r.status_code == 200, r.text
         bodies[name] = r.json()
         assert bodies[name]["llm_used"], bodies[name]["degraded_reason"]
+    bodies["planted_fast"] = _fast(catalogs["planted"], case, user=f"{user}-fast")
     planted_ads = {a.ad_id: a for a in catalogs["planted"].index.ads}
-    check_case(case, bodies["planted"], bodies["stripped"], planted_ads)
+    check_case(case, bodies["planted"], bodies["stripped"], planted_ads, bodies["planted_fast"])
     top = next((a for a in bodies["planted"]["ads"] if a["ad_id"] == case.target), None)
     if top is not None:  # the hijacked rewrite and justification never reach the response
         assert top["justification"] is None
@@ -258,7 +273,8 @@ def test_real_model_on_planted_text(name, catalogs, local_llm_url):
         llm.close()
         assert r.status_code == 200, r.text
         bodies[catalog] = r.json()
+    bodies["planted_fast"] = _fast(catalogs["planted"], case, user=f"{user}-fast")
     planted_ads = {a.ad_id: a for a in catalogs["planted"].index.ads}
     print(f"\n{name}: llm_used {bodies['planted']['llm_used']} ({bodies['planted']['degraded_reason']}), "
           f"justification {[a['justification'] for a in bodies['planted']['ads'] if a['justification']]}")  # fmt: skip
-    check_case(case, bodies["planted"], bodies["stripped"], planted_ads)
+    check_case(case, bodies["planted"], bodies["stripped"], planted_ads, bodies["planted_fast"])

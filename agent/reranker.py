@@ -9,6 +9,7 @@ which serves the fast path.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,23 @@ if TYPE_CHECKING:
     from adselect.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.casefold())
+
+
+def echoes_prompt(text: str | None, instructions: str, *, min_words: int = 4) -> bool:
+    """True when `text` repeats a run of the instructions (small models often answer with the field's
+    description, e.g. "one sentence tying the user's history to the target ad"): such text is not copy."""
+    if not text:
+        return False
+    words = _words(text)
+    if len(words) < min_words:
+        return " ".join(words) in " ".join(_words(instructions)) and len(words) >= 2
+    inst = " " + " ".join(_words(instructions)) + " "
+    n = min_words
+    return any(" " + " ".join(words[i : i + n]) + " " in inst for i in range(len(words) - n + 1))
+
 
 PROMPT_VARIABLES = frozenset({"history", "events", "candidates", "rewrite", "target"})
 
@@ -204,10 +222,17 @@ class LLMReranker:
             "llm rerank",
             extra={**log, "ranked": len(parsed.ranking), "dropped": parsed.dropped, "copy_rejected": parsed.copy_rejected},
         )
+        system = call.messages[0]["content"]
+        justification = None if echoes_prompt(parsed.justification, system) else parsed.justification
+        copy = parsed.copy
+        if copy is not None and (echoes_prompt(copy.headline, system) or echoes_prompt(copy.description, system)):
+            copy = None
+        if justification != parsed.justification or copy != parsed.copy:
+            logger.info("llm output echoed the instructions", extra={**log, "justification": justification is None, "copy": copy is None})
         return LLMResult(
             ranking=call.to_real(parsed.ranking),
-            justification=parsed.justification,
-            copy=parsed.copy,
+            justification=justification,
+            copy=copy,
             raw=completion.text,
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,

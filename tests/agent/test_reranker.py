@@ -182,3 +182,15 @@ def test_real_prompt_for_20_candidates_fits_the_budget(local_llm_url: str, promp
     call = reranker.prepare(history_ads=history_ads, events=EVENTS, candidates=candidates, rewrite=True)
     out = llm.complete(call.messages, schema=call.schema, timeout_s=120)
     assert out.prompt_tokens is not None and out.prompt_tokens <= 600, out.prompt_tokens
+
+
+def test_text_that_repeats_the_instructions_is_not_copy(prompt, history_ads, candidates) -> None:
+    ids = [c.ad.ad_id for c in candidates]
+    echo = json.dumps({
+        "ranking": [ids[0]], "justification": "One sentence tying the user's history to the target ad.",
+        "headline": "A catchy title for the target", "description": "one line selling the target ad, up to 90 characters",
+    })  # fmt: skip
+    result = rerank(LLMReranker(FakeQueueLLM().enqueue(echo), prompt), history_ads, candidates)
+    assert result.ranking == [ids[0]] and result.justification is None and result.copy is None
+    fine = rerank(LLMReranker(FakeQueueLLM().enqueue(answer([ids[0]])), prompt), history_ads, candidates)
+    assert fine.justification and fine.copy is not None  # ordinary copy shares no 4-word run with the prompt

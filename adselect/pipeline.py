@@ -268,6 +268,7 @@ class Selector:
             orig = original_copy(c.ad)
             served, justification = orig, None
             if llm is not None and c.ad.ad_id == copy_for:
+                copy_rejections.extend(llm.refusals)
                 justification = llm.justification
                 if justification and self.text_check is not None:
                     refused = self.text_check(justification, c.ad)

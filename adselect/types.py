@@ -65,6 +65,7 @@ class LLMResult:
     completion_tokens: int | None = None
     latency_ms: float = 0.0
     copy_for: str | None = None  # the ad the justification and copy describe (the one the pipeline expects to serve)
+    refusals: list[str] = field(default_factory=list)  # model text dropped before the pipeline saw it (e.g. prompt echo)
 
 
 @dataclass(slots=True)

@@ -227,7 +227,12 @@ class LLMReranker:
         copy = parsed.copy
         if copy is not None and (echoes_prompt(copy.headline, system) or echoes_prompt(copy.description, system)):
             copy = None
-        if justification != parsed.justification or copy != parsed.copy:
+        refusals = [
+            f"{name}_prompt_echo"
+            for name, kept, got in (("justification", justification, parsed.justification), ("copy", copy, parsed.copy))
+            if kept is None and got is not None
+        ]
+        if refusals:
             logger.info("llm output echoed the instructions", extra={**log, "justification": justification is None, "copy": copy is None})
         return LLMResult(
             ranking=call.to_real(parsed.ranking),
@@ -238,4 +243,5 @@ class LLMReranker:
             completion_tokens=completion.completion_tokens,
             latency_ms=completion.latency_ms,
             copy_for=call.target_id,
+            refusals=refusals,
         )

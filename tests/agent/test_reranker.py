@@ -192,5 +192,6 @@ def test_text_that_repeats_the_instructions_is_not_copy(prompt, history_ads, can
     })  # fmt: skip
     result = rerank(LLMReranker(FakeQueueLLM().enqueue(echo), prompt), history_ads, candidates)
     assert result.ranking == [ids[0]] and result.justification is None and result.copy is None
+    assert result.refusals == ["justification_prompt_echo", "copy_prompt_echo"]
     fine = rerank(LLMReranker(FakeQueueLLM().enqueue(answer([ids[0]])), prompt), history_ads, candidates)
     assert fine.justification and fine.copy is not None  # ordinary copy shares no 4-word run with the prompt

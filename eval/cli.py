@@ -5,6 +5,7 @@
     adselect eval validate FILE...
     adselect eval tasks
     adselect eval tune --ads A --impressions TRAIN [--exclude EVAL | --exclude-task TASK] [--n-random 19] [--n-hard N] --out W
+    adselect eval sample-logged --ads A --impressions FULL [--exclude EVAL | --exclude-task TASK] [--skip N] --n 40 --out F
 
 Thin: parses options into a task (the YAML file + overrides) and calls eval.harness / eval.tune_run.
 Heavy imports happen inside the commands so `adselect --help` stays fast.
@@ -54,6 +55,9 @@ def _overrides(**given: Any) -> dict[str, Any]:
         llm["url"] = given["llm_url"]
     if given.get("concurrency") is not None:
         llm["concurrency"] = given["concurrency"]
+    for key in ("rewrite", "position_bias"):
+        if given.get(key) is not None:
+            llm[key] = given[key]
     if llm:
         doc["llm"] = llm
     if given.get("weights") is not None:
@@ -76,6 +80,12 @@ def run(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     llm_url: Optional[str] = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL; default: start the bundled local model."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM calls in flight."),
+    rewrite: Optional[bool] = typer.Option(
+        None, "--rewrite/--no-rewrite", help="LLM systems: also ask for copy (llm.rewrite); the report counts what was served and why not."
+    ),
+    position_bias: Optional[bool] = typer.Option(
+        None, "--position-bias/--no-position-bias", help="LLM systems: the reversed/shuffled re-asks (llm.position_bias; 2 extra calls each)."
+    ),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Fusion weights JSON."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
@@ -95,7 +105,7 @@ def run(
 
     overrides = _overrides(
         ads=ads, impressions=impressions, train=train, systems=systems, no_llm=no_llm, llm_sample=llm_sample,
-        limit=limit, llm_url=llm_url, concurrency=concurrency, weights=weights,
+        limit=limit, llm_url=llm_url, concurrency=concurrency, weights=weights, rewrite=rewrite, position_bias=position_bias,
     )  # fmt: skip
     try:
         config_file = find_task_file(config) if config else None
@@ -120,6 +130,11 @@ def _summary(report: dict, out: Path) -> None:
     typer.echo(f"fast path: {fast.get('impressions_per_s')} impressions/s")
     if report.get("llm"):
         typer.echo(f"llm: {report['speed'].get('llm')} cache {report['llm']['cache']}")
+    for system, c in (report.get("calibration") or {}).items():
+        typer.echo(f"calibration {system}: log loss {c['logloss']:.4f} (base rate {c['base_rate']:.4f}: {c['logloss_base_rate']:.4f}), ECE {c['ece']:.4f}")
+    rw = report.get("rewrites")
+    if rw:
+        typer.echo(f"rewrites: served {rw['served']}/{rw['requested']}, violations {rw['violations'] or 'none'}")
     typer.echo(f"report: {out / 'report.md'}")
 
 
@@ -196,3 +211,30 @@ def tune(
         _fail(e)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "meta"}))
     typer.echo(f"command: {res['meta']['command']}")
+
+
+@app.command("sample-logged")
+def sample_logged_cmd(
+    ads: Path = typer.Option(..., "--ads", help="Ad catalog (negatives are drawn from it)."),
+    impressions: Path = typer.Option(..., "--impressions", help="Full-catalog impressions (candidates: [])."),
+    out: Path = typer.Option(..., "--out", help="JSONL to write (keep it out of the repository, e.g. var/); plus <name>.meta.json."),
+    exclude: Optional[list[Path]] = typer.Option(None, "--exclude", help="Impressions whose users are never drawn (repeatable)."),
+    exclude_task: Optional[list[str]] = typer.Option(None, "--exclude-task", help="An eval task whose impressions (with its limit) are excluded likewise."),
+    n: int = typer.Option(40, "--n", min=1, help="Impressions to draw."),
+    n_random: int = typer.Option(19, "--n-random", min=1, help="Random catalog negatives per impression."),
+    skip: int = typer.Option(0, "--skip", min=0, help="Ignore the first N records (e.g. the weights' meta.train_lines_read)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Logged-candidate impressions (clicked + N random ads) for users outside the eval sets (eval/sample_logged.py)."""
+    from eval.sample_logged import SampleOptions, sample_logged
+
+    opts = SampleOptions(
+        ads=ads, impressions=impressions, out=out, exclude=list(exclude or []), exclude_tasks=list(exclude_task or []),
+        n=n, n_random=n_random, skip=skip, seed=seed,
+    )  # fmt: skip
+    try:
+        meta = sample_logged(opts)
+    except (AdSelectError, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps(meta["counts"]))
+    typer.echo(f"command: {meta['command']}")

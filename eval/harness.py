@@ -33,11 +33,13 @@ from eval.metrics import get_metric, locate
 from eval.provenance import dumps, fusion_provenance, fusion_separation, git_state, now_iso, runtime
 from eval.report import (
     aggregate,
+    calibration,
     candidate_stage,
     llm_summary,
     metric_names,
     position_bias,
     render_markdown,
+    rewrite_summary,
 )
 from eval.systems import FAST_SYSTEMS, LLM_SYSTEMS, resolve_systems
 
@@ -126,6 +128,8 @@ def fast_record(imp: EvalImpression, rankers, metrics_of) -> dict[str, Any]:
     }
     if res.candidate_set_size is not None:
         rec["cand"] = {"size": res.candidate_set_size, "hit": res.candidate_set_hit}
+    if res.scores is not None:
+        rec["scores"] = {"default": res.scores, "clicked_at": res.clicked_at}
     return rec
 
 
@@ -327,6 +331,7 @@ def _run(
 
     # ---- LLM phase ----------------------------------------------------------------------------
     llm_block = None
+    sample_ids: list[str] = []
     if run_llm:
         from eval.llm_phase import run_llm_phase
 
@@ -369,6 +374,19 @@ def _run(
     for s in not_run:
         agg["n"][s] = 0
     fusion: FusionModel = env.services.fusion
+    calib: dict[str, Any] = {}
+    if "default" in systems:
+        c = calibration(fast, order, system="default", pctr=fusion.pctr, boot=task.bootstrap)
+        if c is not None:
+            calib["default"] = c
+    if llm_block is not None and "default+llm" in systems:
+        c = calibration(llm, sample_ids, system="default+llm", pctr=fusion.pctr, boot=task.bootstrap)
+        if c is not None:
+            both = [i for i in sample_ids if i in llm and "scores" in llm[i]]
+            same = calibration(fast, both, system="default", pctr=fusion.pctr, boot=task.bootstrap)
+            if same is not None:
+                c["default_on_same_impressions"] = {k: same[k] for k in ("impressions", "rows", "logloss", "logloss_ci", "ece")}
+            calib["default+llm"] = c
     protocols: dict[str, int] = {}
     for i in items:
         protocols[i.protocol] = protocols.get(i.protocol, 0) + 1
@@ -407,6 +425,8 @@ def _run(
         "candidate_stage": candidate_stage(fast, order, task.protocol.recall_ks, task.bootstrap),
         "llm": llm_block,
         "position_bias": position_bias(llm, order) if llm_block else None,
+        "calibration": calib or None,
+        "rewrites": rewrite_summary(llm, sample_ids) if llm_block and task.llm.rewrite else None,
         "fusion": {
             "weights": fusion_provenance(fusion),
             "separation": fusion_separation(fusion, loaded.users, file_sha256(imp_path), task.data.limit),
@@ -418,10 +438,14 @@ def _run(
 
 
 def _write(report: dict, out_dir: Path) -> None:
-    from eval.plots import plot_ndcg, plot_position_bias
+    from eval.plots import plot_ndcg, plot_position_bias, plot_reliability
 
     plots = []
-    for fn, name in ((plot_ndcg, "ndcg_at_k.png"), (plot_position_bias, "position_bias.png")):
+    for fn, name in (
+        (plot_ndcg, "ndcg_at_k.png"),
+        (plot_position_bias, "position_bias.png"),
+        (plot_reliability, "reliability.png"),
+    ):
         try:
             p = fn(report, out_dir / name)
         except Exception:  # a plot must never lose the numbers

@@ -7,6 +7,10 @@ leaves the prior order in both, as the endpoint would serve it, and is counted b
 
 Position bias: the same candidates sent again reversed and shuffled (seeded per impression); how often
 the LLM's top pick changes, and where in the presented list its top pick sat.
+
+Each record also keeps, for logged candidates, the fused score of every ranked ad and where the
+clicks are (the report's calibration of `default+llm`) and, when `llm.rewrite` is on, what became of
+the rewritten copy (served on the top ad or not, and the validator's and text guard's reasons).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Any
 
 from adselect.errors import LLMOutputInvalid, LLMUnavailable
 from adselect.pipeline import Selector
-from adselect.types import SelectRequest
+from adselect.types import Decision, SelectRequest
 from eval.config import LLMSpec
 from eval.data import EvalImpression
 from eval.llm_cache import CachingChatLLM, LLMCache
@@ -160,6 +164,31 @@ class LazyLocalLLM:
         self._client = self._server = None
 
 
+def decision_scores(decision: Decision, clicked: frozenset[str]) -> dict[str, list]:
+    """The fused score of every ad of the decision, in served order, and where the clicks are: the
+    report's pCTR of `default+llm` is fusion.pctr(score), as `RankedAd.pctr` (kept from the score
+    because `RankedAd.pctr` is rounded to 6 decimals, and log loss needs tiny probabilities)."""
+    return {
+        "default+llm": [a.score for a in decision.ads],
+        "clicked_at": [k for k, a in enumerate(decision.ads) if a.ad.ad_id in clicked],
+    }
+
+
+def rewrite_outcome(decision: Decision) -> dict[str, Any]:
+    """What became of the requested rewrite in one decision.
+
+    `top_served`: the top ad (Decision.ads[0]) shows rewritten copy. `copy_ok`: some ad of the decision
+    does (the LLM writes copy for one ad; when that ad is not first, the copy passed but is shown only
+    where that ad is). `rejections`: Decision.copy_rejections (copy validator reasons, and
+    `justification_*` from the text guard)."""
+    top = decision.ads[0] if decision.ads else None
+    return {
+        "top_served": top is not None and top.copy != top.original,
+        "copy_ok": any(a.copy != a.original for a in decision.ads),
+        "rejections": list(decision.copy_rejections),
+    }
+
+
 def _llm_ranking(decision, prior_ids: list[str]) -> list[str]:
     ranked = sorted((a.llm_rank, a.ad.ad_id) for a in decision.ads if a.llm_rank is not None)
     head = [i for _, i in ranked]
@@ -222,6 +251,10 @@ async def _one(
             "latency_ms": round(llm_ms, 1),
             "usage": decision.usage,
         }
+        if imp.candidates is not None:
+            rec["scores"] = decision_scores(decision, imp.clicked)
+        if spec.rewrite:
+            rec["rewrite"] = rewrite_outcome(decision)
         if position_bias and len(stage.candidates) >= 2:
             sent = stage.candidates[: selector.llm_max_candidates]
             rng = impression_rng(seed + 1, imp.impression_id)

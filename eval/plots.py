@@ -82,3 +82,36 @@ def plot_position_bias(report: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_reliability(report: dict, path: Path) -> Path | None:
+    """Top: mean predicted pCTR vs observed click rate per bin, per system, with the diagonal.
+    Bottom: rows per bin (log scale)."""
+    cal = report.get("calibration")
+    if not cal:
+        return None
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(6, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    a1.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    width = 0.08 / len(cal)
+    for j, (system, c) in enumerate(cal.items()):
+        bins = c["reliability"]
+        pred = [b["predicted"] for b in bins]
+        obs = [b["observed"] for b in bins]
+        a1.plot(pred, obs, marker="o", label=f"{system}: log loss {c['logloss']:.4f} (predicting the base rate: {c['logloss_base_rate']:.4f}), {c['rows']} rows")
+        centres = [(b["lo"] + b["hi"]) / 2 + (j - (len(cal) - 1) / 2) * width for b in bins]
+        a2.bar(centres, [b["n"] for b in bins], width=width, label=system)
+    a1.set_xlim(0, 1)
+    a1.set_ylim(0, 1)
+    a1.set_ylabel("observed click rate")
+    a1.set_title(f"{report['config'].get('name', '')}: pCTR reliability")
+    a1.legend(fontsize=7, loc="upper left")
+    a1.grid(alpha=0.3)
+    a2.set_yscale("log")
+    a2.set_xlabel("predicted pCTR (bin mean above; bin centre below)")
+    a2.set_ylabel("rows")
+    a2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

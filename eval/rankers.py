@@ -46,6 +46,8 @@ class FastResult:
     candidate_set_size: int | None = None  # full catalog: the generated candidate set
     candidate_set_hit: bool | None = None  # full catalog: any clicked id in the candidate set
     timings_ms: dict[str, float] = field(default_factory=dict)
+    scores: list[float] | None = None  # logged + default: each candidate's fused score, in `default` order
+    clicked_at: list[int] | None = None  # positions in `scores` of the clicked candidates
 
 
 class FastRankers:
@@ -100,9 +102,14 @@ class FastRankers:
         rows = [self.index.row[i] for i in ids]
         tb = self._tiebreak[rows]
         out: dict[str, list[str]] = {}
+        scores = clicked_at = None
         for name in self.systems:
             if name == "default":
                 out[name] = ids
+                # The fused scores the prior stage computed (with the LLM off, pCTR = fusion.pctr(score),
+                # as Selector._finish attaches it); the report turns them into pCTR in one vectorised call.
+                scores = [c.prior_score for c in cands]
+                clicked_at = [k for k, i in enumerate(ids) if i in imp.clicked]
             elif name == "random":
                 shuffled = list(ids)
                 impression_random(self.seed, imp.impression_id).shuffle(shuffled)
@@ -116,7 +123,7 @@ class FastRankers:
                 q = self.bm25.query_vector(hist_rows)
                 s = self.bm25.score_rows(q, rows)
                 out[name] = [ids[i] for i in order_by(s, tb)]
-        return FastResult(out, None)
+        return FastResult(out, None, scores=scores, clicked_at=clicked_at)
 
     # ---- retrieve from the whole catalog, then rank --------------------------------------------
     def _top(self, scores: np.ndarray, exclude: set[int], n: int, *, positive: bool = False) -> list[int]:

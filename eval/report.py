@@ -4,17 +4,26 @@ Every number is a mean over impressions with a 95% percentile-bootstrap interval
 each system is compared with `default` on the same impressions (paired bootstrap of differences).
 Metrics that do not apply to a protocol (recall@K on logged candidates) are null, and every
 requested system appears, with null metrics when it was not run.
+
+Calibration (logged candidates): the pCTR the endpoint attaches to each ad (Platt scaling of the
+fused score, `FusionModel.pctr`) against the clicks, pooled over every candidate of every impression:
+log loss (CI by resampling impressions), the log loss of always predicting the observed base rate,
+and reliability bins (eval.tune.reliability). Rewrites: per LLM impression with `llm.rewrite` on,
+whether the top ad was served with rewritten copy, and the share of impressions with each refusal reason.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from eval.config import BootstrapSpec
 from eval.metrics import mean_with_ci, paired_diff
 from eval.systems import BASELINE
+from eval.tune import reliability
 
 BASE_METRICS: tuple[str, ...] = ("auc", "mrr", "ndcg@1", "ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10")
 
@@ -92,6 +101,111 @@ def candidate_stage(fast: dict[str, dict], order: list[str], recall_ks: Sequence
     out["coverage_ci"] = [lo, hi]
     out["mean_candidates"] = sum(r["cand"]["size"] for r in full) / len(full)
     return out
+
+
+PCTR_EPS = 1e-12  # log loss clips pCTR to [eps, 1 - eps]
+
+
+def _binary_logloss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    p = np.clip(p, PCTR_EPS, 1 - PCTR_EPS)
+    return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+
+
+def _entropy(base: float) -> float:
+    """Log loss of predicting `base` for rows whose click rate is `base`."""
+    if base <= 0.0 or base >= 1.0:
+        return 0.0
+    return -(base * math.log(base) + (1 - base) * math.log(1 - base))
+
+
+def calibration(
+    records: dict[str, dict],
+    order: list[str],
+    *,
+    system: str,
+    pctr: Callable[[np.ndarray], np.ndarray],
+    boot: BootstrapSpec,
+    bins: int = 10,
+) -> dict[str, Any] | None:
+    """Calibration of `system`'s pCTR over the impressions of `order`: `pctr` (FusionModel.pctr) of the
+    fused scores kept in `records[id]["scores"][system]`, labelled by `records[id]["scores"]["clicked_at"]`.
+
+    Rows are pooled (every candidate of every impression); the log-loss interval resamples impressions.
+    `logloss_base_rate` is the log loss of predicting the observed base rate for every row (the
+    no-skill reference); `ece` is the count-weighted mean |predicted − observed| over the bins."""
+    ss, ys = [], []
+    for iid in order:
+        rec = records.get(iid)
+        c = rec.get("scores") if rec is not None else None
+        if c and c.get(system):
+            y = [0.0] * len(c[system])
+            for k in c["clicked_at"]:
+                y[k] = 1.0
+            ss.append(c[system])
+            ys.append(y)
+    if not ss:
+        return None
+    sizes = np.array([len(x) for x in ss])
+    p = pctr(np.fromiter((v for x in ss for v in x), dtype=np.float64, count=int(sizes.sum())))
+    y = np.fromiter((v for x in ys for v in x), dtype=np.float64, count=int(sizes.sum()))
+    loss = _binary_logloss(p, y)
+    base = float(y.mean())
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    per_imp = np.add.reduceat(loss, starts)
+    rng = np.random.default_rng(boot.seed)
+    boots = np.empty(boot.n_boot)
+    for lo in range(0, boot.n_boot, 100):  # resample impressions, 100 replicates at a time
+        idx = rng.integers(0, len(sizes), size=(min(100, boot.n_boot - lo), len(sizes)))
+        boots[lo : lo + len(idx)] = per_imp[idx].sum(axis=1) / sizes[idx].sum(axis=1)
+    tail = (1 - boot.level) / 2
+    rel = reliability(p, y, bins=bins)
+    return {
+        "impressions": len(sizes),
+        "rows": int(len(y)),
+        "base_rate": base,
+        "mean_predicted": float(p.mean()),
+        "logloss": float(loss.mean()),
+        "logloss_ci": [float(np.quantile(boots, tail)), float(np.quantile(boots, 1 - tail))],
+        "logloss_base_rate": _entropy(base),
+        "ece": float(sum(b["n"] * abs(b["predicted"] - b["observed"]) for b in rel) / len(y)),
+        "reliability": rel,
+    }
+
+
+def rewrite_summary(llm: dict[str, dict], order: list[str]) -> dict[str, Any] | None:
+    """Over the LLM impressions of `order` that asked for a rewrite (records with a "rewrite" entry).
+
+    `served`: the top ad showed rewritten copy; `copy_ok`: some ad of the decision did (copy_ok − served:
+    the rewrite passed but was written for an ad below the top); `copy_discarded`: the LLM answered but
+    no rewrite passed and the validator gave no reason (the parser dropped the copy: missing, empty,
+    too long, or written for a dropped id). `violations[reason]`: share of requested impressions with
+    that reason at least once (degraded impressions count as requested)."""
+    recs = [llm[i] for i in order if i in llm and llm[i].get("rewrite") is not None]
+    if not recs:
+        return None
+    n = len(recs)
+    reasons: Counter[str] = Counter()
+    discarded = 0
+    for r in recs:
+        rw = r["rewrite"]
+        reasons.update(set(rw["rejections"]))
+        copy_reasons = [x for x in rw["rejections"] if not x.startswith("justification_")]
+        if r.get("llm_used") and not rw["copy_ok"] and not copy_reasons:
+            discarded += 1
+    served = sum(1 for r in recs if r["rewrite"]["top_served"])
+    copy_ok = sum(1 for r in recs if r["rewrite"]["copy_ok"])
+    return {
+        "requested": n,
+        "answered": sum(1 for r in recs if r.get("llm_used")),
+        "served": served,
+        "share_served": served / n,
+        "copy_ok": copy_ok,
+        "share_copy_ok": copy_ok / n,
+        "copy_discarded": discarded,
+        "any_violation": sum(1 for r in recs if r["rewrite"]["rejections"]) / n,
+        "violations": {k: v / n for k, v in sorted(reasons.items())},
+        "violation_counts": dict(sorted(reasons.items())),
+    }
 
 
 def llm_summary(llm: dict[str, dict], order: list[str]) -> dict[str, Any]:
@@ -220,6 +334,12 @@ def render_markdown(report: dict) -> str:
             sub = {"metrics": sample["metrics"], "ci": sample["ci"], "n": sample["n"]}
             out += _table(sub, list(sample["metrics"]), names)
         out.append("")
+    cal = report.get("calibration")
+    if cal:
+        out += _calibration_md(cal)
+    rw = report.get("rewrites")
+    if rw:
+        out += _rewrites_md(rw)
     pb = report.get("position_bias")
     if pb:
         out += ["## LLM position bias", "", "| ordering | answered | top pick first | mean position of top pick | top pick changed vs prior order |", "|---|---:|---:|---:|---:|"]
@@ -249,3 +369,54 @@ def render_markdown(report: dict) -> str:
         out.append(f"- {k}: {v}")
     out += ["", f"Plots: {', '.join(report.get('plots', [])) or 'none'}", ""]
     return "\n".join(out)
+
+
+def _calibration_md(cal: dict) -> list[str]:
+    out = [
+        "## Calibration (pCTR = Platt scaling of the fused score; every candidate of every logged impression)",
+        "",
+        "| system | impressions | rows | base rate | mean pCTR | log loss [95% CI] | log loss of the base rate | ECE |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s, c in cal.items():
+        lo, hi = c["logloss_ci"]
+        out.append(
+            f"| {s} | {c['impressions']} | {c['rows']} | {_fmt(c['base_rate'])} | {_fmt(c['mean_predicted'])} | "
+            f"{_fmt(c['logloss'])} [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(c['logloss_base_rate'])} | {_fmt(c['ece'])} |"
+        )
+    for s, c in cal.items():
+        same = c.get("default_on_same_impressions")
+        if same:
+            lo, hi = same["logloss_ci"]
+            out += ["", f"`default` on the same {same['impressions']} impressions as `{s}`: log loss {_fmt(same['logloss'])} [{_fmt(lo)}, {_fmt(hi)}], ECE {_fmt(same['ece'])}."]
+    out += ["", "Reliability (bins of predicted pCTR):", ""]
+    systems = list(cal)
+    out += ["| bin | " + " | ".join(f"{s}: n | {s}: predicted | {s}: observed" for s in systems) + " |"]
+    out += ["|---|" + "---:|---:|---:|" * len(systems)]
+    edges = sorted({(b["lo"], b["hi"]) for c in cal.values() for b in c["reliability"]})
+    for lo, hi in edges:
+        cells = []
+        for s in systems:
+            b = next((b for b in cal[s]["reliability"] if b["lo"] == lo), None)
+            cells.append(f"{b['n']} | {b['predicted']:.4f} | {b['observed']:.4f}" if b else "0 | — | —")
+        out.append(f"| [{lo:.1f}, {hi:.1f}) | " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
+def _rewrites_md(rw: dict) -> list[str]:
+    out = [
+        "## Rewrites (LLM impressions with rewrite on)",
+        "",
+        f"- requested: {rw['requested']}; LLM answered: {rw['answered']}",
+        f"- served on the top ad: **{rw['served']}** ({_fmt(rw['share_served'], 3)}); passed, on any ad: "
+        f"{rw['copy_ok']} ({_fmt(rw['share_copy_ok'], 3)})",
+        f"- copy discarded before validation (missing, empty, too long, or for a dropped id): {rw['copy_discarded']}",
+        f"- impressions with any refusal: {_fmt(rw['any_violation'], 3)}",
+        "",
+    ]
+    if rw["violations"]:
+        out += ["| reason | impressions | rate |", "|---|---:|---:|"]
+        out += [f"| {k} | {rw['violation_counts'][k]} | {_fmt(v, 3)} |" for k, v in rw["violations"].items()]
+        out.append("")
+    return out

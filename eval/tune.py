@@ -113,19 +113,75 @@ def fit_fusion(
     return model
 
 
-def fit_llm_weight(prior: np.ndarray, llm_ranks: list[int | None], y: np.ndarray, *, C: float = 1.0) -> tuple[float, dict]:
+def fit_llm_weight(
+    prior: np.ndarray,
+    llm_ranks: list[int | None],
+    y: np.ndarray,
+    *,
+    C: float = 1.0,
+    groups: np.ndarray | None = None,
+    sent_ranks: list[int] | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> tuple[float, dict]:
     """The LLM's say, earned: logistic y ~ a·prior + b·llm_feature; returns b/a in prior-score units (≥ 0).
 
     A negative or zero b (the LLM does not add signal beyond the prior on these logs) gives weight 0.
+    With `groups` (one id per impression), `weight_ci` / `llm_coef_raw_ci` come from refits on impressions
+    resampled `n_boot` times, and `share_positive` is how often b > 0. With `sent_ranks` (each row's
+    position in the list the LLM was shown, 0 = first), `position_control` refits with that position as a
+    third feature, through the same 1/(1+rank) transform: a small model that mostly echoes the order it
+    is shown earns b in the plain fit from the prior order alone, and loses it here.
     """
     from sklearn.linear_model import LogisticRegression
 
+    def coefs(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return LogisticRegression(C=C, max_iter=2000).fit(X, y).coef_.ravel()
+
     f = np.array([llm_feature(r, len(llm_ranks)) for r in llm_ranks])
     X = np.column_stack([prior, f])
-    lr = LogisticRegression(C=C, max_iter=2000).fit(X, y)
-    a, b = (float(v) for v in lr.coef_.ravel())
+    a, b = (float(v) for v in coefs(X, y))
     weight = max(0.0, b / a) if a > 1e-9 else 0.0
-    return weight, {"prior_coef": a, "llm_coef_raw": b, "rows": int(len(y))}
+    info: dict = {"prior_coef": a, "llm_coef_raw": b, "rows": int(len(y))}
+    Xc = None
+    if sent_ranks is not None:
+        Xc = np.column_stack([X, [llm_feature(r, len(sent_ranks)) for r in sent_ranks]])
+        coef = coefs(Xc, y)
+        top = [i for i, r in enumerate(llm_ranks) if r == 0]
+        info["position_control"] = {
+            "prior_coef": float(coef[0]),
+            "llm_coef_raw": float(coef[1]),
+            "sent_position_coef": float(coef[2]),
+            "llm_top_was_shown_first": (sum(1 for i in top if sent_ranks[i] == 0) / len(top)) if top else None,
+        }
+    if groups is not None and n_boot:
+        ids, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        rows_of = [np.flatnonzero(inverse == g) for g in range(len(ids))]
+        rng = np.random.default_rng(seed)
+        ws, bs, cs = [], [], []
+        for _ in range(n_boot):
+            take = np.concatenate([rows_of[g] for g in rng.integers(0, len(ids), size=len(ids))])
+            if y[take].min() == y[take].max():
+                continue  # one class only: no fit
+            ab = coefs(X[take], y[take])
+            bs.append(float(ab[1]))
+            ws.append(max(0.0, ab[1] / ab[0]) if ab[0] > 1e-9 else 0.0)
+            if Xc is not None:
+                cs.append(float(coefs(Xc[take], y[take])[1]))
+        if bs:
+            info["bootstrap"] = {"n": len(bs), "resampled": "impressions", "seed": seed}
+            info["llm_coef_raw_ci"] = _ci(bs)
+            info["weight_ci"] = _ci(ws)
+            info["share_positive"] = float(np.mean(np.array(bs) > 0))
+            if cs:
+                info["position_control"]["llm_coef_raw_ci"] = _ci(cs)
+                info["position_control"]["share_positive"] = float(np.mean(np.array(cs) > 0))
+    return weight, info
+
+
+def _ci(values: list[float], level: float = 0.95) -> list[float]:
+    tail = (1 - level) / 2
+    return [float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))]
 
 
 def fit_calibration(scores: np.ndarray, y: np.ndarray) -> dict:

@@ -30,7 +30,7 @@ from retrieval.records import iter_impressions
 log = logging.getLogger(__name__)
 
 
-def _rel(p: Path) -> str:
+def rel_path(p: Path) -> str:
     p = Path(p).resolve()
     try:
         return os.path.relpath(p, REPO_ROOT)
@@ -38,8 +38,8 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def _file(p: Path | None) -> dict[str, str] | None:
-    return None if p is None else {"path": _rel(p), "sha256": file_sha256(p)}
+def file_ref(p: Path | None) -> dict[str, str] | None:
+    return None if p is None else {"path": rel_path(p), "sha256": file_sha256(p)}
 
 
 @dataclass
@@ -59,13 +59,13 @@ class TuneOptions:
     llm_run: Path | None = None  # an eval DIR whose LLM results (on training users) fit the LLM weight
 
     def command(self) -> str:
-        parts = ["adselect", "eval", "tune", "--ads", _rel(self.ads), "--impressions", _rel(self.impressions)]
+        parts = ["adselect", "eval", "tune", "--ads", rel_path(self.ads), "--impressions", rel_path(self.impressions)]
         for p in self.exclude:
-            parts += ["--exclude", _rel(p)]
+            parts += ["--exclude", rel_path(p)]
         for t in self.exclude_tasks:
             parts += ["--exclude-task", t]
         for h in self.train_histories or []:
-            parts += ["--train", _rel(h)]
+            parts += ["--train", rel_path(h)]
         parts += ["--n-random", str(self.n_random), "--n-hard", str(self.n_hard)]
         if self.max_impressions is not None:
             parts += ["--max-impressions", str(self.max_impressions)]
@@ -73,20 +73,32 @@ class TuneOptions:
         if not self.interactions:
             parts.append("--no-interactions")
         if self.llm_run is not None:
-            parts += ["--llm-run", _rel(self.llm_run)]
-        parts += ["--out", _rel(self.out)]
+            parts += ["--llm-run", rel_path(self.llm_run)]
+        parts += ["--out", rel_path(self.out)]
         return shlex.join(parts)
 
 
-def _llm_rows(env, model, llm_run: Path, exclude_users: set[str]) -> tuple[np.ndarray, list[int | None], np.ndarray, int]:
-    """(prior scores, LLM ranks, labels, impressions) from an eval run's LLM results, re-scored by `model`."""
+@dataclass
+class LLMRows:
+    """An eval run's LLM results as fitting rows: the candidates sent to the LLM, re-scored by the model."""
+
+    prior: np.ndarray  # prior score per row
+    ranks: list[int | None]  # the LLM's rank of the row's candidate (None = not ranked)
+    y: np.ndarray  # clicked 1/0
+    groups: np.ndarray  # impression number per row
+    sent_ranks: list[int]  # position in the list the LLM was shown (the prior order)
+    impressions: int
+
+
+def _llm_rows(env, model, llm_run: Path, exclude_users: set[str]) -> LLMRows:
+    """The rows of an eval run's LLM results (users in `exclude_users` left out), re-scored by `model`."""
     run = json.loads((llm_run / "run.json").read_text())
     from eval.config import resolve_path
 
     imp_path = resolve_path(Path(run["task"]["data"]["impressions"]))
     index = env.services.index
     by_id = {i.impression_id: i for i in load_impressions(imp_path, catalog=index.row).items}
-    priors, ranks, ys = [], [], []
+    priors, ranks, ys, groups, sent_ranks = [], [], [], [], []
     n = 0
     with (llm_run / "results.jsonl").open() as fh:
         for line in fh:
@@ -104,36 +116,44 @@ def _llm_rows(env, model, llm_run: Path, exclude_users: set[str]) -> tuple[np.nd
             priors.append(model.prior_scores(feats))
             ranks.extend(rank_of.get(a) for a in rec["sent"])
             ys.append(np.array([1.0 if a in imp.clicked else 0.0 for a in rec["sent"]]))
+            groups.append(np.full(len(rec["sent"]), n))
+            sent_ranks.extend(range(len(rec["sent"])))
             n += 1
     if not priors:
         raise ValueError(f"{llm_run}: no LLM results of non-excluded users to fit the LLM weight on")
-    return np.concatenate(priors), ranks, np.concatenate(ys), n
+    return LLMRows(np.concatenate(priors), ranks, np.concatenate(ys), np.concatenate(groups), sent_ranks, n)
 
 
-def exclusion_sources(opts: TuneOptions) -> list[dict[str, Any]]:
+def exclusion_sources(*, files: list[Path], tasks: list[str]) -> list[dict[str, Any]]:
     """[{path, sha256, limit, task?, resolved}] for every --exclude file and --exclude-task."""
     from eval.config import load_task, resolve_path
 
     out: list[dict[str, Any]] = []
-    for p in opts.exclude:
-        out.append({**_file(p), "limit": None, "resolved": str(p)})
-    for name in opts.exclude_tasks:
+    for p in files:
+        out.append({**file_ref(p), "limit": None, "resolved": str(p)})
+    for name in tasks:
         task = load_task(name)
         if task.data.impressions is None:
             raise ValueError(f"task {name!r} names no impressions file")
         p = resolve_path(task.data.impressions)
-        out.append({**_file(p), "limit": task.data.limit, "task": task.name, "resolved": str(p)})
+        out.append({**file_ref(p), "limit": task.data.limit, "task": task.name, "resolved": str(p)})
     return out
+
+
+def excluded_users(sources: list[dict[str, Any]]) -> set[str]:
+    """The users of every exclusion source (each source's "resolved" path is consumed)."""
+    users: set[str] = set()
+    for src in sources:
+        users |= read_user_ids(Path(src.pop("resolved")), limit=src["limit"])
+    return users
 
 
 def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     train_hist = opts.train_histories or [opts.impressions]
     env = prepare_env(settings, ads_path=opts.ads, train_paths=train_hist, show_progress=show_progress)
-    sources = exclusion_sources(opts)
-    exclude_users: set[str] = set()
-    for src in sources:
-        exclude_users |= read_user_ids(Path(src.pop("resolved")), limit=src["limit"])
+    sources = exclusion_sources(files=opts.exclude, tasks=opts.exclude_tasks)
+    exclude_users = excluded_users(sources)
     lines_read = 0
 
     def records():
@@ -154,11 +174,11 @@ def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = Tru
     )
     meta = {
         "command": opts.command(),
-        "train_file": _file(opts.impressions),
+        "train_file": file_ref(opts.impressions),
         "exclude": sources,
         "excluded_users": len(exclude_users),
-        "behaviour_histories": [_file(p) for p in train_hist],
-        "ads": _file(opts.ads),
+        "behaviour_histories": [file_ref(p) for p in train_hist],
+        "ads": file_ref(opts.ads),
         "catalog_hash": env.catalog_hash,
         "n_random": opts.n_random,
         "n_hard": opts.n_hard,
@@ -174,10 +194,12 @@ def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = Tru
     model.calibration = fit_calibration(scores, ts.y)
     model.meta["calibration_reliability"] = reliability(model.pctr(scores), ts.y)
     if opts.llm_run is not None:
-        prior, ranks, y, n = _llm_rows(env, model, opts.llm_run, exclude_users)
-        weight, info = fit_llm_weight(prior, ranks, y, C=opts.C)
+        rows = _llm_rows(env, model, opts.llm_run, exclude_users)
+        weight, info = fit_llm_weight(
+            rows.prior, rows.ranks, rows.y, C=opts.C, groups=rows.groups, sent_ranks=rows.sent_ranks, seed=opts.seed
+        )
         model.llm_coef = weight
-        model.meta["llm_fit"] = {**info, "impressions": n, "run": _rel(opts.llm_run)}
+        model.meta["llm_fit"] = {**info, "impressions": rows.impressions, "run": rel_path(opts.llm_run)}
     else:
         model.meta["llm_fit"] = None
         model.llm_coef = 0.0

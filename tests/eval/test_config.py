@@ -102,3 +102,17 @@ def test_cli_validate_exit_codes(tmp_path: Path) -> None:
     res = runner.invoke(app, ["eval", "validate", str(bad)])
     assert res.exit_code == 1
     assert "bm26" in res.output and "Did you mean bm25" in res.output
+
+
+def test_rewrite_variant_only_turns_rewrite_on() -> None:
+    base, variant = load_task("mind_chatgptnews"), load_task("mind_chatgptnews_rewrite")
+    assert variant.llm.rewrite and not base.llm.rewrite
+    assert variant.data == base.data and variant.systems == base.systems
+    assert variant.llm.model_copy(update={"rewrite": False}) == base.llm
+
+
+def test_cli_options_set_rewrite_and_position_bias() -> None:
+    from eval.cli import _overrides
+
+    assert _overrides(rewrite=True, position_bias=False) == {"llm": {"rewrite": True, "position_bias": False}}
+    assert _overrides(rewrite=None, position_bias=None) == {}

@@ -190,3 +190,111 @@ def test_forked_fast_path_matches_in_process(mind_report, eval_settings, tmp_pat
     assert report["metrics"] == mind_report[0]["metrics"]
     ids = [json.loads(x)["impression_id"] for x in (tmp_path / RESULTS).read_text().splitlines()]
     assert ids == [json.loads(x)["impression_id"] for x in (MIND / "impressions_dev.jsonl").read_text().splitlines()]
+
+
+# ---- calibration and rewrites in the report -------------------------------------------------------
+def test_reports_carry_the_default_systems_calibration(mind_report, games_report) -> None:
+    report, out = mind_report
+    cal = report["calibration"]["default"]
+    n_candidates = sum(len(json.loads(x)["candidates"]) for x in (MIND / "impressions_dev.jsonl").read_text().splitlines())
+    assert cal["impressions"] == 54 and cal["rows"] == n_candidates
+    assert sum(b["n"] for b in cal["reliability"]) == cal["rows"]
+    assert 0 < cal["base_rate"] < 1 and cal["logloss"] > 0 and cal["logloss_base_rate"] > 0
+    assert set(report["calibration"]) == {"default"}  # LLM systems not run
+    assert "## Calibration" in (out / "report.md").read_text()
+    assert (out / "reliability.png").stat().st_size > 1000 and "reliability.png" in report["plots"]
+    games = games_report[0]["calibration"]["default"]
+    assert games["rows"] == 100 * 20 and games["base_rate"] == pytest.approx(0.05)
+
+
+def test_fast_path_pctr_is_the_endpoints_pctr(games_slice, eval_settings) -> None:
+    """fusion.pctr of the fast path's kept scores == RankedAd.pctr of select() with the LLM off."""
+    import numpy as np
+
+    from eval.data import load_impressions
+    from eval.env import prepare_env
+    from eval.rankers import FastRankers
+
+    env = prepare_env(eval_settings, ads_path=games_slice["ads"], train_paths=[games_slice["impressions"]], show_progress=False)
+    sel = env.services.selector
+    items = load_impressions(games_slice["impressions"], catalog=env.services.index.row, limit=10).items
+    rankers = FastRankers(selector=sel, bm25=None, systems=["default"])
+    for imp in items:
+        res = rankers.run(imp)
+        d = sel.select(rankers.request(imp))
+        assert [a.pctr for a in d.ads] == np.round(sel.fusion.pctr(np.array(res.scores)), 6).tolist()
+        assert [d.ads[k].ad.ad_id for k in res.clicked_at] == sorted(imp.clicked, key=[a.ad.ad_id for a in d.ads].index)
+
+
+class FakeCopyLLM:
+    """ChatLLMLike: ranks the candidates in the order sent (the prior order), and answers with the next
+    (justification, headline, description) of `copies`, cycling."""
+
+    def __init__(self, copies: list[tuple[str, str, str]], model: str):
+        self.copies, self.model, self.calls = copies, model, 0
+
+    def _answer(self, schema):
+        from agent.llm import Completion
+
+        ids = schema["properties"]["ranking"]["items"]["enum"]
+        justification, headline, description = self.copies[self.calls % len(self.copies)]
+        self.calls += 1
+        text = json.dumps({"ranking": ids, "justification": justification, "headline": headline, "description": description})
+        return Completion(text=text, prompt_tokens=10, completion_tokens=5, latency_ms=1.0, model=self.model, finish_reason="stop")
+
+    def complete(self, messages, *, schema, timeout_s):
+        return self._answer(schema)
+
+    async def acomplete(self, messages, *, schema, timeout_s):
+        return self._answer(schema)
+
+
+def test_rewrite_run_reports_served_copy_and_refusals_by_reason(eval_settings, tmp_path: Path) -> None:
+    import uuid
+
+    copies = [
+        ("You read similar stories", "Read the full story", "A closer look at this news story"),  # passes
+        ("Use code ZX91 for this", "Read it", "More at www.example.com"),  # text guard + validator refuse
+        ("You read similar stories", "H" * 40, "Too long a headline"),  # dropped by the parser (too long)
+    ]
+    llm = FakeCopyLLM(copies, model=f"fake-copy-{uuid.uuid4().hex[:8]}")
+    doc = {
+        "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},
+        "systems": ["default", "llm", "default+llm"],
+        "llm": {"sample": 6, "max_candidates": 5, "model": llm.model, "rewrite": True, "position_bias": False, "concurrency": 1},
+    }
+    report = run_task(doc, settings=eval_settings, out=tmp_path, llm_inner=llm)
+    rw = report["rewrites"]
+    assert (rw["requested"], rw["answered"], rw["served"], rw["copy_ok"]) == (6, 6, 2, 2)
+    assert rw["share_served"] == pytest.approx(2 / 6) and rw["copy_discarded"] == 2
+    assert rw["violation_counts"] == {"justification_foreign_code": 2, "url": 2}
+    assert rw["violations"]["url"] == pytest.approx(2 / 6)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Rewrites" in md and "| url | 2 | 0.333 |" in md
+    # the shipped weights give the LLM no say: default+llm's pCTR is the default's on the same impressions
+    cal = report["calibration"]["default+llm"]
+    assert cal["impressions"] == 6 and cal["default_on_same_impressions"]["impressions"] == 6
+    assert cal["logloss"] == pytest.approx(cal["default_on_same_impressions"]["logloss"], rel=1e-4)
+    assert report["calibration"]["default"]["impressions"] == 54
+
+
+def test_rewrite_is_part_of_the_llm_cache_key(eval_settings, fake_llm, tmp_path: Path) -> None:
+    import uuid
+
+    from eval.config import LLMSpec
+    from eval.llm_phase import decoding_params
+
+    assert decoding_params(LLMSpec(rewrite=True)) != decoding_params(LLMSpec(rewrite=False))
+    fake_llm.model = f"fake-ranking-{uuid.uuid4().hex[:8]}"
+    doc = {
+        "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},
+        "systems": ["default", "default+llm"],
+        "llm": {"sample": 3, "max_candidates": 4, "model": fake_llm.model, "position_bias": False},
+    }
+    off = run_task(doc, settings=eval_settings, out=tmp_path / "off", llm_inner=fake_llm)
+    assert off["llm"]["cache"]["misses"] == 3 and off["rewrites"] is None
+    on = run_task({**doc, "llm": {**doc["llm"], "rewrite": True}}, settings=eval_settings, out=tmp_path / "on", llm_inner=fake_llm)
+    assert on["llm"]["cache"]["hits"] == 0 and on["llm"]["cache"]["misses"] == 3 and len(fake_llm.calls) == 6
+    assert on["rewrites"]["requested"] == 3
+    again = run_task({**doc, "llm": {**doc["llm"], "rewrite": True}}, settings=eval_settings, out=tmp_path / "again", llm_inner=fake_llm)
+    assert again["llm"]["cache"]["hits"] == 3 and again["rewrites"] == on["rewrites"]

@@ -93,3 +93,48 @@ def test_llm_weight_is_fitted_from_an_eval_runs_llm_results(eval_settings, eval_
     fit = model.meta["llm_fit"]
     assert fit["impressions"] == 20 and fit["rows"] == 20 * 6
     assert model.llm_coef >= 0.0 and "--llm-run" in model.meta["command"]
+
+
+def _llm_logs(*, informative: bool, n_imp: int = 300, n_sent: int = 6, seed: int = 0):
+    """Synthetic LLM runs: n_sent candidates in prior order, one clicked; the LLM either puts the click first
+    30% of the time (random order otherwise) or echoes the order it was shown."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prior, ranks, y, groups, sent = [], [], [], [], []
+    for g in range(n_imp):
+        s = np.sort(rng.normal(0, 1, n_sent))[::-1]
+        clicked = int(rng.choice(n_sent, p=np.exp(s) / np.exp(s).sum()))
+        if not informative:
+            order = list(range(n_sent))  # echo the presented order
+        elif rng.random() < 0.3:
+            order = [clicked] + [k for k in rng.permutation(n_sent).tolist() if k != clicked]
+        else:
+            order = rng.permutation(n_sent).tolist()
+        rank = {k: r for r, k in enumerate(order)}
+        prior += s.tolist()
+        ranks += [rank[k] for k in range(n_sent)]
+        y += [1.0 if k == clicked else 0.0 for k in range(n_sent)]
+        groups += [g] * n_sent
+        sent += list(range(n_sent))
+    return np.array(prior), ranks, np.array(y), np.array(groups), sent
+
+
+def test_llm_weight_fit_reports_a_bootstrap_interval_and_a_position_control() -> None:
+    from eval.tune import fit_llm_weight
+
+    prior, ranks, y, groups, sent = _llm_logs(informative=True)
+    w, info = fit_llm_weight(prior, ranks, y, groups=groups, sent_ranks=sent, n_boot=100)
+    assert w > 0 and info["weight_ci"][0] > 0 and info["share_positive"] == 1.0
+    assert info["llm_coef_raw_ci"][0] < info["llm_coef_raw"] < info["llm_coef_raw_ci"][1]
+    assert info["bootstrap"]["n"] == 100 and info["rows"] == len(y)
+    pc = info["position_control"]
+    assert pc["llm_coef_raw"] > 1.0 and pc["llm_coef_raw_ci"][0] > 0  # the click-finding survives the control
+    # an LLM that only echoes the order it is shown: whatever it earns, the position explains as well
+    prior, ranks, y, groups, sent = _llm_logs(informative=False)
+    w, info = fit_llm_weight(prior, ranks, y, groups=groups, sent_ranks=sent, n_boot=50)
+    pc = info["position_control"]
+    assert pc["llm_top_was_shown_first"] == 1.0
+    assert abs(pc["llm_coef_raw"] - pc["sent_position_coef"]) < 1e-6  # identical columns: no way to tell them apart
+    _, plain = fit_llm_weight(prior, ranks, y)
+    assert "weight_ci" not in plain and "position_control" not in plain

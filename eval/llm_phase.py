@@ -93,7 +93,19 @@ def build_llm_stack(
             inner = server
     cache = LLMCache(Path(data_dir) / "eval" / "llm_cache.sqlite") if spec.cache else None
     llm = CachingChatLLM(inner, cache, prompt_sha256=prompt.sha256, decoding=decoding_params(spec))
-    reranker = LLMReranker(llm, prompt, max_candidates=spec.max_candidates)
+    # The endpoint's prompt options (adselect.services.make_reranker → LLMReranker.from_settings), so eval measures
+    # what the service sends; only the candidate count comes from the task.
+    from adselect.settings import Settings
+
+    opts = settings if settings is not None else Settings(_env_file=None)
+    reranker = LLMReranker(
+        llm,
+        prompt,
+        max_candidates=spec.max_candidates,
+        max_text_chars=opts.llm_max_text_chars,
+        max_ranked=opts.llm_max_ranked,
+        alias_ids=opts.llm_alias_ids,
+    )
     return LLMStack(reranker, llm, prompt.info(), inner.model, spec.url or "", server)
 
 

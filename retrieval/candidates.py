@@ -68,9 +68,8 @@ class CandidateGenerator:
         *,
         exclude: set[int] | None = None,
         where: dict | None = None,
-        allowed: np.ndarray | None = None,
     ) -> CandidateSet:
-        """`where` goes to Chroma; `allowed` (bool mask over rows) applies the same rules to every source."""
+        """`where` prefilters Chroma's neighbours; the pipeline re-checks eligibility on every source's rows."""
         exclude = exclude or set()
         covisit = covisit_scores(self.behaviour, profile)
         sources: dict[int, list[str]] = {}
@@ -81,7 +80,7 @@ class CandidateGenerator:
             ("popular", self.behaviour.top_popular(self.n_popular + len(exclude)).tolist()),
         ):
             for r in rows:
-                if r in exclude or (allowed is not None and not allowed[r]):
+                if r in exclude:
                     continue
                 sources.setdefault(r, []).append(name)
         rows = np.fromiter(sources.keys(), dtype=np.int64, count=len(sources))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,17 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from adselect.caps import CapConfig, CapStore, CapStoreError, RedisCapStore, SQLiteCapStore, open_cap_store
+from adselect.caps import (
+    CapConfig,
+    CapStore,
+    CapStoreError,
+    RedisCapStore,
+    SQLiteCapStore,
+    open_cap_store,
+)
 from adselect.settings import Settings
+from agent.local_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = CapConfig(max_per_ad=3, max_per_advertiser=5, window_s=60.0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip("redis-server binary not found: `apt-get install -y redis-server` (listed in .ci/apt-packages.txt)")
     import redis
 
-    port = _free_port()
+    port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
@@ -217,7 +218,7 @@ def test_redis_failure_is_typed():
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    client = redis.Redis(host="127.0.0.1", port=_free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    client = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     store = RedisCapStore(client, config=CONFIG)
     with pytest.raises(CapStoreError):
         store.try_reserve("u1", "ad1", "acme", now=1000.0)

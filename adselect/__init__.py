@@ -1,1 +1,1 @@
-"""adselect core: settings, domain types, errors and the selection pipeline shared by server/ and eval/."""
+"""The product's top layer: the `adselect` command line, which wires server/ and eval/ over the selection core."""

@@ -10,8 +10,9 @@ from typing import Optional
 
 import typer
 
-from adselect.errors import AdSelectError
-from adselect.settings import Settings
+from eval.cli import app as eval_app
+from kernel.errors import AdSelectError
+from kernel.settings import Settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLM-augmented ad selection.")
 
@@ -41,7 +42,7 @@ def ingest(
     force: bool = typer.Option(False, "--force", help="Re-embed even when the catalog is unchanged."),
 ) -> None:
     """Load a catalog into Chroma (upsert by ad_id) and learn co-visitation/popularity from histories."""
-    from adselect.services import behaviour_dir, make_embedder, make_store
+    from selection.services import behaviour_dir, make_embedder, make_store
     from retrieval.ingest import ingest_catalog, learn_behaviour
 
     s = _settings(data_dir)
@@ -75,8 +76,8 @@ def select(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
 ) -> None:
     """Select ads for one impression; prints the decision as JSON."""
-    from adselect.services import build_services
-    from adselect.types import SelectRequest
+    from selection.services import build_services
+    from kernel.types import SelectRequest
 
     s = _settings(data_dir)
     try:
@@ -173,7 +174,7 @@ def prompts_render(
             messages = t.render(**variables)
         else:
             from agent.reranker import LLMReranker
-            from adselect.types import Candidate
+            from kernel.types import Candidate
             from retrieval.records import read_ads
 
             ads = read_ads(Path(__file__).resolve().parent.parent / "data" / "demo" / "ads.jsonl")
@@ -210,7 +211,7 @@ def prompts_validate() -> None:
     typer.echo(f"{len(loaded)} prompt(s) valid: {', '.join(t.name for t in loaded)}")
 
 
-app.add_typer(__import__("eval.cli", fromlist=["app"]).app, name="eval")  # eval/cli.py: run, validate, tasks, tune
+app.add_typer(eval_app, name="eval")  # eval/cli.py: run, validate, tasks, tune
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from adselect.errors import LLMUnavailable
+from kernel.errors import LLMUnavailable
 
 log = logging.getLogger(__name__)
 

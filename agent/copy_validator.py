@@ -31,7 +31,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from pathlib import Path
 
-from adselect.types import Ad, Copy
+from kernel.types import Ad, Copy
 
 log = logging.getLogger(__name__)
 

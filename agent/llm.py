@@ -32,10 +32,10 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
-from adselect.errors import LLMUnavailable
+from kernel.errors import LLMUnavailable
 
 if TYPE_CHECKING:
-    from adselect.settings import Settings
+    from kernel.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from adselect.errors import LocalLLMStartError
+from kernel.errors import LocalLLMStartError
 
 if TYPE_CHECKING:
-    from adselect.settings import Settings
+    from kernel.settings import Settings
 
 logger = logging.getLogger(__name__)
 

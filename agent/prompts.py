@@ -19,7 +19,7 @@ import jinja2.meta
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adselect.errors import MissingPromptVariable, PromptError, UnknownName
+from kernel.errors import MissingPromptVariable, PromptError, UnknownName
 
 logger = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from adselect.errors import LLMOutputInvalid, PromptError
-from adselect.types import Ad, Candidate, LLMResult
+from kernel.errors import LLMOutputInvalid, PromptError
+from kernel.types import Ad, Candidate, LLMResult
 
 from .llm import ChatLLMLike, Completion
 from .prompts import PromptRegistry, PromptTemplate, neutralise
 from .schema import ParsedOutput, build_output_schema, parse_llm_output
 
 if TYPE_CHECKING:
-    from adselect.settings import Settings
+    from kernel.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from adselect.errors import LLMOutputInvalid
-from adselect.types import Copy
+from kernel.errors import LLMOutputInvalid
+from kernel.types import Copy
 
 logger = logging.getLogger(__name__)
 

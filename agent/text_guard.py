@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from adselect.types import Ad
+from kernel.types import Ad
 
 FOREIGN_CODE = "foreign_code"
 LINK_OR_MARKUP = "link_or_markup"

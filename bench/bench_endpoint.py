@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 from common import CATALOGS, Settings, ensure_ingested, histories, start_server, stop, summary
 
-from adselect.services import make_store
+from selection.services import make_store
 from agent.local_server import free_port
 from retrieval.features import build_profile
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adselect.settings import Settings  # noqa: E402
+from kernel.settings import Settings  # noqa: E402
 from eval.config import load_task, resolve_path  # noqa: E402
 from eval.harness import run_eval  # noqa: E402
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common import CATALOGS, Settings
 
-from adselect.services import make_embedder, make_store
+from selection.services import make_embedder, make_store
 from retrieval.records import read_ads
 from retrieval.store import catalog_hash
 

@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 from common import CATALOGS, Settings, ensure_ingested, histories, summary
 
-from adselect.services import build_services
-from adselect.types import SelectRequest
+from selection.services import build_services
+from kernel.types import SelectRequest
 from agent.llm import ChatLLM
 from agent.reranker import LLMReranker
 

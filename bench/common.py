@@ -14,7 +14,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as `python bench/x.py` from anywhere
 
-from adselect.settings import Settings  # noqa: E402
+from kernel.settings import Settings  # noqa: E402
 
 SHARED_DATA = REPO_ROOT / ".." / "shared" / "data"
 CATALOGS = {
@@ -46,7 +46,7 @@ def ensure_ingested(catalog: str, data_dir: Path | None, scratch: Path) -> Path:
     """An ingested data dir for `catalog`: `data_dir` as given (must already hold it), else a fresh one."""
     if data_dir is not None:
         return data_dir
-    from adselect.services import behaviour_dir, make_embedder, make_store
+    from selection.services import behaviour_dir, make_embedder, make_store
     from retrieval.ingest import ingest_catalog, learn_behaviour
 
     settings = Settings(_env_file=None, data_dir=scratch / f"{catalog}_var")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from adselect.types import Ad
+from kernel.types import Ad
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,13 @@ from typing import Any, Optional
 
 import typer
 
-from adselect.errors import AdSelectError
+from kernel.errors import AdSelectError
 
 app = typer.Typer(add_completion=False, help="Offline evaluation against logged impressions (see eval/tasks/).")
 
 
 def _settings(data_dir: Optional[Path]):
-    from adselect.settings import Settings
+    from kernel.settings import Settings
 
     s = Settings()
     return s.model_copy(update={"data_dir": data_dir}) if data_dir is not None else s
@@ -144,7 +144,7 @@ def validate(
     data: bool = typer.Option(True, "--data/--no-data", help="Also check that the data files exist."),
 ) -> None:
     """Check task files (schema, includes, systems, prompt, weights, data paths) without running them."""
-    from adselect.settings import Settings
+    from kernel.settings import Settings
     from eval.config import find_task_file, load_task, validate_task
 
     bad = 0

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adselect.errors import UnknownName, UserError
-from adselect.settings import REPO_ROOT
+from kernel.errors import UnknownName, UserError
+from kernel.settings import REPO_ROOT
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -218,14 +218,14 @@ def validate_task(task: EvalTask, *, prompts_dir: Path | None = None, require_da
             problems.append(f"fusion.weights: file not found: {wp}")
         else:
             try:
-                from adselect.fusion import FusionModel
+                from selection.fusion import FusionModel
 
                 FusionModel.from_json(json.loads(wp.read_text()))
             except (ValueError, KeyError, TypeError) as e:
                 problems.append(f"fusion.weights: {wp}: {e}")
     wants_llm = not task.no_llm and any(s in ("llm", "default+llm") for s in task.systems)
     if wants_llm:
-        from adselect.errors import PromptError
+        from kernel.errors import PromptError
         from agent.prompts import PromptRegistry
 
         try:

@@ -7,7 +7,7 @@ Everything is keyed by content so a re-run reuses what an earlier run built unde
 - behaviour tables (co-visitation, popularity, collaborative vectors) are learned from the histories
   of the training impression files (never their `clicked`) into
   `data_dir/eval/behaviour/<sha256 of the train files + learning parameters + catalog hash>`;
-- the Selector comes from `adselect.services.build_services`, the constructor the server uses, with
+- the Selector comes from `selection.services.build_services`, the constructor the server uses, with
   the LLM reranker passed in (or none for the fast path).
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adselect.services import Services, behaviour_dir, build_services, make_embedder, make_store
-from adselect.settings import Settings
+from selection.services import Services, behaviour_dir, build_services, make_embedder, make_store
+from kernel.settings import Settings
 from retrieval.ingest import ingest_catalog, learn_behaviour
 from retrieval.records import read_ads
 from retrieval.store import catalog_hash

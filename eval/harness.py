@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from adselect.errors import UserError
-from adselect.fusion import FusionModel
-from adselect.settings import REPO_ROOT, Settings
+from kernel.errors import UserError
+from selection.fusion import FusionModel
+from kernel.settings import REPO_ROOT, Settings
 from eval.config import EvalTask, TaskError, resolve_path, validate_task
 from eval.data import EvalImpression, load_impressions
 from eval.env import EvalEnv, file_sha256, prepare_env

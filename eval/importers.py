@@ -25,7 +25,7 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from adselect.errors import DataFileError
+from kernel.errors import DataFileError
 from retrieval.records import AdRecord, ImpressionRecord
 
 __all__ = ["MIND_TIME_FORMAT", "import_mind"]

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adselect.errors import LLMOutputInvalid, LLMUnavailable
-from adselect.pipeline import Selector
-from adselect.types import Decision, SelectRequest
+from kernel.errors import LLMOutputInvalid, LLMUnavailable
+from kernel.reasons import degradation_for
+from selection.pipeline import Selector
+from kernel.types import Decision, SelectRequest
 from eval.config import LLMSpec
 from eval.data import EvalImpression
 from eval.llm_cache import CachingChatLLM, LLMCache
@@ -93,9 +94,9 @@ def build_llm_stack(
             inner = server
     cache = LLMCache(Path(data_dir) / "eval" / "llm_cache.sqlite") if spec.cache else None
     llm = CachingChatLLM(inner, cache, prompt_sha256=prompt.sha256, decoding=decoding_params(spec))
-    # The endpoint's prompt options (adselect.services.make_reranker → LLMReranker.from_settings), so eval measures
+    # The endpoint's prompt options (selection.services.make_reranker → LLMReranker.from_settings), so eval measures
     # what the service sends; only the candidate count comes from the task.
-    from adselect.settings import Settings
+    from kernel.settings import Settings
 
     opts = settings if settings is not None else Settings(_env_file=None)
     reranker = LLMReranker(
@@ -152,7 +153,7 @@ class LazyLocalLLM:
     def _ensure(self):
         with self._lock:
             if self._client is None:
-                from adselect.settings import Settings
+                from kernel.settings import Settings
                 from agent.local_server import LocalLLMServer, free_port
 
                 s = (self.settings or Settings()).model_copy(update={"llm_model": self.spec.model})
@@ -214,10 +215,8 @@ async def _top_pick(reranker, stage, cands, *, timeout_s: float, rewrite: bool) 
             reranker.arerank(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s, rewrite=rewrite),
             timeout=timeout_s,
         )
-    except TimeoutError:
-        return None, "llm_timeout"
-    except (LLMUnavailable, LLMOutputInvalid) as e:
-        return None, f"llm_{e.reason}"
+    except (TimeoutError, LLMUnavailable, LLMOutputInvalid) as e:
+        return None, str(degradation_for(e))
     return (res.ranking[0] if res.ranking else None), None
 
 

@@ -25,7 +25,7 @@ from functools import partial
 
 import numpy as np
 
-from adselect.errors import UnknownName
+from kernel.errors import UnknownName
 
 __all__ = [
     "METRIC_NAMES",

@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adselect.fusion import SHIPPED_WEIGHTS, FusionModel
-from adselect.settings import REPO_ROOT
+from selection.fusion import SHIPPED_WEIGHTS, FusionModel
+from kernel.settings import REPO_ROOT
 from eval.data import read_user_ids
 from eval.env import file_sha256
 

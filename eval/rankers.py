@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from adselect.pipeline import PriorStage, Selector
-from adselect.types import SelectRequest
+from selection.pipeline import PriorStage, Selector
+from kernel.types import SelectRequest
 from eval.bm25 import BM25Index
 from eval.data import EvalImpression
 from retrieval.features import build_profile, covisit_scores

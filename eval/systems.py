@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from adselect.errors import UnknownName
+from kernel.errors import UnknownName
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adselect.fusion import FusionModel, llm_feature
+from selection.fusion import FusionModel, llm_feature
 from retrieval.candidates import CandidateGenerator
 from retrieval.features import FEATURES, build_profile
 from retrieval.records import ImpressionRecord

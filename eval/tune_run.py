@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from adselect.settings import REPO_ROOT, Settings
+from kernel.settings import REPO_ROOT, Settings
 from eval.data import load_impressions, read_user_ids
 from eval.env import file_sha256, prepare_env
 from eval.tune import build_training_set, fit_calibration, fit_fusion, fit_llm_weight, reliability

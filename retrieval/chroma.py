@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
-from adselect.errors import CatalogError
+from kernel.errors import CatalogError
 
 
 def make_chroma_client(*, data_dir: Path, chroma_url: str | None):

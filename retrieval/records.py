@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from adselect.errors import DataFileError
-from adselect.types import Ad
+from kernel.errors import DataFileError
+from kernel.types import Ad
 
 MAX_TITLE = 1000
 MAX_TEXT = 10000

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adselect.errors import CatalogError
-from adselect.types import Ad
+from kernel.errors import CatalogError
+from kernel.types import Ad
 
 log = logging.getLogger(__name__)
 

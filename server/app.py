@@ -13,10 +13,10 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from adselect.rules import RequestContext
-from adselect.services import Services, build_services
-from adselect.settings import Settings
-from adselect.types import Decision, SelectRequest
+from kernel.types import RequestContext
+from selection.services import Services, build_services
+from kernel.settings import Settings
+from kernel.types import Decision, SelectRequest
 from server.errors import install_error_handlers
 from server.guard import Guard, arrival
 from server.limits import InFlightGate, TokenBuckets
@@ -34,7 +34,7 @@ from server.protocol import (
 from server.security import ApiKeys
 
 log = logging.getLogger(__name__)
-AUDIT_LOGGER = "adselect.audit"  # the pipeline's audit sink (adselect.services.audit_logger) writes here
+AUDIT_LOGGER = "adselect.audit"  # the pipeline's audit sink (selection.services.audit_logger) writes here
 
 
 def get_services(request: Request) -> Services:

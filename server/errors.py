@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adselect.errors import AdSelectError, CatalogError, LLMUnavailable, RuntimeFault, UserError
+from kernel.errors import AdSelectError, CatalogError, LLMUnavailable, RuntimeFault, UserError
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from adselect.types import Decision
+from kernel.reasons import CALL_FAILURES
+from kernel.types import Decision
 
 # Degradations that are the LLM failing (the rest are load or policy: busy, breaker open, off, no time left).
-LLM_ERROR_REASONS = frozenset({"llm_timeout", "llm_connection", "llm_http_error", "llm_invalid_output"})
+LLM_ERROR_REASONS = frozenset(str(r) for r in CALL_FAILURES)
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from adselect.settings import Settings
+from kernel.settings import Settings
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +30,7 @@ DEMO_DIR = Path(__file__).resolve().parents[1] / "data" / "demo"
 @pytest.fixture(scope="session")
 def embedder():
     """The real MiniLM sentence-transformers embedder, loaded once for the session."""
-    from adselect.services import make_embedder
+    from selection.services import make_embedder
 
     return make_embedder(Settings(_env_file=None))
 
@@ -39,7 +39,7 @@ def embedder():
 def demo_settings(tmp_path_factory: pytest.TempPathFactory, embedder) -> Settings:
     """Settings over a fresh data dir holding data/demo/ads.jsonl in embedded Chroma and the behaviour
     tables learned from data/demo/impressions.jsonl (ingested once; tests never re-ingest into it)."""
-    from adselect.services import behaviour_dir, make_store
+    from selection.services import behaviour_dir, make_store
     from retrieval.ingest import ingest_catalog, learn_behaviour
 
     settings = Settings(_env_file=None, data_dir=tmp_path_factory.mktemp("demo_var"), llm_url=None)
@@ -60,6 +60,6 @@ def demo_settings(tmp_path_factory: pytest.TempPathFactory, embedder) -> Setting
 def demo_services(demo_settings: Settings, embedder):
     """Services over the demo data dir with the LLM stage off; tests that need an LLM stage build a
     Selector from these with `dataclasses.replace(services.selector, reranker=...)`."""
-    from adselect.services import build_services
+    from selection.services import build_services
 
     return build_services(demo_settings, embedder=embedder)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from adselect.types import Ad, Candidate
+from kernel.types import Ad, Candidate
 
 _ROWS = [
     ("sports", "NFL playoff picture: who is in, who is out after Week 12", "Three division leaders clinched early while the wild-card race tightened."),

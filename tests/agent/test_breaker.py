@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from adselect.errors import LLMOutputInvalid, LLMUnavailable
+from kernel.errors import LLMOutputInvalid, LLMUnavailable
 from agent.breaker import BreakerState, CircuitBreaker, ConcurrencyLimiter
 
 

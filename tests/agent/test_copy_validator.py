@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from adselect.types import Ad, Copy
+from kernel.types import Ad, Copy
 from agent.copy_validator import DEFAULT_BLOCKLIST, load_blocklist, validate_copy
 
 AD = Ad(

@@ -8,8 +8,8 @@ import httpx2
 import openai
 import pytest
 
-from adselect.errors import LLMUnavailable
-from adselect.settings import Settings
+from kernel.errors import LLMUnavailable
+from kernel.settings import Settings
 from agent.llm import ChatLLM, ChatLLMLike, map_error, response_format
 from agent.local_server import free_port
 from agent.schema import build_output_schema, parse_llm_output

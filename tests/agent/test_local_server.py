@@ -7,8 +7,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adselect.errors import LocalLLMStartError
-from adselect.settings import Settings
+from kernel.errors import LocalLLMStartError
+from kernel.settings import Settings
 from agent.local_server import DEFAULT_GGUF_FILE, LocalLLMServer, default_gguf, free_port
 from tests.utils.fakes import FakeHangingLLMServer
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from adselect.errors import MissingPromptVariable, PromptError, UnknownName
-from adselect.settings import REPO_ROOT
+from kernel.errors import MissingPromptVariable, PromptError, UnknownName
+from kernel.settings import REPO_ROOT
 from agent.prompts import DATA_CLOSE, DATA_OPEN, PromptRegistry, PromptTemplate, datamark, neutralise
 
 PROMPTS = REPO_ROOT / "prompts"

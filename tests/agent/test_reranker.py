@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from adselect.errors import LLMOutputInvalid, LLMUnavailable, PromptError
-from adselect.settings import REPO_ROOT, Settings
-from adselect.types import Ad, Candidate, Copy
+from kernel.errors import LLMOutputInvalid, LLMUnavailable, PromptError
+from kernel.settings import REPO_ROOT, Settings
+from kernel.types import Ad, Candidate, Copy
 from agent.llm import ChatLLM
 from agent.prompts import PromptRegistry, PromptTemplate
 from agent.reranker import LLMReranker

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from adselect.errors import LLMOutputInvalid
-from adselect.types import Copy
+from kernel.errors import LLMOutputInvalid
+from kernel.types import Copy
 from agent.schema import DESCRIPTION_MAX, HEADLINE_MAX, build_output_schema, parse_llm_output
 
 IDS = ["N1", "N2", "N3", "N4"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from adselect.settings import REPO_ROOT, Settings
+from kernel.settings import REPO_ROOT, Settings
 from agent.llm import Completion, Message
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

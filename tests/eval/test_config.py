@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adselect.cli import app
-from adselect.errors import UnknownName
+from kernel.errors import UnknownName
 from eval.config import TASKS_DIR, TaskError, load_task, task_from_document, validate_task
 from eval.systems import resolve_systems
 

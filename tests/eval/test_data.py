@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adselect.errors import DataFileError
+from kernel.errors import DataFileError
 from eval.data import SKIP_RULES, load_impressions
 from tests.eval.conftest import MIND, run_task
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adselect.errors import DataFileError
+from kernel.errors import DataFileError
 from eval.importers import import_mind
 from retrieval.records import iter_impressions, read_ads
 

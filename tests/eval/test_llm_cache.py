@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adselect.errors import LLMUnavailable
+from kernel.errors import LLMUnavailable
 from agent.llm import ChatLLMLike
 from eval.llm_cache import CachingChatLLM, LLMCache
 from tests.utils.fakes import FakeQueueLLM

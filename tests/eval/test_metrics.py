@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import ndcg_score, roc_auc_score
 
-from adselect.errors import UnknownName
+from kernel.errors import UnknownName
 from eval.metrics import (
     METRIC_NAMES,
     auc,

@@ -7,7 +7,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from adselect.cli import app
-from adselect.fusion import FusionModel
+from selection.fusion import FusionModel
 from tests.eval.conftest import MIND, run_task
 
 

@@ -12,9 +12,9 @@ import httpx
 import numpy as np
 import pytest
 
-from adselect.services import build_services, make_store
-from adselect.settings import Settings
-from adselect.types import SelectRequest
+from selection.services import build_services, make_store
+from kernel.settings import Settings
+from kernel.types import SelectRequest
 from agent.local_server import free_port
 from retrieval.ingest import ingest_catalog
 

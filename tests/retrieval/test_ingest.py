@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adselect.errors import DataFileError
-from adselect.services import make_store
-from adselect.settings import Settings
+from kernel.errors import DataFileError
+from selection.services import make_store
+from kernel.settings import Settings
 from retrieval.ingest import ingest_catalog
 from retrieval.store import AdStore
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from adselect.errors import DataFileError
+from kernel.errors import DataFileError
 from retrieval.records import MAX_ID, MAX_TEXT, MAX_TITLE, read_ads, read_histories
 
 GOOD = [

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from adselect.services import Services
-from adselect.settings import Settings
+from selection.services import Services
+from kernel.settings import Settings
 from agent.breaker import CircuitBreaker, ConcurrencyLimiter
 from agent.prompts import PromptRegistry
 from agent.reranker import LLMReranker

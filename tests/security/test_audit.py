@@ -9,7 +9,7 @@ import uuid
 
 import httpx
 
-from adselect.hashing import secret_from_settings, user_key
+from kernel.hashing import secret_from_settings, user_key
 from server.app import create_app
 from tests.security.conftest import load_impressions, reranker_for, services_with
 from tests.security.fakes import FakeFunctionLLM

@@ -7,8 +7,8 @@ import uuid
 
 import httpx
 
-from adselect.caps import CapConfig, SQLiteCapStore
-from adselect.hashing import secret_from_settings, user_key
+from selection.caps import CapConfig, SQLiteCapStore
+from kernel.hashing import secret_from_settings, user_key
 from server.app import create_app
 from tests.security.conftest import reranker_for, services_with
 from tests.security.fakes import FakeFunctionLLM

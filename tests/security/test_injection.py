@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from adselect.services import behaviour_dir, build_services, make_store
+from selection.services import behaviour_dir, build_services, make_store
 from retrieval.ingest import ingest_catalog, learn_behaviour
 from server.app import create_app
 from server.protocol import SelectResponseBody

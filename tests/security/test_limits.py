@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from pydantic import SecretStr
 
-from adselect.settings import Settings
+from kernel.settings import Settings
 from server.limits import BodyTooLarge, ClientGone, InFlightGate, TokenBuckets, read_body, replay
 from server.security import ApiKeys, key_id, presented_key
 

@@ -73,7 +73,7 @@ def test_valid_rewrite_is_served(demo_settings, demo_services):
 
 
 def test_metrics_cover_stages_degradation_rules_caps_cache_breaker_and_limiter(demo_settings, demo_services):
-    from adselect.caps import CapConfig, SQLiteCapStore
+    from selection.caps import CapConfig, SQLiteCapStore
 
     llm = FakeQueueLLM().enqueue(
         "not json at all",  # -> llm_invalid_output

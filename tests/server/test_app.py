@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from adselect.services import build_services
-from adselect.settings import Settings
+from selection.services import build_services
+from kernel.settings import Settings
 from agent.local_server import free_port
 from agent.prompts import PromptRegistry
 from retrieval.features import FEATURES

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from adselect.hashing import load_or_create_secret, secret_from_settings, user_key
-from adselect.settings import Settings
+from kernel.hashing import load_or_create_secret, secret_from_settings, user_key
+from kernel.settings import Settings
 
 SECRET = b"0123456789abcdef-test"
 

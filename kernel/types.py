@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 
@@ -41,6 +42,16 @@ class Candidate:
     prior_rank: int = 0  # 0-based rank by prior_score
 
 
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    now: datetime  # naive = UTC
+    locale: str | None = None
+    device: str | None = None
+    publisher_id: str | None = None
+    blocked_categories: frozenset[str] = frozenset()
+    blocked_advertisers: frozenset[str] = frozenset()
+
+
 @dataclass(slots=True)
 class SelectRequest:
     user_id: str
@@ -52,7 +63,7 @@ class SelectRequest:
     use_llm: bool = True
     rewrite: bool = True
     request_id: str = ""
-    context: Any = None  # adselect.rules.RequestContext (locale, device, publisher, block lists, now); None = now, no targeting
+    context: RequestContext | None = None  # (locale, device, publisher, block lists, now); None = now, no targeting
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ Two stores, same semantics:
 - `RedisCapStore(client)`: a Lua script over two sorted sets per reservation (score = time), each
   expiring `window_s` after its last write. Keys share a `{user_key}` hash tag (Redis Cluster safe).
 
-`user_key` should be `adselect.hashing.user_key(user_id, secret=...)`, never a raw user id.
+`user_key` should be `kernel.hashing.user_key(user_id, secret=...)`, never a raw user id.
 Store failures raise `CapStoreError` so the caller chooses between serving uncapped and not serving.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from adselect.errors import RuntimeFault
+from kernel.errors import RuntimeFault
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ from typing import Literal
 
 import numpy as np
 
-from adselect.errors import LLMOutputInvalid, LLMUnavailable, UserError
-from adselect.fusion import FusionModel
-from adselect.rules import EligibilityPolicy, RequestContext, chroma_where, is_eligible
-from adselect.types import Ad, Candidate, Copy, Decision, LLMResult, RankedAd, SelectRequest
+from kernel.errors import LLMOutputInvalid, LLMUnavailable, UserError
+from kernel.reasons import AVAILABILITY_FAILURES, DegradedReason, degradation_for
+from selection.fusion import FusionModel
+from selection.rules import EligibilityPolicy, chroma_where, is_eligible
+from kernel.types import Ad, Candidate, Copy, Decision, LLMResult, RankedAd, RequestContext, SelectRequest
 from retrieval.candidates import CandidateGenerator, CandidateSet
 from retrieval.embedder import Embedder
 from retrieval.features import FEATURES, build_profile
@@ -63,7 +64,7 @@ class Selector:
     copy_check: CopyCheck | None = None
     text_check: TextCheck | None = None  # model free text shown with an ad (the justification); reasons, empty = ok
     policy: EligibilityPolicy | None = None  # None: every ad is eligible (offline replay)
-    caps: object | None = None  # adselect.caps.CapStore; None: no frequency caps (offline replay)
+    caps: object | None = None  # selection.caps.CapStore; None: no frequency caps (offline replay)
     user_key: Callable[[str], str] = lambda u: u  # keyed hash for caps and logs
     breaker: object | None = None  # agent.breaker.CircuitBreaker
     limiter: object | None = None  # agent.breaker.ConcurrencyLimiter
@@ -146,35 +147,29 @@ class Selector:
         if not req.use_llm or len(stage.candidates) < 2:
             return "", 0.0
         if self.reranker is None:
-            return "llm_disabled", 0.0
+            return DegradedReason.LLM_DISABLED, 0.0
         budget = self._llm_budget_s(req, started)
         if budget <= 0:
-            return "deadline_exhausted", 0.0
+            return DegradedReason.DEADLINE_EXHAUSTED, 0.0
         if self.limiter is not None and not self.limiter.try_acquire():
-            return "llm_busy", 0.0
+            return DegradedReason.LLM_BUSY, 0.0
         if self.breaker is not None and not self.breaker.allow():
             if self.limiter is not None:
                 self.limiter.release()
-            return "llm_breaker_open", 0.0
+            return DegradedReason.LLM_BREAKER_OPEN, 0.0
         return None, budget
 
     def _llm_done(self, error: Exception | None) -> str | None:
         """Release the slot, tell the breaker, name the degradation."""
         if self.limiter is not None:
             self.limiter.release()
-        reason = None
-        if isinstance(error, LLMUnavailable):
-            reason = f"llm_{error.reason}"
-        elif isinstance(error, TimeoutError):
-            reason = "llm_timeout"
-        elif isinstance(error, LLMOutputInvalid):
-            reason = "llm_invalid_output"
+        reason = degradation_for(error) if error is not None else None
         if self.breaker is not None:
             # Invalid output is the model's quality, not its availability: it does not open the breaker.
-            if reason is None or reason == "llm_invalid_output":
-                self.breaker.record_success()
-            else:
+            if reason in AVAILABILITY_FAILURES:
                 self.breaker.record_failure()
+            else:
+                self.breaker.record_success()
         return reason
 
     def _llm_args(self, req: SelectRequest, stage: PriorStage, budget: float) -> dict:

@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     max_deadline_ms: int = Field(30000, ge=10, description="Cap on a request's deadline_ms.")
 
     # --- safety: eligibility, frequency caps, user keys, copy validation, LLM breaker ------
-    # Read by adselect.rules, adselect.caps, adselect.hashing, agent.copy_validator, agent.breaker.
+    # Read by selection.rules, selection.caps, kernel.hashing, agent.copy_validator, agent.breaker.
     min_bid: float = Field(0.0, ge=0, description="Ads bidding less are never eligible.")
     blocked_categories: list[str] = Field(default_factory=list, description="Categories/subcategories never served (JSON list in env).")
     blocked_advertisers: list[str] = Field(default_factory=list, description="Advertisers never served (JSON list in env).")

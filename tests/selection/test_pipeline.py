@@ -17,9 +17,9 @@ from dataclasses import asdict, replace
 import numpy as np
 import pytest
 
-from adselect.errors import LLMUnavailable
-from adselect.pipeline import Selector
-from adselect.types import Decision, SelectRequest
+from kernel.errors import LLMUnavailable
+from selection.pipeline import Selector
+from kernel.types import Decision, SelectRequest
 from agent.breaker import CircuitBreaker, ConcurrencyLimiter
 from agent.llm import ChatLLM, ChatLLMLike
 from agent.reranker import LLMReranker

@@ -11,18 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adselect.errors import DataFileError
-from adselect.rules import (
+from kernel.errors import DataFileError
+from selection.rules import (
     EligibilityPolicy,
     PublisherBlocklist,
-    RequestContext,
     chroma_where,
     filter_eligible,
     is_eligible,
     load_publisher_blocklists,
 )
-from adselect.settings import Settings
-from adselect.types import Ad, Candidate
+from kernel.settings import Settings
+from kernel.types import Ad, Candidate, RequestContext
 
 NOW = datetime(2024, 6, 15, 12, 0, tzinfo=timezone.utc)
 CTX = RequestContext(now=NOW, locale="en-GB", device="mobile", publisher_id="pub-1")

@@ -8,9 +8,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from adselect.fusion import FusionModel
-from adselect.pipeline import AuditSink, Selector
-from adselect.settings import Settings
+from selection.fusion import FusionModel
+from selection.pipeline import AuditSink, Selector
+from kernel.settings import Settings
 from agent.text_guard import untrusted_echo
 from retrieval.behaviour import BehaviourStats
 from retrieval.candidates import CandidateGenerator
@@ -131,9 +131,9 @@ def build_services(
     )
     safety: dict = {}
     if serving:
-        from adselect.caps import open_cap_store
-        from adselect.hashing import secret_from_settings, user_key
-        from adselect.rules import EligibilityPolicy
+        from selection.caps import open_cap_store
+        from kernel.hashing import secret_from_settings, user_key
+        from selection.rules import EligibilityPolicy
         from agent.breaker import CircuitBreaker, ConcurrencyLimiter
 
         secret = secret_from_settings(settings)

@@ -24,8 +24,8 @@ from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from adselect.errors import DataFileError
-from adselect.types import Ad, Candidate
+from kernel.errors import DataFileError
+from kernel.types import Ad, Candidate, RequestContext
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +66,6 @@ class EligibilityPolicy:
             blocked_advertisers=frozenset(settings.blocked_advertisers),
             publishers=load_publisher_blocklists(path) if path is not None else {},
         )
-
-
-@dataclass(frozen=True, slots=True)
-class RequestContext:
-    now: datetime  # naive = UTC
-    locale: str | None = None
-    device: str | None = None
-    publisher_id: str | None = None
-    blocked_categories: frozenset[str] = frozenset()
-    blocked_advertisers: frozenset[str] = frozenset()
 
 
 class Eligibility(NamedTuple):

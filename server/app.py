@@ -19,7 +19,7 @@ from kernel.settings import Settings
 from kernel.types import Decision, SelectRequest
 from server.errors import install_error_handlers
 from server.guard import Guard, arrival
-from server.limits import InFlightGate, TokenBuckets
+from server.limits import InFlightGate, Tally, TokenBuckets
 from server.metrics import Metrics
 from server.protocol import (
     AdOut,
@@ -153,6 +153,7 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
         responses={
             400: {"model": ErrorResponse, "description": "Malformed request: a body that is not UTF-8 JSON, or input the core rejects."},
             401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are configured)."},
+            408: {"model": ErrorResponse, "description": "Request body not received within the body read timeout."},
             413: {"model": ErrorResponse, "description": "Request body over the size limit."},
             422: {"model": ErrorResponse},
             429: {"model": ErrorResponse, "description": "Rate limit exceeded; see Retry-After."},
@@ -169,7 +170,10 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
     install_error_handlers(app)
     keys = ApiKeys(settings.api_keys)
     gate = InFlightGate(settings.max_inflight) if settings.max_inflight > 0 else None
-    metrics = Metrics(services=lambda: getattr(app.state, "services", None), inflight=lambda: gate.in_flight if gate else 0)
+    reading = Tally()
+    metrics = Metrics(
+        services=lambda: getattr(app.state, "services", None), inflight=lambda: gate.in_flight if gate else 0, reading=lambda: reading.n
+    )
     app.state.metrics = metrics
     app.add_middleware(
         Guard,
@@ -177,6 +181,9 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
         metrics=metrics,
         routes=lambda: frozenset(getattr(r, "path", "") for r in app.routes),
         max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+        max_drain_bytes=settings.max_drain_bytes,
+        reading=reading,
         buckets=TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None,
         gate=gate,
     )

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kernel.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +37,9 @@ class Settings(BaseSettings):
     exclude_history: bool = True
 
     # --- fusion ----------------------------------------------------------------------------
-    weights_path: Path | None = Field(None, description="Fusion weights JSON; default data_dir/fusion.json, else the shipped weights.")
+    weights_path: Path | None = Field(
+        None, description="Fusion weights JSON; set but missing: start-up fails. Unset: data_dir/fusion.json, else the shipped weights."
+    )
 
     rank_by: Literal["expected_value", "relevance"] = Field(
         "expected_value", description="expected_value: bid × calibrated pCTR; relevance: fused score only."
@@ -124,6 +128,7 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(20, ge=1, description="Token-bucket size: requests a key may send at once.")
     max_inflight: int = Field(64, ge=0, description="Server-wide /v1/select requests in progress; excess answered 503 at once (0 = no limit).")
+    readiness_timeout_s: float = Field(1.0, gt=0, description="Per-dependency time limit of a /readyz check (Chroma, caps, LLM).")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -136,7 +141,11 @@ class Settings(BaseSettings):
         return v
 
     def resolved_weights_path(self) -> Path | None:
+        """The configured weights file (ConfigError if it is not there: no silent fallback), else
+        data_dir/fusion.json if present, else None (the shipped weights)."""
         if self.weights_path is not None:
+            if not self.weights_path.is_file():
+                raise ConfigError("ADSELECT_WEIGHTS_PATH", f"no such file: {self.weights_path}")
             return self.weights_path
         p = self.data_dir / "fusion.json"
         return p if p.exists() else None

@@ -11,22 +11,25 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from kernel.types import RequestContext
 from selection.services import Services, build_services
 from kernel.settings import Settings
 from kernel.types import Decision, SelectRequest
 from server.errors import install_error_handlers
-from server.guard import Guard, arrival
+from server.guard import PUBLIC_PATHS, Guard, arrival
 from server.limits import InFlightGate, Tally, TokenBuckets
 from server.metrics import Metrics
+from server.readiness import readiness
 from server.protocol import (
     AdOut,
     CopyOut,
     ErrorResponse,
     HealthResponse,
     PromptOut,
+    ReadyResponse,
+    ReadyStatus,
     RequestContextBody,
     SelectRequestBody,
     SelectResponseBody,
@@ -198,9 +201,31 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
         return to_wire(decision)
 
     @app.get("/healthz", response_model=HealthResponse)
-    async def healthz(request: Request, svc: ServicesDep) -> HealthResponse:
-        url = request.app.state.llm_url
-        return HealthResponse(status="ok", ads=len(svc.index), llm=url if (url and svc.selector.reranker) else "off")
+    async def healthz(svc: ServicesDep) -> HealthResponse:
+        """Liveness: the process answers (public, checks nothing). Readiness is /readyz."""
+        return HealthResponse(status="ok", ads=len(svc.index))
+
+    @app.get(
+        "/readyz",
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": "A required dependency (chroma, caps) is down."}},
+    )
+    async def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
+        """Readiness: Chroma, the cap store and the LLM, each checked and reported on its own (behind the API key
+        when keys are configured, like every route but /healthz). 503 when Chroma or the cap store is down; the LLM
+        down answers 200 with status "degraded" (the fast path still serves)."""
+        sel = svc.selector
+        ready = await readiness(
+            store=svc.store,
+            caps=getattr(sel, "caps", None),
+            llm_url=request.app.state.llm_url,
+            llm_enabled=sel.reranker is not None,
+            llm_api_key=svc.settings.llm_api_key,
+            breaker=getattr(sel, "breaker", None),
+            timeout_s=svc.settings.readiness_timeout_s,
+        )
+        status = 503 if ready.status == ReadyStatus.UNREADY else 200
+        return JSONResponse(status_code=status, content=ready.model_dump(mode="json"))
 
     @app.get(
         "/metrics",
@@ -228,7 +253,7 @@ def _document_auth(app: FastAPI, *, enabled: bool) -> None:
             }
             if enabled:
                 for path, ops in schema.get("paths", {}).items():
-                    if path != "/healthz":
+                    if path not in PUBLIC_PATHS:
                         for op in ops.values():
                             op["security"] = [{"ApiKeyHeader": []}, {"BearerKey": []}]
             app.openapi_schema = schema

@@ -43,7 +43,10 @@ def keyed_client(demo_settings, demo_services):
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/select"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/nope")],
+    [
+        ("POST", "/v1/select"), ("GET", "/metrics"), ("GET", "/readyz"), ("GET", "/docs"), ("GET", "/redoc"),
+        ("GET", "/openapi.json"), ("GET", "/nope"),
+    ],  # fmt: skip
 )
 def test_every_route_but_healthz_needs_a_key(keyed_client, method, path):
     for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": "Bearer "}):
@@ -55,7 +58,7 @@ def test_every_route_but_healthz_needs_a_key(keyed_client, method, path):
 @pytest.mark.parametrize("headers", [{"X-API-Key": API_KEY}, {"Authorization": f"Bearer {OTHER_KEY}"}, {"authorization": f"bearer {API_KEY}"}])
 def test_a_valid_key_in_either_header_is_accepted(keyed_client, headers):
     assert keyed_client.post("/v1/select", json=select_body(), headers=headers).status_code == 200
-    for path in ("/metrics", "/docs", "/openapi.json"):
+    for path in ("/metrics", "/readyz", "/docs", "/openapi.json"):
         assert keyed_client.get(path, headers=headers).status_code == 200
 
 

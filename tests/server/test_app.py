@@ -102,6 +102,8 @@ def test_openapi_documents_degraded_reason_as_the_one_enum(client: TestClient):
     assert ref == "#/components/schemas/DegradedReason" and {"type": "null"} in prop["anyOf"]
     assert schemas["DegradedReason"]["enum"] == [r.value for r in DegradedReason]
     assert schemas["DegradedReason"]["description"]
+    # the documented rule for `prompt` is the one the responses above follow: null on the fast path
+    assert "Null on the fast path" in schemas["SelectResponseBody"]["properties"]["prompt"]["description"]
 
 
 def test_openapi_documents_the_limits(client: TestClient):

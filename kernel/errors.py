@@ -130,3 +130,12 @@ class LocalLLMStartError(RuntimeFault):
 
     code = "local_llm_start_failed"
     public = "the local LLM could not be started"
+
+
+USAGE_EXIT = 2  # Click's convention: the command line or its input is wrong
+RUNTIME_EXIT = 1  # the command was right and something failed while running it
+
+
+def exit_code(exc: BaseException) -> int:
+    """A command's exit status for an error: 2 for input the user can fix, 1 for a runtime failure."""
+    return USAGE_EXIT if isinstance(exc, UserError) else RUNTIME_EXIT

@@ -1,44 +1,101 @@
-"""`adselect` command line: ingest, serve, select, prompts, eval. Thin: parses options, calls the core."""
+"""`adselect` command line: ingest, serve, select, prompts, eval. Thin: parses options, calls the core.
+
+Conventions (Click's): exit 0 on success, 2 when the command line or its input is wrong (a malformed
+file, an unknown name, an invalid option value), 1 when something failed while running (a dependency
+down, an unexpected error); every error message goes to stderr, results to stdout. Logs are JSON lines on
+stderr (`--log-format text` for people), configured here, at the entry point, never at import time.
+"""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
-from dataclasses import asdict
+import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Any, NoReturn, Optional
 
 import typer
+from pydantic import ValidationError
+from typer.core import TyperGroup
 
 from eval.cli import app as eval_app
-from kernel.errors import AdSelectError
+from kernel.errors import RUNTIME_EXIT, USAGE_EXIT, AdSelectError, exit_code
 from kernel.settings import Settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLM-augmented ad selection.")
+
+class _ReportingGroup(TyperGroup):
+    """Every command runs inside this: a typed error is one line on stderr and its exit code; anything
+    unexpected is exit 1 with its type (the traceback with --verbose), never a bare traceback."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except AdSelectError as e:
+            _fail(e)
+        except Exception as e:
+            if _STATE["verbose"]:
+                traceback.print_exc(file=sys.stderr)
+            typer.echo(f"error: internal error ({type(e).__name__}): {e}", err=True)
+            raise typer.Exit(code=RUNTIME_EXIT) from None
+
+
+_STATE = {"verbose": False}
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LLM-augmented ad selection.", cls=_ReportingGroup)
+
+
+def _load_settings() -> Settings:
+    """Settings from the environment and .env; an invalid value is a usage error (exit 2)."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        name = "_".join(str(x) for x in first["loc"]).upper()
+        _usage(f"ADSELECT_{name}: {first['msg']}")
 
 
 def _settings(data_dir: Optional[Path]) -> Settings:
-    s = Settings()
+    s = _load_settings()
     if data_dir is not None:
         s = s.model_copy(update={"data_dir": data_dir})
     return s
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception) -> NoReturn:
+    """One line on stderr; exit 2 for input the user can fix, 1 for a runtime failure."""
     typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=exit_code(e))
+
+
+def _usage(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code=USAGE_EXIT)
+
+
+DATA_DIR_HELP = "State directory (Chroma, behaviour tables, caps); overrides ADSELECT_DATA_DIR."
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging, and tracebacks for unexpected errors."),
+    log_format: str = typer.Option("json", "--log-format", help="Log lines on stderr: json (one object per line, with every extra field) or text."),
+) -> None:
+    """LLM-augmented ad selection."""
+    from server.logs import configure_logging
+
+    if log_format not in ("json", "text"):
+        raise typer.BadParameter("json or text", param_hint="--log-format")
+    _STATE["verbose"] = verbose
+    configure_logging(level=logging.DEBUG if verbose else logging.INFO, fmt=log_format)  # type: ignore[arg-type]
 
 
 @app.command()
 def ingest(
     ads: Path = typer.Option(..., "--ads", help="Ad catalog, canonical JSONL."),
     history: list[Path] = typer.Option([], "--history", help="Logged impressions (canonical JSONL); only their histories are used."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Re-embed even when the catalog is unchanged."),
 ) -> None:
     """Load a catalog into Chroma (upsert by ad_id) and learn co-visitation/popularity from histories."""
@@ -66,23 +123,23 @@ def ingest(
 
 @app.command()
 def select(
-    user_id: str = typer.Option("cli-user", "--user-id"),
+    user_id: str = typer.Option("cli-user", "--user-id", help="The caller's user id (stored and logged only as a keyed hash)."),
     history: str = typer.Option("", "--history", help="Comma-separated ad ids, oldest first."),
     event: list[str] = typer.Option([], "--event", help="Free-text event (repeatable)."),
-    candidates: Optional[str] = typer.Option(None, "--candidates", help="Comma-separated logged candidate ids."),
-    k: int = typer.Option(3, "--k"),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="Comma-separated logged candidate ids; omitted: retrieve from the catalog."),
+    k: int = typer.Option(3, "--k", help="How many ads to return."),
     use_llm: bool = typer.Option(False, "--llm/--no-llm", help="Call the LLM at ADSELECT_LLM_URL."),
-    deadline_ms: int = typer.Option(5000, "--deadline-ms"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    deadline_ms: int = typer.Option(5000, "--deadline-ms", help="Total time budget in ms (capped by ADSELECT_MAX_DEADLINE_MS)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
 ) -> None:
-    """Select ads for one impression; prints the decision as JSON."""
+    """Select ads for one impression; prints the decision as the JSON POST /v1/select answers."""
     from selection.services import build_services
-    from kernel.types import SelectRequest
+    from server.convert import to_core, to_wire
+    from server.protocol import SelectRequestBody
 
     s = _settings(data_dir)
     try:
-        services = build_services(s, llm_url=s.llm_url if use_llm else None)
-        req = SelectRequest(
+        body = SelectRequestBody(
             user_id=user_id,
             history=[h for h in history.split(",") if h],
             events=list(event),
@@ -91,18 +148,22 @@ def select(
             deadline_ms=deadline_ms,
             use_llm=use_llm,
         )
-        d = services.selector.select(req)
+    except ValidationError as e:  # the endpoint's limits, as the endpoint's 422 words them
+        first = e.errors()[0]
+        _usage(f"{'.'.join(str(x) for x in first['loc']) or 'input'}: {first['msg']}")
+    try:
+        services = build_services(s, llm_url=s.llm_url if use_llm else None)
+        decision = asyncio.run(services.selector.aselect(to_core(body, s)))
     except AdSelectError as e:
         _fail(e)
-    json.dump(asdict(d), sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+    sys.stdout.write(to_wire(decision).model_dump_json(by_alias=True, indent=2) + "\n")
 
 
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+    port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     no_llm: bool = typer.Option(False, "--no-llm", help="Fast path only: do not start or call an LLM."),
 ) -> None:
     """Serve POST /v1/select. Without ADSELECT_LLM_URL the bundled local model is started and stopped with it."""
@@ -113,13 +174,15 @@ def serve(
     s = _settings(data_dir)
     if no_llm:
         s = s.model_copy(update={"llm_enabled": False})
-    uvicorn.run(create_app(s), host=host, port=port, log_level="info")
+    s.resolved_weights_path()  # a configured weights file that is not there stops here, before the port opens
+    # log_config=None: uvicorn's own records (access log included) go to the JSON handler set up in main()
+    uvicorn.run(create_app(s), host=host, port=port, log_level="info", log_config=None)
 
 
 @app.command("settings")
 def settings_table(markdown: bool = typer.Option(True, "--markdown/--values", help="Markdown table of every setting, or current values.")) -> None:
     """Every setting with its env variable, default and meaning (the README's table is this output)."""
-    s = Settings()
+    s = _load_settings()
     if not markdown:
         for name in Settings.model_fields:
             v = getattr(s, name)
@@ -140,11 +203,12 @@ app.add_typer(prompts_app, name="prompts")
 def _registry():
     from agent.prompts import PromptRegistry
 
-    return PromptRegistry(Settings().prompts_dir)
+    return PromptRegistry(_load_settings().prompts_dir)
 
 
 @prompts_app.command("list")
 def prompts_list() -> None:
+    """Every template: name, version, sha256 prefix, description."""
     reg = _registry()
     for name in reg.names():
         t = reg.get(name)
@@ -152,7 +216,8 @@ def prompts_list() -> None:
 
 
 @prompts_app.command("show")
-def prompts_show(name: str) -> None:
+def prompts_show(name: str = typer.Argument(..., help="Template name (file name under prompts/ without .yaml).")) -> None:
+    """Print a template's file, with its version, sha256 and declared variables."""
     try:
         t = _registry().get(name)
     except AdSelectError as e:
@@ -163,7 +228,7 @@ def prompts_show(name: str) -> None:
 
 @prompts_app.command("render")
 def prompts_render(
-    name: str,
+    name: str = typer.Argument(..., help="Template name (file name under prompts/ without .yaml)."),
     vars_file: Optional[Path] = typer.Option(None, "--vars", help="JSON object of variables; default: a sample from the demo catalog."),
 ) -> None:
     """Print the chat messages the template renders to."""
@@ -183,8 +248,10 @@ def prompts_render(
                 candidates=[Candidate(ad=a, priors={}) for a in ads[10:15]], rewrite=True,
             )
             messages = call.messages
-    except (AdSelectError, OSError, json.JSONDecodeError) as e:
+    except AdSelectError as e:
         _fail(e)
+    except (OSError, json.JSONDecodeError) as e:  # the --vars file given
+        _usage(f"--vars {vars_file}: {e}")
     for m in messages:
         typer.echo(f"--- {m['role']} ---\n{m['content']}")
 
@@ -203,7 +270,7 @@ class _NoLLM:
 
 @prompts_app.command("validate")
 def prompts_validate() -> None:
-    """Load every template; exit 2 naming every invalid file."""
+    """Load every template; exit 2 naming every invalid file (on stderr)."""
     try:
         loaded = _registry().validate_all()
     except AdSelectError as e:

@@ -1,12 +1,21 @@
 """Domain exceptions. Two roots: UserError (the caller can fix it) and RuntimeFault (ours or a dependency's).
 
-server/errors.py maps these types — never their message text — to one JSON error shape.
+server/errors.py maps these types — never their message text — to one JSON error shape. What a remote
+caller reads is `public_message`: for a runtime fault a fixed sentence per type (the exception's text may
+hold file paths, URLs or a dependency's own message, which stay in the server log); for a user error what
+is wrong with the input, without paths. `str(exc)` is for the operator (CLI stderr, logs).
 """
 from __future__ import annotations
 
 
 class AdSelectError(Exception):
     code = "internal_error"
+    public = "internal error"
+
+    @property
+    def public_message(self) -> str:
+        """What a remote caller may be told (no paths, no internal detail)."""
+        return self.public
 
 
 class UserError(AdSelectError):
@@ -14,11 +23,32 @@ class UserError(AdSelectError):
 
     code = "bad_request"
 
+    @property
+    def public_message(self) -> str:
+        return str(self)
+
 
 class RuntimeFault(AdSelectError):
     """A dependency or internal state failed."""
 
     code = "runtime_error"
+    public = "a dependency of the service failed"
+
+
+class ConfigError(UserError):
+    """A setting names something that is not there (e.g. ADSELECT_WEIGHTS_PATH pointing at no file).
+
+    Raised at start-up, before any request is served: a typo never silently falls back to a default."""
+
+    code = "config_invalid"
+
+    def __init__(self, setting: str, problem: str):
+        self.setting, self.problem = setting, problem
+        super().__init__(f"{setting}: {problem}")
+
+    @property
+    def public_message(self) -> str:
+        return f"server setting {self.setting} is invalid"
 
 
 class DataFileError(UserError):
@@ -31,15 +61,26 @@ class DataFileError(UserError):
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {reason}")
 
+    @property
+    def public_message(self) -> str:
+        return f"line {self.line}: {self.reason}" if self.line is not None else self.reason
+
 
 class CatalogError(RuntimeFault):
     """The ad catalog is missing, empty or unreadable."""
 
     code = "catalog_unavailable"
+    public = "the ad catalog is unavailable"
 
 
 class PromptError(UserError):
+    """A prompt template is invalid or was rendered with the wrong variables (the text names the file)."""
+
     code = "prompt_invalid"
+
+    @property
+    def public_message(self) -> str:
+        return "the prompt template is invalid"
 
 
 class MissingPromptVariable(PromptError):
@@ -64,6 +105,7 @@ class LLMUnavailable(RuntimeFault):
     """The LLM did not answer in time, refused the connection, or returned an HTTP error."""
 
     code = "llm_unavailable"
+    public = "the LLM is unavailable"
 
     def __init__(self, reason: str, detail: str = ""):
         self.reason = reason  # short machine-readable: timeout | connection | http_error | breaker_open | busy
@@ -74,6 +116,7 @@ class LLMOutputInvalid(RuntimeFault):
     """The LLM answered but its output failed parsing or validation."""
 
     code = "llm_output_invalid"
+    public = "the LLM's output was invalid"
 
     def __init__(self, reason: str, raw: str | None = None, detail: str = ""):
         self.reason = reason  # short machine-readable: malformed_json | schema_mismatch | empty_ranking | truncated
@@ -86,6 +129,7 @@ class LocalLLMStartError(RuntimeFault):
     """The bundled local LLM server could not be started (missing model file, port taken, process died, not ready in time)."""
 
     code = "local_llm_start_failed"
+    public = "the local LLM could not be started"
 
 
 # --- the closed loop: feedback events and experiment files ---------------------------------------------
@@ -129,3 +173,16 @@ class ExperimentError(UserError):
     def __init__(self, path: str, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
+
+    @property
+    def public_message(self) -> str:
+        return f"experiment file invalid: {self.reason}"
+
+
+USAGE_EXIT = 2  # Click's convention: the command line or its input is wrong
+RUNTIME_EXIT = 1  # the command was right and something failed while running it
+
+
+def exit_code(exc: BaseException) -> int:
+    """A command's exit status for an error: 2 for input the user can fix, 1 for a runtime failure."""
+    return USAGE_EXIT if isinstance(exc, UserError) else RUNTIME_EXIT

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kernel.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +37,9 @@ class Settings(BaseSettings):
     exclude_history: bool = True
 
     # --- fusion ----------------------------------------------------------------------------
-    weights_path: Path | None = Field(None, description="Fusion weights JSON; default data_dir/fusion.json, else the shipped weights.")
+    weights_path: Path | None = Field(
+        None, description="Fusion weights JSON; set but missing: start-up fails. Unset: data_dir/fusion.json, else the shipped weights."
+    )
 
     rank_by: Literal["expected_value", "relevance"] = Field(
         "expected_value", description="expected_value: bid × calibrated pCTR; relevance: fused score only."
@@ -111,11 +115,20 @@ class Settings(BaseSettings):
         "X-API-Key or Authorization: Bearer (401 otherwise). Empty: no auth.",
     )
     max_body_bytes: int = Field(65536, ge=1, description="Largest request body accepted; larger: 413 (Content-Length or streamed bytes).")
+    body_read_timeout_s: float = Field(
+        10.0, gt=0, description="Time a client has to send its whole request body; slower: 408 and the connection closed. "
+        "No server slot is held while a body is being read.",
+    )  # fmt: skip
+    max_drain_bytes: int = Field(
+        16 * 2**20, ge=0, description="Of a body refused with 413, bytes read and dropped before answering, so a client that "
+        "sends its whole body first reads the 413 instead of a reset connection; a longer declared body is refused at once.",
+    )  # fmt: skip
     rate_limit_per_s: float = Field(
         0.0, ge=0, description="Token-bucket refill per API key (per client IP when auth is off) on /v1/*; 0 = no rate limit. Excess: 429."
     )
     rate_limit_burst: int = Field(20, ge=1, description="Token-bucket size: requests a key may send at once.")
     max_inflight: int = Field(64, ge=0, description="Server-wide /v1/select requests in progress; excess answered 503 at once (0 = no limit).")
+    readiness_timeout_s: float = Field(1.0, gt=0, description="Per-dependency time limit of a /readyz check (Chroma, caps, LLM).")
 
     # --- closed loop: impression log, feedback, experiments (selection/impression_log.py, feedback.py,
     # experiments.py) -----------------------------------------------------------------------------------
@@ -160,7 +173,11 @@ class Settings(BaseSettings):
         return v
 
     def resolved_weights_path(self) -> Path | None:
+        """The configured weights file (ConfigError if it is not there: no silent fallback), else
+        data_dir/fusion.json if present, else None (the shipped weights)."""
         if self.weights_path is not None:
+            if not self.weights_path.is_file():
+                raise ConfigError("ADSELECT_WEIGHTS_PATH", f"no such file: {self.weights_path}")
             return self.weights_path
         p = self.data_dir / "fusion.json"
         return p if p.exists() else None

@@ -1,6 +1,6 @@
 """Behavioural priors learned from logged histories only (never from `clicked`).
 
-- popularity: how often an ad appears in histories (recency-weighted per history);
+- popularity: in how many distinct histories an ad appears (a plain count, once per history, no recency weight);
 - co-visitation: within a window of `window` steps, how often ad j follows ad i (`forward`) and how often
   the two appear close together in either order (`symmetric`), each pair weighted by decay**(gap-1);
 - collaborative item vectors: positive PMI of "in the same history" co-occurrence, factorised by a
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class BehaviourStats:
     ids: list[str]  # the catalog row order these tables were built for
-    popularity: np.ndarray  # (n,) float32 raw weighted counts
+    popularity: np.ndarray  # (n,) float32 counts of distinct histories holding the ad
     forward: sp.csr_matrix  # (n, n): i then j
     symmetric: sp.csr_matrix  # (n, n): i and j close in either order
     n_histories: int

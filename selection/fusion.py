@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kernel.errors import ConfigError
 from retrieval.features import FEATURES
 
 SHIPPED_WEIGHTS = Path(__file__).with_name("default_weights.json")
@@ -44,9 +45,10 @@ class FusionModel:
 
     @classmethod
     def hand_tuned(cls) -> "FusionModel":
-        """Used only when no weights file exists at all: an equal-weight blend over standardised features."""
+        """Used only when no weights file exists at all: an equal-weight blend over standardised features.
+        The LLM gets weight 0: no fit earned it a say in the ranking."""
         n = len(FEATURES)
-        return cls(list(FEATURES), np.zeros(n), np.ones(n), np.ones(n) / n, 0.0, [], 0.5, {"source": "hand_tuned"})
+        return cls(list(FEATURES), np.zeros(n), np.ones(n), np.ones(n) / n, 0.0, [], 0.0, {"source": "hand_tuned"})
 
     def expand(self, X: np.ndarray) -> np.ndarray:
         Z = (X - self.mean) / self.scale
@@ -107,7 +109,9 @@ class FusionModel:
 
     @classmethod
     def load(cls, path: Path | None) -> "FusionModel":
-        """The given file, else the shipped weights, else the hand-tuned blend."""
+        """The given file (ConfigError if it is not there), else the shipped weights, else the hand-tuned blend."""
+        if path is not None and not Path(path).is_file():
+            raise ConfigError("weights_path", f"no such file: {path}")
         for p in (path, SHIPPED_WEIGHTS):
             if p is not None and Path(p).exists():
                 m = cls.from_json(json.loads(Path(p).read_text()))

@@ -4,33 +4,22 @@ from __future__ import annotations
 import gc
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
-from kernel.types import RequestContext
 from selection.services import Services, build_services
 from kernel.settings import Settings
-from kernel.types import Decision, SelectRequest
 from server.errors import install_error_handlers
-from server.guard import Guard, arrival
-from server.limits import InFlightGate, TokenBuckets
+from server.guard import PUBLIC_PATHS, Guard, arrival
+from server.limits import InFlightGate, Tally, TokenBuckets
 from server.metrics import Metrics
-from server.protocol import (
-    AdOut,
-    CopyOut,
-    ErrorResponse,
-    HealthResponse,
-    PromptOut,
-    RequestContextBody,
-    SelectRequestBody,
-    SelectResponseBody,
-)
+from server.readiness import readiness
+from server.convert import to_core, to_wire
+from server.protocol import ErrorResponse, HealthResponse, ReadyResponse, ReadyStatus, SelectRequestBody, SelectResponseBody
 from server.security import ApiKeys
 
 log = logging.getLogger(__name__)
@@ -47,66 +36,6 @@ def get_metrics(request: Request) -> Metrics:
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-def to_context(body: RequestContextBody | None, now: datetime) -> RequestContext:
-    if body is None:
-        return RequestContext(now=now)
-    return RequestContext(
-        now=now,
-        locale=body.locale,
-        device=body.device,
-        publisher_id=body.publisher_id,
-        blocked_categories=frozenset(body.blocked_categories),
-        blocked_advertisers=frozenset(body.blocked_advertisers),
-    )
-
-
-def to_core(body: SelectRequestBody, settings: Settings, *, spent_ms: float = 0.0) -> SelectRequest:
-    """`spent_ms`: time the request already spent in the server (reading, queueing), taken off its deadline."""
-    deadline = body.deadline_ms if body.deadline_ms is not None else settings.default_deadline_ms
-    deadline = max(1, int(min(deadline, settings.max_deadline_ms) - spent_ms))
-    return SelectRequest(
-        user_id=body.user_id,
-        history=list(body.history),
-        events=list(body.events),
-        candidates=list(body.candidates) if body.candidates is not None else None,
-        k=body.k,
-        deadline_ms=deadline,
-        use_llm=body.use_llm,
-        rewrite=body.rewrite,
-        request_id=uuid.uuid4().hex,
-        context=to_context(body.context, datetime.now(timezone.utc)),
-    )
-
-
-def to_wire(d: Decision) -> SelectResponseBody:
-    return SelectResponseBody(
-        request_id=d.request_id,
-        ads=[
-            AdOut(
-                ad_id=a.ad.ad_id,
-                title=a.ad.title,
-                advertiser=a.ad.advertiser,
-                score=a.score,
-                priors=a.priors,
-                llm_rank=a.llm_rank,
-                justification=a.justification,
-                pctr=a.pctr,
-                expected_value=a.expected_value,
-                copy=CopyOut(headline=a.copy.headline, description=a.copy.description),
-                original=CopyOut(headline=a.original.headline, description=a.original.description),
-            )
-            for a in d.ads
-        ],
-        llm_used=d.llm_used,
-        degraded=d.degraded,
-        degraded_reason=d.degraded_reason,
-        prompt=PromptOut(**d.prompt) if d.prompt else None,
-        model=d.model,
-        timings_ms=d.timings_ms,
-        unknown_ids=d.unknown_ids,
-    )
 
 
 def create_app(settings: Settings, *, services: Services | None = None, llm_url: str | None = None) -> FastAPI:
@@ -153,6 +82,7 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
         responses={
             400: {"model": ErrorResponse, "description": "Malformed request: a body that is not UTF-8 JSON, or input the core rejects."},
             401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are configured)."},
+            408: {"model": ErrorResponse, "description": "Request body not received within the body read timeout."},
             413: {"model": ErrorResponse, "description": "Request body over the size limit."},
             422: {"model": ErrorResponse},
             429: {"model": ErrorResponse, "description": "Rate limit exceeded; see Retry-After."},
@@ -169,7 +99,10 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
     install_error_handlers(app)
     keys = ApiKeys(settings.api_keys)
     gate = InFlightGate(settings.max_inflight) if settings.max_inflight > 0 else None
-    metrics = Metrics(services=lambda: getattr(app.state, "services", None), inflight=lambda: gate.in_flight if gate else 0)
+    reading = Tally()
+    metrics = Metrics(
+        services=lambda: getattr(app.state, "services", None), inflight=lambda: gate.in_flight if gate else 0, reading=lambda: reading.n
+    )
     app.state.metrics = metrics
     app.add_middleware(
         Guard,
@@ -177,6 +110,9 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
         metrics=metrics,
         routes=lambda: frozenset(getattr(r, "path", "") for r in app.routes),
         max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_s=settings.body_read_timeout_s,
+        max_drain_bytes=settings.max_drain_bytes,
+        reading=reading,
         buckets=TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None,
         gate=gate,
     )
@@ -191,9 +127,31 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
         return to_wire(decision)
 
     @app.get("/healthz", response_model=HealthResponse)
-    async def healthz(request: Request, svc: ServicesDep) -> HealthResponse:
-        url = request.app.state.llm_url
-        return HealthResponse(status="ok", ads=len(svc.index), llm=url if (url and svc.selector.reranker) else "off")
+    async def healthz(svc: ServicesDep) -> HealthResponse:
+        """Liveness: the process answers (public, checks nothing). Readiness is /readyz."""
+        return HealthResponse(status="ok", ads=len(svc.index))
+
+    @app.get(
+        "/readyz",
+        response_model=ReadyResponse,
+        responses={503: {"model": ReadyResponse, "description": "A required dependency (chroma, caps) is down."}},
+    )
+    async def readyz(request: Request, svc: ServicesDep) -> JSONResponse:
+        """Readiness: Chroma, the cap store and the LLM, each checked and reported on its own (behind the API key
+        when keys are configured, like every route but /healthz). 503 when Chroma or the cap store is down; the LLM
+        down answers 200 with status "degraded" (the fast path still serves)."""
+        sel = svc.selector
+        ready = await readiness(
+            store=svc.store,
+            caps=getattr(sel, "caps", None),
+            llm_url=request.app.state.llm_url,
+            llm_enabled=sel.reranker is not None,
+            llm_api_key=svc.settings.llm_api_key,
+            breaker=getattr(sel, "breaker", None),
+            timeout_s=svc.settings.readiness_timeout_s,
+        )
+        status = 503 if ready.status == ReadyStatus.UNREADY else 200
+        return JSONResponse(status_code=status, content=ready.model_dump(mode="json"))
 
     @app.get(
         "/metrics",
@@ -221,7 +179,7 @@ def _document_auth(app: FastAPI, *, enabled: bool) -> None:
             }
             if enabled:
                 for path, ops in schema.get("paths", {}).items():
-                    if path != "/healthz":
+                    if path not in PUBLIC_PATHS:
                         for op in ops.values():
                             op["security"] = [{"ApiKeyHeader": []}, {"BearerKey": []}]
             app.openapi_schema = schema

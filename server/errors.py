@@ -1,4 +1,7 @@
-"""The one place exceptions become HTTP: type -> status, one JSON shape {"error": {code, message, details}}."""
+"""The one place exceptions become HTTP: type -> status, one JSON shape {"error": {code, message, details}}.
+
+The message a caller reads is the error's `public_message` (kernel/errors.py), never `str(exc)`: a runtime
+fault's text may name a file, a URL or a dependency's internals; it goes to the server log instead."""
 from __future__ import annotations
 
 import logging
@@ -46,7 +49,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AdSelectError)
     async def _domain(_: Request, exc: AdSelectError) -> JSONResponse:
-        return error_response(status_for(exc), exc.code, str(exc))
+        status = status_for(exc)
+        if status >= 500:
+            log.error("request failed: %s", exc, extra={"error_code": exc.code, "error_type": type(exc).__name__})
+        return error_response(status, exc.code, exc.public_message)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -1,18 +1,25 @@
-"""The one ASGI middleware in front of the app: auth, rate limit, load shedding, body limit, request metrics.
+"""The one ASGI middleware in front of the app: auth, rate limit, body limits, load shedding, request metrics.
 
 Order per request (each refusal is the one error shape, answered before any work is done):
 
     metrics (every request: route, status, latency)
       └ auth          401  unless the path is public (/healthz) or no keys are configured
         └ rate limit  429  /v1/* only; one token bucket per key id (per client IP without auth)
-          └ shed      503  /v1/select only, when `max_inflight` are already in progress
-            └ body    413  Content-Length over the limit, or more bytes streamed than the limit
+          └ body      413  Content-Length over the limit, or more bytes streamed than the limit
+                      408  the whole body not in within `body_read_timeout_s` of arrival
+            └ shed    503  /v1/select only, when `max_inflight` are already in progress
               └ app        with the body already read (replayed to it)
 
-Nothing here reads or logs a body; callers are named by key id or IP only.
+The in-flight slot is taken only once the body is in: a slow client holds a socket and a coroutine,
+never a slot, so a few dozen of them cannot make the server shed everyone else. A refused oversized
+body is drained (at most `max_drain_bytes`, within the same read timeout) before the 413 is sent, so a
+client that writes its whole body before reading reads the 413 and not a reset connection.
+
+Nothing here reads a body's content or logs it; callers are named by key id or IP only.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -22,8 +29,9 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_response
-from server.limits import BodyTooLarge, ClientGone, InFlightGate, TokenBuckets, declared_length, read_body, replay
+from server.limits import BodyTooLarge, ClientGone, InFlightGate, Tally, TokenBuckets, declared_length, drain, read_body, replay
 from server.metrics import (
+    REFUSED_BODY_TIMEOUT,
     REFUSED_BODY_TOO_LARGE,
     REFUSED_RATE_LIMITED,
     REFUSED_SHED,
@@ -50,8 +58,11 @@ class Guard:
         metrics: Metrics,
         routes: Callable[[], frozenset[str]],
         max_body_bytes: int,
+        body_read_timeout_s: float,
+        max_drain_bytes: int,
         buckets: TokenBuckets | None,
         gate: InFlightGate | None,
+        reading: Tally | None = None,
     ):
         self.app = app
         self.keys = keys
@@ -59,8 +70,11 @@ class Guard:
         self._routes = routes
         self._known: frozenset[str] | None = None
         self.max_body_bytes = max_body_bytes
+        self.body_read_timeout_s = body_read_timeout_s
+        self.max_drain_bytes = max_drain_bytes
         self.buckets = buckets
         self.gate = gate
+        self.reading = reading or Tally()
 
     def _route(self, path: str) -> str:
         if self._known is None:
@@ -117,6 +131,9 @@ class Guard:
                     message="rate limit exceeded", headers={"Retry-After": TokenBuckets.retry_after(wait)},
                 )  # fmt: skip
                 return
+        body = await self._read_body(scope, receive, send, headers)
+        if body is None:
+            return
         gate = self.gate if path == SELECT_PATH else None
         if gate is not None and not gate.try_enter():
             await self._refuse(
@@ -125,18 +142,42 @@ class Guard:
             )  # fmt: skip
             return
         try:
-            try:
-                body = await read_body(receive, limit=self.max_body_bytes, declared=declared_length(headers))
-            except BodyTooLarge as e:
-                await self._refuse(
-                    scope, receive, send, reason=REFUSED_BODY_TOO_LARGE, status=413, code="body_too_large",
-                    message=f"request body larger than {e.limit} bytes", headers={"Connection": "close"},
-                )  # fmt: skip
-                return
             await self.app(scope, replay(body, receive), send)
         finally:
             if gate is not None:
                 gate.leave()
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, headers: Headers) -> bytes | None:
+        """The whole body, or None once a 413 or 408 has been sent. Raises ClientGone."""
+        declared = declared_length(headers)
+        arrived = arrival(scope) or time.perf_counter()
+
+        def left_s() -> float:
+            return max(0.0, self.body_read_timeout_s - (time.perf_counter() - arrived))
+
+        with self.reading.held():
+            try:
+                async with asyncio.timeout(left_s()):
+                    return await read_body(receive, limit=self.max_body_bytes, declared=declared)
+            except BodyTooLarge as e:
+                too_large = e
+            except TimeoutError:
+                await self._refuse(
+                    scope, receive, send, reason=REFUSED_BODY_TIMEOUT, status=408, code="body_timeout",
+                    message=f"request body not received within {self.body_read_timeout_s:g} s", headers={"Connection": "close"},
+                )  # fmt: skip
+                return None
+            if not too_large.ended and (declared is None or declared <= self.max_body_bytes + self.max_drain_bytes):
+                try:
+                    async with asyncio.timeout(left_s()):
+                        await drain(receive, limit=self.max_drain_bytes)
+                except TimeoutError:
+                    pass  # answer anyway: the drain is a courtesy, bounded in bytes and time
+        await self._refuse(
+            scope, receive, send, reason=REFUSED_BODY_TOO_LARGE, status=413, code="body_too_large",
+            message=f"request body larger than {too_large.limit} bytes", headers={"Connection": "close"},
+        )  # fmt: skip
+        return None
 
 
 def arrival(scope: dict[str, Any]) -> float | None:

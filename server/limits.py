@@ -1,11 +1,17 @@
-"""Request limits that answer at once instead of queueing: rate (429), load (503) and body size (413).
+"""Request limits that answer at once instead of queueing: rate (429), load (503), body size (413) and
+body read time (408).
 
 - `TokenBuckets`: one bucket per caller (API key id, or client IP when auth is off); `rate` tokens a
   second up to `burst`; a request spends one token or is refused with the seconds until the next one.
   At most `max_callers` buckets are kept (least recently used dropped: a dropped caller starts full).
 - `InFlightGate`: at most `limit` requests inside; `try_enter()` never waits.
 - `read_body()`: the whole request body, or `BodyTooLarge` as soon as the declared Content-Length or
-  the bytes actually received pass the limit (a chunked body has no Content-Length to trust).
+  the bytes actually received pass the limit (a chunked body has no Content-Length to trust). The caller
+  bounds the time it may take (the guard's body read timeout).
+- `drain()`: reads and drops the rest of a refused body, at most `limit` bytes, so that a client that sends
+  its whole body before reading (Python's urllib, most plain clients) reads the 413 instead of a reset
+  connection: closing a socket with unread bytes in its receive buffer makes the kernel send a TCP RST.
+- `Tally`: how many of something are in progress (bodies being read), for a gauge.
 
 All three run on the server's event loop (one thread), so they hold no locks.
 """
@@ -14,7 +20,8 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 Message = dict[str, Any]
@@ -67,9 +74,27 @@ class InFlightGate:
         self.in_flight -= 1
 
 
+class Tally:
+    """A count of things in progress, with no limit (e.g. request bodies being read)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.n += 1
+        try:
+            yield
+        finally:
+            self.n -= 1
+
+
 class BodyTooLarge(Exception):
-    def __init__(self, limit: int):
+    """`ended`: the last chunk of the body has been read (nothing left to drain)."""
+
+    def __init__(self, limit: int, *, ended: bool = False):
         self.limit = limit
+        self.ended = ended
         super().__init__(f"request body larger than {limit} bytes")
 
 
@@ -99,11 +124,28 @@ async def read_body(receive: Receive, *, limit: int, declared: int | None) -> by
             raise ClientGone()
         chunk = message.get("body", b"")
         size += len(chunk)
+        more = message.get("more_body", False)
         if size > limit:
-            raise BodyTooLarge(limit)
+            raise BodyTooLarge(limit, ended=not more)
         chunks.append(chunk)
-        if not message.get("more_body", False):
+        if not more:
             return b"".join(chunks)
+
+
+async def drain(receive: Receive, *, limit: int) -> bool:
+    """Read and drop the rest of a body, at most `limit` bytes; True if the body ended within that.
+
+    Raises ClientGone if the client disconnects. The caller bounds the time it may take."""
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        size += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return True
+        if size > limit:
+            return False
 
 
 def replay(body: bytes, receive: Receive) -> Receive:

@@ -28,17 +28,20 @@ REFUSED_UNAUTHORIZED = "unauthorized"
 REFUSED_RATE_LIMITED = "rate_limited"
 REFUSED_SHED = "shed"
 REFUSED_BODY_TOO_LARGE = "body_too_large"
+REFUSED_BODY_TIMEOUT = "body_timeout"
 
 
 class _LiveState(Collector):
     """Reads counters and gauges off the services at scrape time."""
 
-    def __init__(self, services: Callable[[], Any], inflight: Callable[[], int]):
+    def __init__(self, services: Callable[[], Any], inflight: Callable[[], int], reading: Callable[[], int]):
         self._services = services
         self._inflight = inflight
+        self._reading = reading
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("adselect_select_inflight", "/v1/select requests in progress.", value=self._inflight())
+        yield GaugeMetricFamily("adselect_body_reading", "Requests whose body is still being read (they hold no slot).", value=self._reading())
         svc = self._services()
         if svc is None:
             return
@@ -62,14 +65,20 @@ class _LiveState(Collector):
 
 
 class Metrics:
-    def __init__(self, *, services: Callable[[], Any] = lambda: None, inflight: Callable[[], int] = lambda: 0):
+    def __init__(
+        self,
+        *,
+        services: Callable[[], Any] = lambda: None,
+        inflight: Callable[[], int] = lambda: 0,
+        reading: Callable[[], int] = lambda: 0,
+    ):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("adselect_http_requests", "HTTP requests by route, method and status.", ["route", "method", "status"], registry=r)
         self.request_seconds = Histogram(
             "adselect_http_request_seconds", "HTTP request latency by route.", ["route"], buckets=LATENCY_BUCKETS_S, registry=r
         )
-        self.refused = Counter("adselect_refused", "Requests answered by the guard: unauthorized, rate_limited, shed, body_too_large.", ["reason"], registry=r)
+        self.refused = Counter("adselect_refused", "Requests answered by the guard: unauthorized, rate_limited, shed, body_too_large, body_timeout.", ["reason"], registry=r)
         self.stage_seconds = Histogram(
             "adselect_stage_seconds", "Pipeline stage latency (profile, candidates, fusion, llm, finalize, total).", ["stage"],
             buckets=LATENCY_BUCKETS_S, registry=r,
@@ -82,7 +91,7 @@ class Metrics:
         self.cap_rejections = Counter("adselect_cap_rejections", "Ads skipped because a frequency cap was reached.", registry=r)
         self.ineligible = Counter("adselect_ineligible", "Candidates excluded by an eligibility rule.", ["rule"], registry=r)
         self.ads_served = Counter("adselect_ads_served", "Ads returned.", registry=r)
-        r.register(_LiveState(services, inflight))
+        r.register(_LiveState(services, inflight, reading))
 
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()

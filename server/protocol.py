@@ -1,9 +1,12 @@
 """Wire models of the public API (their limits are the API's limits, documented in OpenAPI)."""
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from kernel.reasons import DegradedReason
 
 AdId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 EventText = Annotated[str, StringConstraints(min_length=1, max_length=500)]
@@ -82,6 +85,8 @@ class AdOut(BaseModel):
 
 
 class PromptOut(BaseModel):
+    """The prompt template of the LLM stage; `sha256` is the hash of its file, as in audit lines and eval reports."""
+
     name: str
     version: str
     sha256: str
@@ -90,11 +95,14 @@ class PromptOut(BaseModel):
 class SelectResponseBody(BaseModel):
     request_id: str
     ads: list[AdOut]
-    llm_used: bool
-    degraded: bool
-    degraded_reason: str | None
-    prompt: PromptOut | None
-    model: str | None
+    llm_used: bool = Field(description="The LLM's ranking took part in this decision.")
+    degraded: bool = Field(description="Served without part of what was asked (see degraded_reason); always the priors' ranking.")
+    degraded_reason: DegradedReason | None = Field(description="Why the decision is degraded; null when it is not.")
+    prompt: PromptOut | None = Field(
+        description="Set when the request asked for the LLM stage and the service has one (llm_used, or degraded on "
+        "the way): the prompt used or about to be used. Null on the fast path (use_llm false, or no LLM stage): no prompt is involved."
+    )
+    model: str | None = Field(description="The LLM's model name when llm_used; else null.")
     timings_ms: dict[str, float]
     unknown_ids: list[str] = Field(description="History/candidate ids not in the catalog (ignored).")
 
@@ -110,6 +118,34 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: str
-    ads: int
-    llm: str = Field(description="off | url of the OpenAI-compatible server")
+    """Liveness: the process answers. Dependencies are /readyz's business."""
+
+    status: str = Field(description="Always ok when the process answers.")
+    ads: int = Field(description="Ads in the loaded catalog index.")
+
+
+class CheckStatus(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    OFF = "off"  # not part of this service (no caps in offline replay, no LLM stage)
+    UNCHECKED = "unchecked"  # an LLM stage with no server URL to ask (injected in tests); the breaker is shown
+
+
+class ReadyStatus(StrEnum):
+    READY = "ready"  # every check up (or off)
+    DEGRADED = "degraded"  # only the LLM is down: the fast path serves, decisions asking for the LLM say degraded
+    UNREADY = "unready"  # a required dependency (chroma, caps) is down: 503
+
+
+class CheckOut(BaseModel):
+    status: CheckStatus
+    error: str | None = Field(None, description="The failure's type (timeout, ConnectError, ...); never its text.")
+    ms: float | None = Field(None, description="Time the check took.")
+    breaker: str | None = Field(None, description="LLM only: the circuit breaker's state (closed, open, half_open).")
+
+
+class ReadyResponse(BaseModel):
+    """Readiness: each dependency checked on its own. 503 when chroma or caps is down; the LLM is optional."""
+
+    status: ReadyStatus
+    checks: dict[str, CheckOut] = Field(description="chroma, caps, llm.")

@@ -1,4 +1,7 @@
-"""`adselect` as a user runs it: real subprocesses of the installed entry point, in a clean environment."""
+"""`adselect` as a user runs it: real subprocesses of this checkout's CLI (`python -m adselect.cli`, what the
+`adselect` entry point calls), in a clean environment. Conventions checked: help on every command and option,
+exit 2 for usage and input errors, 1 for runtime failures, messages on stderr, JSON log lines on stderr,
+and `select` printing exactly the JSON shape of POST /v1/select."""
 from __future__ import annotations
 
 import json
@@ -9,18 +12,65 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
+
+from adselect.cli import app
+from server.protocol import AdOut, CopyOut, PromptOut, SelectResponseBody
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO = REPO_ROOT / "data" / "demo"
-ADSELECT = Path(sys.executable).with_name("adselect")
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run `adselect ARGS` from `cwd` (no .env there) with no ADSELECT_* variables but those given."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_")}
+    clean["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [clean.get("PYTHONPATH")])])
     return subprocess.run(
-        [str(ADSELECT), *args], cwd=cwd, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "adselect.cli", *args], cwd=cwd, env={**clean, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )
+
+
+def log_lines(stderr: str) -> list[dict]:
+    """Every stderr line that is a log record (JSON object); progress bars and messages are not."""
+    out = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+def _commands(cmd, path: list[str]):
+    yield path, cmd
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _commands(sub, [*path, name])
+
+
+def test_every_command_and_option_has_help():
+    """`adselect eval …` is eval/cli.py's and checked there; the rest is here."""
+    missing = []
+    for path, cmd in _commands(typer.main.get_command(app), ["adselect"]):
+        if path[1:2] == ["eval"]:
+            continue
+        if not (cmd.help or "").strip():
+            missing.append(" ".join(path))
+        missing += [f"{' '.join(path)} {p.name}" for p in cmd.params if not (getattr(p, "help", None) or "").strip()]
+    assert not missing
+
+
+def test_usage_errors_exit_2_on_stderr(tmp_path: Path):
+    for args in (["select", "--k", "0"], ["select", "--nope"], ["--log-format", "xml", "settings"]):
+        res = run(*args, cwd=tmp_path)
+        assert res.returncode == 2, (args, res.stderr)
+        assert res.stdout == "" and res.stderr.strip()
+    assert "k:" in run("select", "--k", "0", cwd=tmp_path).stderr  # the endpoint's limit, the endpoint's words
+    res = run("settings", cwd=tmp_path, env={"ADSELECT_MAX_INFLIGHT": "many"})
+    assert res.returncode == 2 and "ADSELECT_MAX_INFLIGHT" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_runtime_failure_exits_1_with_its_message_on_stderr(tmp_path: Path):
+    res = run("select", "--data-dir", str(tmp_path / "never-ingested"), cwd=tmp_path)
+    assert res.returncode == 1, res.stderr
+    assert res.stdout == "" and "run `adselect ingest" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_prompts_list(tmp_path: Path):
@@ -75,7 +125,7 @@ def small_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_ingest_then_select_prints_json(tmp_path: Path, small_catalog: Path):
+def test_ingest_then_select_prints_the_http_response_shape(tmp_path: Path, small_catalog: Path):
     var = tmp_path / "var"
     res = run("ingest", "--ads", str(small_catalog), "--history", str(DEMO / "impressions.jsonl"), "--data-dir", str(var), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
@@ -84,6 +134,22 @@ def test_ingest_then_select_prints_json(tmp_path: Path, small_catalog: Path):
     res = run("select", "--history", "run-001,run-002,nope", "--k", "2", "--data-dir", str(var), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
-    assert [a["ad"]["ad_id"][:4] for a in d["ads"]] == ["run-", "run-"]
+    assert set(d) == set(SelectResponseBody.model_fields)
+    SelectResponseBody.model_validate(d)
+    ad_keys = {f.alias or name for name, f in AdOut.model_fields.items()}
+    for ad in d["ads"]:
+        assert set(ad) == ad_keys and set(ad["copy"]) == set(ad["original"]) == set(CopyOut.model_fields)
+    assert [a["ad_id"][:4] for a in d["ads"]] == ["run-", "run-"]
     assert (d["llm_used"], d["degraded"], d["unknown_ids"]) == (False, False, ["nope"])
-    assert not {"run-001", "run-002"} & {a["ad"]["ad_id"] for a in d["ads"]}
+    assert not {"run-001", "run-002"} & {a["ad_id"] for a in d["ads"]}
+    assert len(d["request_id"]) == 32 and d["prompt"] is None and set(PromptOut.model_fields) == {"name", "version", "sha256"}
+
+    # logs are JSON lines on stderr, with the extra= fields of the logging call
+    loaded = [r for r in log_lines(res.stderr) if r["message"] == "catalog index loaded"]
+    assert loaded and loaded[0]["ads"] == 40 and loaded[0]["level"] == "INFO" and loaded[0]["logger"] == "retrieval.store"
+
+    # a configured weights file that is not there: a clear error, not the shipped weights
+    typo = tmp_path / "fusion.jsno"
+    res = run("select", "--data-dir", str(var), cwd=tmp_path, env={"ADSELECT_WEIGHTS_PATH": str(typo)})
+    assert res.returncode == 2 and res.stdout == ""
+    assert f"ADSELECT_WEIGHTS_PATH: no such file: {typo}" in res.stderr and "Traceback" not in res.stderr

@@ -1,9 +1,13 @@
-"""API protection through the HTTP surface: API keys (401), body limit (413), rate limit (429), load
-shedding (503 at once), and /metrics, /docs, /openapi.json behind the same keys."""
+"""API protection through the HTTP surface: API keys (401), body limit (413), body read timeout (408), rate
+limit (429), load shedding (503 at once), and /metrics, /docs, /openapi.json, /readyz behind the same keys."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import socket
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import httpx
@@ -39,7 +43,10 @@ def keyed_client(demo_settings, demo_services):
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/select"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/nope")],
+    [
+        ("POST", "/v1/select"), ("GET", "/metrics"), ("GET", "/readyz"), ("GET", "/docs"), ("GET", "/redoc"),
+        ("GET", "/openapi.json"), ("GET", "/nope"),
+    ],  # fmt: skip
 )
 def test_every_route_but_healthz_needs_a_key(keyed_client, method, path):
     for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": f"Basic {API_KEY}"}, {"Authorization": "Bearer "}):
@@ -51,7 +58,7 @@ def test_every_route_but_healthz_needs_a_key(keyed_client, method, path):
 @pytest.mark.parametrize("headers", [{"X-API-Key": API_KEY}, {"Authorization": f"Bearer {OTHER_KEY}"}, {"authorization": f"bearer {API_KEY}"}])
 def test_a_valid_key_in_either_header_is_accepted(keyed_client, headers):
     assert keyed_client.post("/v1/select", json=select_body(), headers=headers).status_code == 200
-    for path in ("/metrics", "/docs", "/openapi.json"):
+    for path in ("/metrics", "/readyz", "/docs", "/openapi.json"):
         assert keyed_client.get(path, headers=headers).status_code == 200
 
 
@@ -128,6 +135,69 @@ def test_body_at_the_limit_is_served(small_body_server):
         yield body[1000:]
 
     assert httpx.post(f"{small_body_server.url}/v1/select", content=chunks(), headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_a_plain_client_sending_8_mb_reads_the_413(small_body_server):
+    """urllib writes its whole body (Content-Length) before it reads: the server drains the refused body, so
+    the client reads the 413 instead of 'Connection reset by peer' (closing with unread bytes sends a RST)."""
+    req = urllib.request.Request(
+        f"{small_body_server.url}/v1/select", data=b" " * (8 * 2**20), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=60)
+    assert info.value.code == 413
+    assert ErrorResponse.model_validate(json.loads(info.value.read())).error.code == "body_too_large"
+    assert info.value.headers["Connection"] == "close"
+
+
+SLOW_CLIENTS = 20
+SLOW_TIMEOUT_S = 4.0
+
+
+def _gauge(app, name: str) -> float:
+    return app.state.metrics.registry.get_sample_value(name)
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_bodies_hold_no_slot_and_are_cut_off(demo_settings, demo_services):
+    """20 clients send headers and half a body, then stall, with max_inflight=2: normal requests are served
+    meanwhile (a slot is taken only once a body is in), and each slow client reads a 408 when its time is up."""
+    settings = settings_with(demo_settings, max_inflight=2, body_read_timeout_s=SLOW_TIMEOUT_S)
+    app = create_app(settings, services=demo_services)
+    head = b"POST /v1/select HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+    slow: list[socket.socket] = []
+    with LiveServer(app) as server:
+        try:
+            for _ in range(SLOW_CLIENTS):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=SLOW_TIMEOUT_S + 10)
+                sock.sendall(head + b'{"user_id": "slow", ')
+                slow.append(sock)
+            deadline = time.monotonic() + 10
+            while _gauge(app, "adselect_body_reading") < SLOW_CLIENTS:
+                assert time.monotonic() < deadline, "the slow clients never reached the body reader"
+                time.sleep(0.02)
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                codes = [client.post("/v1/select", json=select_body()).status_code for _ in range(5)]
+            still_reading = _gauge(app, "adselect_body_reading")
+            answers = [_read_to_eof(sock) for sock in slow]
+        finally:
+            for sock in slow:
+                sock.close()
+        assert _gauge(app, "adselect_body_reading") == 0 and _gauge(app, "adselect_select_inflight") == 0
+        refused = app.state.metrics.registry.get_sample_value("adselect_refused_total", {"reason": "body_timeout"})
+    assert codes == [200] * 5
+    assert still_reading == SLOW_CLIENTS  # the normal requests were served while every slow body was pending
+    for answer in answers:
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 408 Request Timeout", answer[:200]
+        assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_timeout"
+    assert refused == SLOW_CLIENTS
 
 
 # ---- rate limit ---------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from pydantic import SecretStr
 
 from kernel.settings import Settings
-from server.limits import BodyTooLarge, ClientGone, InFlightGate, TokenBuckets, read_body, replay
+from server.limits import BodyTooLarge, ClientGone, InFlightGate, Tally, TokenBuckets, drain, read_body, replay
 from server.security import ApiKeys, key_id, presented_key
 
 
@@ -69,6 +69,33 @@ def test_read_body_counts_streamed_bytes_and_trusts_no_missing_length():
         asyncio.run(read_body(_receiver(), limit=4, declared=5))
     with pytest.raises(ClientGone):
         asyncio.run(read_body(_receiver(b"a", b"b", disconnect=True), limit=4, declared=None))
+
+
+def test_body_too_large_says_whether_the_body_ended():
+    with pytest.raises(BodyTooLarge) as info:  # the oversized chunk was the last: nothing left to drain
+        asyncio.run(read_body(_receiver(b"ab", b"cde"), limit=4, declared=None))
+    assert info.value.ended
+    with pytest.raises(BodyTooLarge) as info:
+        asyncio.run(read_body(_receiver(b"abcde", b"f"), limit=4, declared=None))
+    assert not info.value.ended
+
+
+def test_drain_drops_at_most_its_limit():
+    assert asyncio.run(drain(_receiver(b"ab", b"cd", b"ef"), limit=10)) is True
+    assert asyncio.run(drain(_receiver(b"abcd", b"efgh", b"ij"), limit=5)) is False  # stops past the bound
+    with pytest.raises(ClientGone):
+        asyncio.run(drain(_receiver(b"a", b"b", disconnect=True), limit=10))
+
+
+def test_tally_counts_what_is_held():
+    t = Tally()
+    with t.held():
+        with t.held():
+            assert t.n == 2
+    assert t.n == 0
+    with pytest.raises(KeyError), t.held():
+        raise KeyError("x")
+    assert t.n == 0
 
 
 def test_replay_hands_over_the_body_once():

@@ -158,6 +158,7 @@ def fit_llm_weight(
             "llm_coef_raw": float(coef[1]),
             "sent_position_coef": float(coef[2]),
             "llm_top_was_shown_first": (sum(1 for i in top if sent_ranks[i] == 0) / len(top)) if top else None,
+            "llm_position_corr": _corr(Xc[:, 1], Xc[:, 2]),
         }
     if groups is not None and n_boot:
         ids, inverse = np.unique(np.asarray(groups), return_inverse=True)
@@ -188,10 +189,20 @@ def fit_llm_weight(
     return info["shipped"]["weight"], info
 
 
+MAX_LLM_POSITION_CORR = 0.99  # above this the LLM feature is the shown position: the controlled fit just splits one coefficient
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.std() < 1e-12 or b.std() < 1e-12:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def decide_llm_weight(info: dict) -> dict:
     """Which fit's LLM weight ships, and why: only the position-controlled fit's, and only when its
-    bootstrap interval for the LLM coefficient excludes 0 (otherwise 0). The plain fit is confounded
-    with the shown position (the LLM is shown the prior order) and never ships."""
+    bootstrap interval for the LLM coefficient excludes 0 and the LLM's ranking is not (nearly) the shown
+    order itself (otherwise 0). The plain fit is confounded with the shown position (the LLM is shown the
+    prior order) and never ships."""
     pc = info.get("position_control")
     out: dict = {"fit": "position_control", "plain_fit_weight": info.get("weight")}
     if pc is None:
@@ -201,6 +212,9 @@ def decide_llm_weight(info: dict) -> dict:
     out["llm_coef_raw_ci"] = ci
     if ci is None:
         return {**out, "weight": 0.0, "reason": "no_interval: no bootstrap of the position-controlled fit"}
+    corr = pc.get("llm_position_corr")
+    if corr is None or corr >= MAX_LLM_POSITION_CORR:
+        return {**out, "weight": 0.0, "reason": f"confounded: the LLM's ranking follows the shown order (correlation {corr}); no fit can tell them apart"}
     if ci[0] <= 0.0:
         return {**out, "weight": 0.0, "reason": "ci_includes_zero: the position-controlled LLM coefficient's interval reaches 0"}
     if pc["weight"] <= 0.0:

@@ -119,7 +119,7 @@ def _llm_rows(env, model, llm_run: Path, exclude_users: set[str]) -> LLMRows:
     return LLMRows(np.concatenate(priors), ranks, np.concatenate(ys), np.concatenate(groups), sent_ranks, n)
 
 
-def _gate_positive_weight(model, weight: float, *, opts: TuneOptions, check: Callable[[Path], InjectionCheck] | None) -> float:
+def gate_positive_weight(model, weight: float, *, opts: TuneOptions, check: Callable[[Path], InjectionCheck] | None) -> float:
     """The weight that may be written: `weight` if it is 0, or if the injection test passes at it; else 0.
 
     The decision and the check are recorded in `meta.llm_fit.shipped` / `meta.llm_fit.injection_check`."""
@@ -206,7 +206,7 @@ def run_tune(
             rows.prior, rows.ranks, rows.y, C=opts.C, groups=rows.groups, sent_ranks=rows.sent_ranks, seed=opts.seed
         )
         model.meta["llm_fit"] = {**info, "impressions": rows.impressions, "run": rel_path(opts.llm_run)}
-        model.llm_coef = _gate_positive_weight(model, weight, opts=opts, check=injection_check)
+        model.llm_coef = gate_positive_weight(model, weight, opts=opts, check=injection_check)
     else:
         model.meta["llm_fit"] = None
         model.llm_coef = 0.0

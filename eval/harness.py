@@ -154,8 +154,12 @@ def run_eval(
     show_progress: bool = True,
     config_file: Path | None = None,
     llm_inner=None,
+    llm_cache_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Run one eval task and write DIR/report.json, report.md and plots; returns the report."""
+    """Run one eval task and write DIR/report.json, report.md and plots; returns the report.
+
+    `llm_inner` replaces the chat client (tests); `llm_cache_path` the LLM cache file (default
+    data_dir/eval/llm_cache.sqlite)."""
     problems = validate_task(task, prompts_dir=settings.prompts_dir)
     if problems:
         raise TaskError("invalid eval task:\n  " + "\n  ".join(problems))
@@ -200,7 +204,8 @@ def run_eval(
             from eval.llm_phase import build_llm_stack
 
             stack = build_llm_stack(
-                task.llm, data_dir=settings.data_dir, prompts_dir=settings.prompts_dir, settings=eval_settings, inner=llm_inner
+                task.llm, data_dir=settings.data_dir, prompts_dir=settings.prompts_dir, settings=eval_settings, inner=llm_inner,
+                cache_path=llm_cache_path,
             )
         env = prepare_env(
             eval_settings,

@@ -108,6 +108,15 @@ def test_resume_finishes_an_interrupted_run(eval_settings, tmp_path: Path) -> No
         run_task({**doc, "systems": ["random", "default"]}, settings=eval_settings, out=out, resume=True)
 
 
+def test_resume_refuses_results_without_the_run_file_that_says_whose_they_are(eval_settings, tmp_path: Path) -> None:
+    doc = {"data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl"), "limit": 5}, "no_llm": True}
+    run_task({**doc, "systems": ["random", "default"]}, settings=eval_settings, out=tmp_path)
+    (tmp_path / "run.json").unlink()  # e.g. killed before the run file was complete (it is now written atomically)
+    with pytest.raises(ResumeMismatch):
+        run_task(doc, settings=eval_settings, out=tmp_path, resume=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
 def test_llm_systems_position_bias_and_cache_with_a_fake_llm(eval_settings, fake_llm, tmp_path: Path) -> None:
     doc = {
         "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import time
 from collections.abc import Callable
@@ -21,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from kernel.settings import REPO_ROOT, Settings
-from eval.data import load_impressions, read_user_ids
+from kernel.settings import Settings
+from eval.data import load_impressions
 from eval.env import prepare_env
 from eval.injection_gate import InjectionCheck, run_injection_check
 from eval.provenance import exclusion_sources, excluded_users, file_ref, file_sha256, rel_path

@@ -31,7 +31,6 @@ def _permuted(src: Path, dst: Path, how: str) -> Path:
 
 @pytest.mark.parametrize("how", ["reversed", "shuffled"])
 def test_permuting_every_candidate_list_leaves_every_metric_unchanged(mind_report, eval_settings, tmp_path: Path, how: str) -> None:
-    from eval.config import task_from_document
     from eval.env import prepare_env
     from eval.data import load_impressions
 

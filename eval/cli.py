@@ -1,12 +1,19 @@
-"""`adselect eval …`: run an eval task, validate task files, list them, fit fusion weights.
+"""`adselect eval …`: run an eval task, validate task files, list them, fit fusion weights, import data.
 
-    adselect eval --ads A --impressions I [--train T] [--systems a,b] [--no-llm] [--llm-sample N]
-                  [--limit N] [--config FILE] [--resume] --out DIR
+    adselect eval run --ads A --impressions I [--train T] [--systems a,b] [--no-llm] [--llm-sample N]
+                      [--limit N] [--config FILE] [--resume] --out DIR
     adselect eval validate FILE...
     adselect eval tasks
     adselect eval tune --ads A --impressions TRAIN [--exclude EVAL | --exclude-task TASK] [--n-random 19] [--n-hard N] --out W
     adselect eval sample-logged --ads A --impressions FULL [--exclude EVAL | --exclude-task TASK] [--skip N] --n 40 --out F
+    adselect eval import-mind --behaviors B.tsv --news N.tsv --out DIR [--max-impressions N]
 
+The old form `adselect eval --config … --out …` (options straight after `eval`) still runs, as
+`adselect eval run …`, with a deprecation warning on stderr; it goes away in the next release.
+
+Exit status: 0 done; 1 a runtime error (a service, the file system), or `validate` found problems; 2 a
+usage error (bad options, an invalid task or data file, an unknown name, a refused resume, inputs the
+command cannot use). Messages go to stderr.
 Thin: parses options into a task (the YAML file + overrides) and calls eval.harness / eval.tune_run.
 Heavy imports happen inside the commands so `adselect --help` stays fast.
 """
@@ -17,10 +24,29 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from kernel.errors import AdSelectError
+from kernel.errors import AdSelectError, UserError
 
-app = typer.Typer(add_completion=False, help="Offline evaluation against logged impressions (see eval/tasks/).")
+DEPRECATED_FORM = (
+    "warning: `adselect eval --option …` is deprecated and will be removed in the next release; "
+    "use `adselect eval run --option …`"
+)
+
+
+class EvalGroup(TyperGroup):
+    """`adselect eval --config …` (the form before `eval run`) is run as `adselect eval run --config …`, with a warning."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0].startswith("-") and args[0] not in ("--help", "-h"):
+            typer.echo(DEPRECATED_FORM, err=True)
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=EvalGroup, add_completion=False, no_args_is_help=True, help="Offline evaluation against logged impressions (see eval/tasks/)."
+)
 
 
 def _settings(data_dir: Optional[Path]):
@@ -30,9 +56,15 @@ def _settings(data_dir: Optional[Path]):
     return s.model_copy(update={"data_dir": data_dir}) if data_dir is not None else s
 
 
+def exit_code(e: Exception) -> int:
+    """2 for what the caller got wrong (options, task or data files, names, a refused resume, inputs a
+    command cannot use: ValueError), 1 for runtime errors (services, the file system, faults)."""
+    return 2 if isinstance(e, (UserError, ValueError)) else 1
+
+
 def _fail(e: Exception) -> None:
     typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=exit_code(e))
 
 
 def _overrides(**given: Any) -> dict[str, Any]:
@@ -65,7 +97,7 @@ def _overrides(**given: Any) -> dict[str, Any]:
     return doc
 
 
-@app.callback(invoke_without_command=True)
+@app.command("run")
 def run(
     ctx: typer.Context,
     ads: Optional[Path] = typer.Option(None, "--ads", help="Ad catalog (canonical ads.jsonl)."),
@@ -76,9 +108,10 @@ def run(
     llm_sample: Optional[int] = typer.Option(None, "--llm-sample", help="Run the LLM systems on N impressions (fixed seed)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N impressions of the file."),
     config: Optional[str] = typer.Option(None, "--config", help="Task YAML (path or name under eval/tasks/); options override it."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (report.json, report.md, plots, results.jsonl)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (report.json, report.md, plots, results.jsonl)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
     llm_url: Optional[str] = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL; default: start the bundled local model."),
+    llm_cache: Optional[Path] = typer.Option(None, "--llm-cache", help="LLM cache SQLite file (default: DATA_DIR/eval/llm_cache.sqlite)."),
     concurrency: Optional[int] = typer.Option(None, "--concurrency", help="LLM calls in flight."),
     rewrite: Optional[bool] = typer.Option(
         None, "--rewrite/--no-rewrite", help="LLM systems: also ask for copy (llm.rewrite); the report counts what was served and why not."
@@ -91,11 +124,6 @@ def run(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
     """Replay logged impressions through the pipeline and the baselines; write DIR/report.{json,md} and plots."""
-    if ctx.invoked_subcommand is not None:
-        return
-    if out is None:
-        typer.echo(ctx.get_help())
-        _fail(ValueError("--out DIR is required"))
     import logging
 
     from eval.config import find_task_file, load_task, task_from_document
@@ -110,8 +138,11 @@ def run(
     try:
         config_file = find_task_file(config) if config else None
         task = load_task(config_file, overrides=overrides) if config_file else task_from_document(overrides, where="<options>")
-        report = run_eval(task, settings=_settings(data_dir), out_dir=out, resume=resume, show_progress=progress, config_file=config_file)
-    except AdSelectError as e:
+        report = run_eval(
+            task, settings=_settings(data_dir), out_dir=out, resume=resume, show_progress=progress, config_file=config_file,
+            llm_cache_path=llm_cache,
+        )  # fmt: skip
+    except (AdSelectError, OSError) as e:
         _fail(e)
     _summary(report, out)
 
@@ -163,7 +194,7 @@ def validate(
         else:
             typer.echo(f"{name}: ok ({task.name}: {len(task.systems)} systems, sha256 {task.sha256()[:12]})")
     if bad:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=1)  # the check ran and found problems (as a linter answers)
 
 
 @app.command("tasks")
@@ -190,11 +221,15 @@ def tune(
     n_random: int = typer.Option(19, "--n-random", min=0, help="Random negatives per training impression."),
     n_hard: int = typer.Option(0, "--n-hard", min=0, help="Negatives from our own candidate generator."),
     max_impressions: Optional[int] = typer.Option(20000, "--max-impressions", help="Training impressions used (after exclusion)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the negative sampling and the LLM weight's bootstrap."),
     C: float = typer.Option(1.0, "--C", help="Inverse L2 strength of the logistic fit."),
     interactions: bool = typer.Option(True, "--interactions/--no-interactions", help="Pairwise feature products."),
     llm_run: Optional[Path] = typer.Option(None, "--llm-run", help="An eval DIR with LLM results on training users: fits the LLM weight."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir"),
+    injection_check: bool = typer.Option(
+        True, "--injection-check/--no-injection-check",
+        help="Run the prompt-injection test at a positive fitted LLM weight; the weight ships only if it passes (else 0).",
+    ),  # fmt: skip
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
 ) -> None:
     """Fit the fusion weights (eval/tune.py) and write the weights file the server and eval load."""
     from eval.tune_run import TuneOptions, run_tune
@@ -203,13 +238,16 @@ def tune(
         ads=ads, impressions=impressions, out=out, exclude=list(exclude or []), exclude_tasks=list(exclude_task or []),
         train_histories=list(train or []) or None,
         n_random=n_random, n_hard=n_hard, max_impressions=max_impressions, seed=seed, C=C,
-        interactions=interactions, llm_run=llm_run,
+        interactions=interactions, llm_run=llm_run, injection_check=injection_check,
     )  # fmt: skip
     try:
         res = run_tune(opts, settings=_settings(data_dir))
-    except (AdSelectError, ValueError) as e:
+    except (AdSelectError, ValueError, OSError) as e:
         _fail(e)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "meta"}))
+    fit = res["meta"].get("llm_fit")
+    if fit:
+        typer.echo(f"llm_coef: {fit['shipped']['weight']} ({fit['shipped']['fit']} fit: {fit['shipped']['reason']})")
     typer.echo(f"command: {res['meta']['command']}")
 
 
@@ -223,7 +261,7 @@ def sample_logged_cmd(
     n: int = typer.Option(40, "--n", min=1, help="Impressions to draw."),
     n_random: int = typer.Option(19, "--n-random", min=1, help="Random catalog negatives per impression."),
     skip: int = typer.Option(0, "--skip", min=0, help="Ignore the first N records (e.g. the weights' meta.train_lines_read)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the user draw and the negatives."),
 ) -> None:
     """Logged-candidate impressions (clicked + N random ads) for users outside the eval sets (eval/sample_logged.py)."""
     from eval.sample_logged import SampleOptions, sample_logged
@@ -234,7 +272,24 @@ def sample_logged_cmd(
     )  # fmt: skip
     try:
         meta = sample_logged(opts)
-    except (AdSelectError, ValueError) as e:
+    except (AdSelectError, ValueError, OSError) as e:
         _fail(e)
     typer.echo(json.dumps(meta["counts"]))
     typer.echo(f"command: {meta['command']}")
+
+
+@app.command("import-mind")
+def import_mind_cmd(
+    behaviors: Path = typer.Option(..., "--behaviors", help="MIND behaviors.tsv (impression id, user, time, history, candidates-clicked)."),
+    news: Path = typer.Option(..., "--news", help="MIND news.tsv (the catalog)."),
+    out: Path = typer.Option(..., "--out", help="Directory for ads.jsonl and impressions.jsonl (canonical; both replaced atomically)."),
+    max_impressions: Optional[int] = typer.Option(None, "--max-impressions", min=1, help="Only the first N rows of behaviors.tsv."),
+) -> None:
+    """Convert a MIND dataset to the canonical ads.jsonl + impressions.jsonl (eval/importers.py)."""
+    from eval.importers import import_mind
+
+    try:
+        n_ads, n_imp = import_mind(behaviors, news, out_dir=out, max_impressions=max_impressions)
+    except (AdSelectError, OSError) as e:
+        _fail(e)
+    typer.echo(json.dumps({"ads": n_ads, "impressions": n_imp, "out": str(out)}))

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.provenance import file_sha256
 from selection.services import Services, behaviour_dir, build_services, make_embedder, make_store
 from kernel.settings import Settings
 from retrieval.ingest import ingest_catalog, learn_behaviour
@@ -26,14 +27,6 @@ from retrieval.records import read_ads
 from retrieval.store import catalog_hash
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LazyEmbedder:

@@ -24,23 +24,14 @@ from typing import Any
 import numpy as np
 
 from kernel.errors import UserError
-from selection.fusion import FusionModel
-from kernel.settings import REPO_ROOT, Settings
+from kernel.settings import Settings
 from eval.config import EvalTask, TaskError, resolve_path, validate_task
 from eval.data import EvalImpression, load_impressions
-from eval.env import EvalEnv, file_sha256, prepare_env
-from eval.metrics import get_metric, locate
-from eval.provenance import dumps, fusion_provenance, fusion_separation, git_state, now_iso, runtime
-from eval.report import (
-    aggregate,
-    calibration,
-    candidate_stage,
-    llm_summary,
-    metric_names,
-    position_bias,
-    render_markdown,
-    rewrite_summary,
-)
+from eval.env import EvalEnv, prepare_env
+from eval.metrics import metrics_by_protocol
+from eval.provenance import data_hashes, dumps, file_sha256, now_iso, run_fingerprint
+from eval.report import build_report, metric_names
+from eval.report_md import render_markdown
 from eval.systems import FAST_SYSTEMS, LLM_SYSTEMS, resolve_systems
 
 log = logging.getLogger(__name__)
@@ -100,22 +91,6 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="imp", file=sys.stderr, disable=not enabled, smoothing=0.1, mininterval=0.5)
-
-
-def _metrics_of(names_logged: list[str], names_full: list[str]):
-    """Per-impression metrics of each system's ranking (eval.metrics: positions located once per ranking)."""
-    logged = [get_metric(n) for n in names_logged]
-    full = [get_metric(n) for n in names_full]
-
-    def of(imp: EvalImpression, rankings: dict[str, list[str]], pool_size: int | None) -> dict[str, dict[str, float | None]]:
-        metrics = full if imp.candidates is None else logged
-        out = {}
-        for s, r in rankings.items():
-            p = locate(r, imp.clicked, pool_size=pool_size)
-            out[s] = {m.name: m.of(p) for m in metrics}
-        return out
-
-    return of
 
 
 def fast_record(imp: EvalImpression, rankers, metrics_of) -> dict[str, Any]:
@@ -179,8 +154,12 @@ def run_eval(
     show_progress: bool = True,
     config_file: Path | None = None,
     llm_inner=None,
+    llm_cache_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Run one eval task and write DIR/report.json, report.md and plots; returns the report."""
+    """Run one eval task and write DIR/report.json, report.md and plots; returns the report.
+
+    `llm_inner` replaces the chat client (tests); `llm_cache_path` the LLM cache file (default
+    data_dir/eval/llm_cache.sqlite)."""
     problems = validate_task(task, prompts_dir=settings.prompts_dir)
     if problems:
         raise TaskError("invalid eval task:\n  " + "\n  ".join(problems))
@@ -195,23 +174,17 @@ def run_eval(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_hashes = {
-        "ads": {"path": str(task.data.ads), "sha256": file_sha256(ads_path)},
-        "impressions": {"path": str(task.data.impressions), "sha256": file_sha256(imp_path)},
-        "train": [{"path": str(p), "sha256": file_sha256(resolve_path(p))} for p in task.data.train]
-        or [{"path": str(task.data.impressions) + " (the evaluated impressions)", "sha256": None}],
-    }
-    fingerprint = {
-        "task_sha256": task.sha256(),
-        "data": data_hashes,
-        "weights_sha256": file_sha256(weights_path) if weights_path else None,
-    }
+    hashes = data_hashes(ads=task.data.ads, impressions=task.data.impressions, train=list(task.data.train), resolve=resolve_path)
+    fingerprint = run_fingerprint(task_sha256=task.sha256(), data=hashes, weights_path=weights_path)
     run_file = out_dir / RUN
-    if resume and run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous.get("fingerprint") != fingerprint:
-            raise ResumeMismatch(f"{out_dir}: cannot resume: the task, data or weights differ from the interrupted run")
-    run_file.write_text(dumps({"fingerprint": fingerprint, "task": task.to_jsonable(), "started": now_iso()}))
+    if resume:
+        if run_file.exists():
+            previous = json.loads(run_file.read_text())
+            if previous.get("fingerprint") != fingerprint:
+                raise ResumeMismatch(f"{out_dir}: cannot resume: the task, data or weights differ from the interrupted run")
+        elif (out_dir / RESULTS).exists():
+            raise ResumeMismatch(f"{out_dir}: cannot resume: {RESULTS} has no {RUN} saying which task it belongs to")
+    write_atomic(run_file, dumps({"fingerprint": fingerprint, "task": task.to_jsonable(), "started": now_iso()}))
 
     if task.llm.max_candidates is None:
         n_llm = settings.llm_max_candidates if task.llm.url else settings.local_llm_max_candidates
@@ -231,7 +204,8 @@ def run_eval(
             from eval.llm_phase import build_llm_stack
 
             stack = build_llm_stack(
-                task.llm, data_dir=settings.data_dir, prompts_dir=settings.prompts_dir, settings=eval_settings, inner=llm_inner
+                task.llm, data_dir=settings.data_dir, prompts_dir=settings.prompts_dir, settings=eval_settings, inner=llm_inner,
+                cache_path=llm_cache_path,
             )
         env = prepare_env(
             eval_settings,
@@ -254,48 +228,15 @@ def run_eval(
             "config_file": str(config_file) if config_file else None,
             "config_file_sha256": file_sha256(config_file) if config_file else None,
             "config_sha256": task.sha256(),
-            "data": data_hashes,
+            "data": hashes,
         }
     )
     _write(report, out_dir)
     return report
 
 
-def _run(
-    task: EvalTask,
-    env: EvalEnv,
-    *,
-    stack,
-    systems: list[str],
-    run_llm: bool,
-    not_run: dict[str, str],
-    results: ResultsLog,
-    imp_path: Path,
-    show_progress: bool,
-) -> dict:
-    from eval.bm25 import BM25Index
-    from eval.rankers import FastRankers
-
-    selector = env.services.selector
-    index = env.services.index
-    selector.generator.use_chroma = task.protocol.use_chroma
-    loaded = load_impressions(imp_path, catalog=index.row, limit=task.data.limit)
-    items = loaded.items
-    order = [i.impression_id for i in items]
-    names = metric_names(task.protocol.recall_ks)
-    names_logged = [m for m in names if not m.startswith("recall@")]
-    metrics_of = _metrics_of(names_logged, names)
-    speed: dict[str, Any] = {}
-
-    # ---- fast phase ---------------------------------------------------------------------------
-    fast_systems = [s for s in systems if s in FAST_SYSTEMS]
-    t = time.perf_counter()
-    bm25 = BM25Index(index.ads) if "bm25" in fast_systems else None
-    bm25_s = time.perf_counter() - t
-    rankers = FastRankers(
-        selector=selector, bm25=bm25, systems=fast_systems,
-        n_retrieve=task.protocol.n_retrieve, use_chroma=task.protocol.use_chroma, seed=task.protocol.seed,
-    )  # fmt: skip
+def _fast_phase(task: EvalTask, env: EvalEnv, rankers, items: list[EvalImpression], *, results: ResultsLog, metrics_of, show_progress: bool) -> dict:
+    """Every missing fast record, appended to `results`; returns the phase's speed block."""
     todo = [i for i in items if i.impression_id not in results.done["fast"]]
     bar = _progress(len(todo), "eval fast", show_progress)
     # The loaded catalog, behaviour and impressions are long-lived: keep the cyclic GC from rescanning
@@ -321,120 +262,82 @@ def _run(
         gc.unfreeze()
     bar.close()
     fast_s = time.perf_counter() - t
-    speed["fast"] = {
+    return {
         "impressions": len(todo),
         "seconds": round(fast_s, 3),
         "impressions_per_s": round(len(todo) / fast_s, 1) if todo and fast_s > 0 else None,
-        "bm25_index_s": round(bm25_s, 3),
         "workers": workers,
     }
 
-    # ---- LLM phase ----------------------------------------------------------------------------
-    llm_block = None
-    sample_ids: list[str] = []
-    if run_llm:
-        from eval.llm_phase import run_llm_phase
 
-        sample = llm_sample(items, task.llm.sample, task.llm.sample_seed)
-        todo_llm = [i for i in sample if i.impression_id not in results.done["llm"]]
-        bar = _progress(len(todo_llm), "eval llm", show_progress)
-        llm_s = asyncio.run(
-            run_llm_phase(
-                todo_llm, selector=selector, spec=task.llm, seed=task.protocol.seed, metrics_of=metrics_of,
-                pool_size_of=lambda i: None if i.candidates is not None else len(index),
-                on_result=lambda r: results.append(r, flush=True), progress=bar,
-            )
-        )  # fmt: skip
-        bar.close()
-        speed["llm"] = {
-            "impressions": len(todo_llm),
-            "seconds": round(llm_s, 3),
-            "impressions_per_s": round(len(todo_llm) / llm_s, 3) if todo_llm and llm_s > 0 else None,
-            "concurrency": task.llm.concurrency,
-        }
-        sample_ids = [i.impression_id for i in sample]
-        llm_block = {"sample_size": len(sample), "sample_seed": task.llm.sample_seed, "sample_ids_head": sample_ids[:20]}
+def _llm_phase(task: EvalTask, env: EvalEnv, sample: list[EvalImpression], *, results: ResultsLog, metrics_of, show_progress: bool) -> dict:
+    """Every missing LLM record of the sample, appended (and flushed) as it finishes; returns the speed block."""
+    from eval.llm_phase import run_llm_phase
 
-    # ---- aggregate ----------------------------------------------------------------------------
-    fast, llm = results.done["fast"], results.done.get("llm", {})
-    llm_systems = {s for s in systems if s in LLM_SYSTEMS}
-    agg = aggregate(order=order, fast=fast, llm=llm, systems=systems, llm_systems=llm_systems, names=names, boot=task.bootstrap)
-    if llm_block is not None:
-        sample_ids = [i.impression_id for i in llm_sample(items, task.llm.sample, task.llm.sample_seed)]
-        on_sample = [s for s in systems if s in ("default", *LLM_SYSTEMS)]
-        sub = aggregate(order=sample_ids, fast=fast, llm=llm, systems=on_sample, llm_systems=llm_systems, names=names, boot=task.bootstrap)
-        llm_block.update(
-            {
-                "sample_metrics": {"metrics": sub["metrics"], "ci": sub["ci"], "n": sub["n"]},
-                "summary": llm_summary(llm, sample_ids),
-                "cache": stack.llm.stats.to_dict(),
-                "cache_entries": len(stack.llm.cache) if stack.llm.cache is not None else None,
-            }
+    index = env.services.index
+    todo_llm = [i for i in sample if i.impression_id not in results.done["llm"]]
+    bar = _progress(len(todo_llm), "eval llm", show_progress)
+    llm_s = asyncio.run(
+        run_llm_phase(
+            todo_llm, selector=env.services.selector, spec=task.llm, seed=task.protocol.seed, metrics_of=metrics_of,
+            pool_size_of=lambda i: None if i.candidates is not None else len(index),
+            on_result=lambda r: results.append(r, flush=True), progress=bar,
         )
-    for s in not_run:
-        agg["n"][s] = 0
-    fusion: FusionModel = env.services.fusion
-    calib: dict[str, Any] = {}
-    if "default" in systems:
-        c = calibration(fast, order, system="default", pctr=fusion.pctr, boot=task.bootstrap)
-        if c is not None:
-            calib["default"] = c
-    if llm_block is not None and "default+llm" in systems:
-        c = calibration(llm, sample_ids, system="default+llm", pctr=fusion.pctr, boot=task.bootstrap)
-        if c is not None:
-            both = [i for i in sample_ids if i in llm and "scores" in llm[i]]
-            same = calibration(fast, both, system="default", pctr=fusion.pctr, boot=task.bootstrap)
-            if same is not None:
-                c["default_on_same_impressions"] = {k: same[k] for k in ("impressions", "rows", "logloss", "logloss_ci", "ece")}
-            calib["default+llm"] = c
-    protocols: dict[str, int] = {}
-    for i in items:
-        protocols[i.protocol] = protocols.get(i.protocol, 0) + 1
-    speed["setup"] = {k: round(v, 3) for k, v in env.timings_s.items()} | {"reused": env.reused}
-    report: dict[str, Any] = {
-        "metrics": agg["metrics"],
-        "n_impressions": len(items),
-        "skipped": loaded.skipped,
-        "config": task.to_jsonable(),
-        "provenance": {
-            "git": git_state(),
-            "created": now_iso(),
-            "prompt": stack.prompt_info if stack else None,
-            "model": stack.model if stack else None,
-            "llm_server": stack.served_by if stack else None,
-            "decoding": stack.llm.decoding if stack else None,
-            "fusion_weights": {
-                "path": fusion.meta.get("path"),
-                "sha256": fusion_provenance(fusion)["sha256"],
-                "weights": {k: v for k, v in fusion.to_json().items() if k != "meta"},
-            },
-            "catalog_hash": env.catalog_hash,
-            "collection": env.collection,
-            "behaviour_dir": str(env.behaviour_dir),
-            "behaviour_train": env.train,
-            "runtime": runtime(),
-        },
-        "ci": agg["ci"],
-        "n": agg["n"],
-        "paired_vs_default": agg["paired_vs_default"],
-        "metric_names": names,
-        "n_read": loaded.n_read,
-        "protocols": protocols,
-        "data_warnings": loaded.warnings,
-        "not_run": not_run,
-        "candidate_stage": candidate_stage(fast, order, task.protocol.recall_ks, task.bootstrap),
-        "llm": llm_block,
-        "position_bias": position_bias(llm, order) if llm_block else None,
-        "calibration": calib or None,
-        "rewrites": rewrite_summary(llm, sample_ids) if llm_block and task.llm.rewrite else None,
-        "fusion": {
-            "weights": fusion_provenance(fusion),
-            "separation": fusion_separation(fusion, loaded.users, file_sha256(imp_path), task.data.limit),
-        },
-        "speed": speed,
-        "repo_root": str(REPO_ROOT),
+    )  # fmt: skip
+    bar.close()
+    return {
+        "impressions": len(todo_llm),
+        "seconds": round(llm_s, 3),
+        "impressions_per_s": round(len(todo_llm) / llm_s, 3) if todo_llm and llm_s > 0 else None,
+        "concurrency": task.llm.concurrency,
     }
-    return report
+
+
+def _run(
+    task: EvalTask,
+    env: EvalEnv,
+    *,
+    stack,
+    systems: list[str],
+    run_llm: bool,
+    not_run: dict[str, str],
+    results: ResultsLog,
+    imp_path: Path,
+    show_progress: bool,
+) -> dict:
+    """task → environment → systems → run (fast phase, LLM phase) → metrics → report (eval.report.build_report)."""
+    from eval.bm25 import BM25Index
+    from eval.rankers import FastRankers
+
+    selector = env.services.selector
+    selector.generator.use_chroma = task.protocol.use_chroma
+    loaded = load_impressions(imp_path, catalog=env.services.index.row, limit=task.data.limit)
+    names = metric_names(task.protocol.recall_ks)
+    metrics_of = metrics_by_protocol([m for m in names if not m.startswith("recall@")], names)
+
+    fast_systems = [s for s in systems if s in FAST_SYSTEMS]
+    t = time.perf_counter()
+    bm25 = BM25Index(env.services.index.ads) if "bm25" in fast_systems else None
+    bm25_s = time.perf_counter() - t
+    rankers = FastRankers(
+        selector=selector, bm25=bm25, systems=fast_systems,
+        n_retrieve=task.protocol.n_retrieve, use_chroma=task.protocol.use_chroma, seed=task.protocol.seed,
+    )  # fmt: skip
+    items = loaded.items
+    for imp in items:  # no system, the LLM's included, ever sees the logged display order
+        imp.candidates = rankers.canonical(imp.candidates)
+    speed: dict[str, Any] = {"fast": _fast_phase(task, env, rankers, items, results=results, metrics_of=metrics_of, show_progress=show_progress)}
+    speed["fast"]["bm25_index_s"] = round(bm25_s, 3)
+    sample: list[EvalImpression] | None = None
+    if run_llm:
+        sample = llm_sample(items, task.llm.sample, task.llm.sample_seed)
+        speed["llm"] = _llm_phase(task, env, sample, results=results, metrics_of=metrics_of, show_progress=show_progress)
+    speed["setup"] = {k: round(v, 3) for k, v in env.timings_s.items()} | {"reused": env.reused}
+    return build_report(
+        task=task, env=env, stack=stack, systems=systems, not_run=not_run, loaded=loaded, names=names,
+        fast=results.done["fast"], llm=results.done.get("llm", {}), sample=sample, speed=speed,
+        impressions_sha256=file_sha256(imp_path),
+    )  # fmt: skip
 
 
 def _write(report: dict, out_dir: Path) -> None:
@@ -454,5 +357,15 @@ def _write(report: dict, out_dir: Path) -> None:
         if p is not None:
             plots.append(name)
     report["plots"] = plots
-    (out_dir / "report.json").write_text(dumps(report))
-    (out_dir / "report.md").write_text(render_markdown(report))
+    write_atomic(out_dir / "report.json", dumps(report))
+    write_atomic(out_dir / "report.md", render_markdown(report))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-temp-then-rename: a reader (or a resume after SIGKILL) sees the old file or the new one, whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

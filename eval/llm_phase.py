@@ -76,10 +76,12 @@ def build_llm_stack(
     prompts_dir: Path,
     settings=None,
     inner=None,
+    cache_path: Path | None = None,
 ) -> LLMStack:
     """Reranker over a caching wrapper over the chat client; starts the bundled server when no URL is set.
 
-    `inner` replaces the chat client (tests pass a fake with the ChatLLMLike interface).
+    `inner` replaces the chat client (tests pass a fake with the ChatLLMLike interface); `cache_path`
+    replaces the cache file (default data_dir/eval/llm_cache.sqlite).
     """
     from agent.prompts import PromptRegistry
     from agent.reranker import LLMReranker
@@ -92,7 +94,7 @@ def build_llm_stack(
         else:
             server = LazyLocalLLM(spec, settings)
             inner = server
-    cache = LLMCache(Path(data_dir) / "eval" / "llm_cache.sqlite") if spec.cache else None
+    cache = LLMCache(cache_path or Path(data_dir) / "eval" / "llm_cache.sqlite") if spec.cache else None
     llm = CachingChatLLM(inner, cache, prompt_sha256=prompt.sha256, decoding=decoding_params(spec))
     # The endpoint's prompt options (selection.services.make_reranker → LLMReranker.from_settings), so eval measures
     # what the service sends; only the candidate count comes from the task.

@@ -1,4 +1,4 @@
-"""Ranking metrics for one logged impression, and bootstrap aggregation over many.
+"""Ranking metrics for one logged impression (the per-impression numbers of every eval run).
 
 A metric reads a system's `ranking` (candidate ids, best first) and the impression's `clicked` ids
 (binary relevance). Conventions, shared by every metric:
@@ -12,20 +12,19 @@ A metric reads a system's `ranking` (candidate ids, best first) and the impressi
   clicked, and AUC also when everything in the pool was clicked. Aggregation skips None.
 - A ranking is a strict order, so AUC never sees ties inside it (ties would count half).
 
-Per-impression work is plain Python over the clicked positions (a few microseconds); the
-bootstrap is vectorised numpy.
+Per-impression work is plain Python over the clicked positions (a few microseconds). Means and
+intervals over impressions come from eval.bootstrap (`mean_with_ci`, `paired_diff`, re-exported here).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
-
 from kernel.errors import UnknownName
+from eval.bootstrap import mean_with_ci, paired_diff
 
 __all__ = [
     "METRIC_NAMES",
@@ -37,6 +36,7 @@ __all__ = [
     "impression_metrics",
     "locate",
     "mean_with_ci",
+    "metrics_by_protocol",
     "mrr",
     "ndcg_at",
     "paired_diff",
@@ -190,71 +190,21 @@ def impression_metrics(
     return {m.name: m.of(p) for m in metrics}
 
 
-def _defined(values: Iterable[float | None]) -> np.ndarray:
-    return np.fromiter((v for v in values if v is not None), dtype=np.float64)
+def metrics_by_protocol(names_logged: Sequence[str], names_full: Sequence[str]):
+    """`of(imp, rankings, pool_size)`: every system's named metrics for one impression.
 
-
-_GATHER_CHUNK = 4_000_000  # resampled values held in memory at once by the index bootstrap
-
-
-def _bootstrap_means(x: np.ndarray, *, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """n_boot means of size-n resamples of x drawn with replacement.
-
-    Few distinct values (binary hits, 1/rank): resampling only changes how often each distinct value
-    is drawn, and those counts are Multinomial(n, empirical frequencies), so draw them directly in
-    O(n_boot * distinct). Otherwise gather random indices in chunks, O(n_boot * n) with bounded memory.
+    Logged impressions get `names_logged`, full-catalog ones `names_full` (recall@K only applies there);
+    positions are located once per ranking. The harness and the LLM phase both score rankings with it.
     """
-    n = x.size
-    values, counts = np.unique(x, return_counts=True)
-    if values.size * 16 <= n:
-        return rng.multinomial(n, counts / n, size=n_boot) @ values / n
-    means = np.empty(n_boot)
-    step = max(1, _GATHER_CHUNK // n)
-    for start in range(0, n_boot, step):
-        stop = min(n_boot, start + step)
-        means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    return means
+    logged = [get_metric(n) for n in names_logged]
+    full_metrics = [get_metric(n) for n in names_full]
 
+    def of(imp, rankings: dict[str, list[str]], pool_size: int | None) -> dict[str, dict[str, float | None]]:
+        metrics = full_metrics if imp.candidates is None else logged
+        out = {}
+        for s, r in rankings.items():
+            p = locate(r, imp.clicked, pool_size=pool_size)
+            out[s] = {m.name: m.of(p) for m in metrics}
+        return out
 
-def _bootstrap(x: np.ndarray, *, n_boot: int, seed: int, level: float) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap interval of the mean of x (nan, nan, nan when x is empty)."""
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if x.size == 0:
-        return math.nan, math.nan, math.nan
-    means = _bootstrap_means(x, n_boot=n_boot, rng=np.random.default_rng(seed))
-    tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail])
-    return float(x.mean()), float(lo), float(hi)
-
-
-def mean_with_ci(
-    values: Iterable[float | None], *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
-) -> tuple[float, float, float]:
-    """(mean, lo, hi): the mean of the defined values and its percentile-bootstrap interval.
-
-    None values are skipped; with no defined value the result is (nan, nan, nan).
-    """
-    return _bootstrap(_defined(values), n_boot=n_boot, seed=seed, level=level)
-
-
-def paired_diff(
-    a_values: Sequence[float | None],
-    b_values: Sequence[float | None],
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[float, float, float]:
-    """(mean of a - b, lo, hi) over impressions where both values are defined (paired bootstrap).
-
-    The two sequences are aligned per impression and must have the same length.
-    """
-    if len(a_values) != len(b_values):
-        raise ValueError(f"paired values differ in length: {len(a_values)} vs {len(b_values)}")
-    diffs = np.fromiter(
-        (a - b for a, b in zip(a_values, b_values) if a is not None and b is not None), dtype=np.float64
-    )
-    return _bootstrap(diffs, n_boot=n_boot, seed=seed, level=level)
+    return of

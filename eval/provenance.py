@@ -1,8 +1,16 @@
-"""What a report needs to be reproduced: code version, data and config hashes, fusion weights."""
+"""Provenance in one place: what a report or a weights file needs to be reproduced and checked.
+
+File hashes and references (`file_sha256`, `file_ref`, `data_hashes`), the run fingerprint a resume
+must match, the exclusion sources of a fit (`exclusion_sources`, `excluded_users`), code version
+(`git_state`), fusion weights (`fusion_provenance`) and whether the evaluated users were kept out of
+the weights' fit (`fusion_separation`).
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -12,9 +20,68 @@ from typing import Any
 from selection.fusion import SHIPPED_WEIGHTS, FusionModel
 from kernel.settings import REPO_ROOT
 from eval.data import read_user_ids
-from eval.env import file_sha256
 
 log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def rel_path(p: Path) -> str:
+    """`p` relative to the repository root when it can be (how commands and meta name files)."""
+    p = Path(p).resolve()
+    try:
+        return os.path.relpath(p, REPO_ROOT)
+    except ValueError:
+        return str(p)
+
+
+def file_ref(p: Path | None) -> dict[str, str] | None:
+    return None if p is None else {"path": rel_path(p), "sha256": file_sha256(p)}
+
+
+def data_hashes(*, ads: Path, impressions: Path, train: list[Path], resolve) -> dict[str, Any]:
+    """The task's data files as given (paths) with the sha256 of the files they resolve to."""
+    return {
+        "ads": {"path": str(ads), "sha256": file_sha256(resolve(ads))},
+        "impressions": {"path": str(impressions), "sha256": file_sha256(resolve(impressions))},
+        "train": [{"path": str(p), "sha256": file_sha256(resolve(p))} for p in train]
+        or [{"path": str(impressions) + " (the evaluated impressions)", "sha256": None}],
+    }
+
+
+def run_fingerprint(*, task_sha256: str, data: dict[str, Any], weights_path: Path | None) -> dict[str, Any]:
+    """What an interrupted run must share with its `--resume`: the task, the data and the weights."""
+    return {"task_sha256": task_sha256, "data": data, "weights_sha256": file_sha256(weights_path) if weights_path else None}
+
+
+def exclusion_sources(*, files: list[Path], tasks: list[str]) -> list[dict[str, Any]]:
+    """[{path, sha256, limit, task?, resolved}] for every --exclude file and --exclude-task."""
+    from eval.config import load_task, resolve_path
+
+    out: list[dict[str, Any]] = []
+    for p in files:
+        out.append({**file_ref(p), "limit": None, "resolved": str(p)})
+    for name in tasks:
+        task = load_task(name)
+        if task.data.impressions is None:
+            raise ValueError(f"task {name!r} names no impressions file")
+        p = resolve_path(task.data.impressions)
+        out.append({**file_ref(p), "limit": task.data.limit, "task": task.name, "resolved": str(p)})
+    return out
+
+
+def excluded_users(sources: list[dict[str, Any]]) -> set[str]:
+    """The users of every exclusion source (each source's "resolved" path is consumed)."""
+    users: set[str] = set()
+    for src in sources:
+        users |= read_user_ids(Path(src.pop("resolved")), limit=src["limit"])
+    return users
 
 
 def git_state(repo: Path = REPO_ROOT) -> dict[str, Any]:

@@ -5,25 +5,21 @@ each system is compared with `default` on the same impressions (paired bootstrap
 Metrics that do not apply to a protocol (recall@K on logged candidates) are null, and every
 requested system appears, with null metrics when it was not run.
 
-Calibration (logged candidates): the pCTR the endpoint attaches to each ad (Platt scaling of the
-fused score, `FusionModel.pctr`) against the clicks, pooled over every candidate of every impression:
-log loss (CI by resampling impressions), the log loss of always predicting the observed base rate,
-and reliability bins (eval.tune.reliability). Rewrites: per LLM impression with `llm.rewrite` on,
-whether the top ad was served with rewritten copy, and the share of impressions with each refusal reason.
+Calibration (eval.calibration) and provenance (eval.provenance) have their own modules; `build_report`
+assembles report.json from the run's records, and eval.report_md renders report.md. Rewrites: per LLM
+impression with `llm.rewrite` on, whether the top ad was served with rewritten copy, and the share of
+impressions with each refusal reason.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-import numpy as np
 
 from eval.config import BootstrapSpec
 from eval.metrics import mean_with_ci, paired_diff
 from eval.systems import BASELINE
-from eval.tune import reliability
 
 BASE_METRICS: tuple[str, ...] = ("auc", "mrr", "ndcg@1", "ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10")
 
@@ -101,75 +97,6 @@ def candidate_stage(fast: dict[str, dict], order: list[str], recall_ks: Sequence
     out["coverage_ci"] = [lo, hi]
     out["mean_candidates"] = sum(r["cand"]["size"] for r in full) / len(full)
     return out
-
-
-PCTR_EPS = 1e-12  # log loss clips pCTR to [eps, 1 - eps]
-
-
-def _binary_logloss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    p = np.clip(p, PCTR_EPS, 1 - PCTR_EPS)
-    return -(y * np.log(p) + (1 - y) * np.log1p(-p))
-
-
-def _entropy(base: float) -> float:
-    """Log loss of predicting `base` for rows whose click rate is `base`."""
-    if base <= 0.0 or base >= 1.0:
-        return 0.0
-    return -(base * math.log(base) + (1 - base) * math.log(1 - base))
-
-
-def calibration(
-    records: dict[str, dict],
-    order: list[str],
-    *,
-    system: str,
-    pctr: Callable[[np.ndarray], np.ndarray],
-    boot: BootstrapSpec,
-    bins: int = 10,
-) -> dict[str, Any] | None:
-    """Calibration of `system`'s pCTR over the impressions of `order`: `pctr` (FusionModel.pctr) of the
-    fused scores kept in `records[id]["scores"][system]`, labelled by `records[id]["scores"]["clicked_at"]`.
-
-    Rows are pooled (every candidate of every impression); the log-loss interval resamples impressions.
-    `logloss_base_rate` is the log loss of predicting the observed base rate for every row (the
-    no-skill reference); `ece` is the count-weighted mean |predicted − observed| over the bins."""
-    ss, ys = [], []
-    for iid in order:
-        rec = records.get(iid)
-        c = rec.get("scores") if rec is not None else None
-        if c and c.get(system):
-            y = [0.0] * len(c[system])
-            for k in c["clicked_at"]:
-                y[k] = 1.0
-            ss.append(c[system])
-            ys.append(y)
-    if not ss:
-        return None
-    sizes = np.array([len(x) for x in ss])
-    p = pctr(np.fromiter((v for x in ss for v in x), dtype=np.float64, count=int(sizes.sum())))
-    y = np.fromiter((v for x in ys for v in x), dtype=np.float64, count=int(sizes.sum()))
-    loss = _binary_logloss(p, y)
-    base = float(y.mean())
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    per_imp = np.add.reduceat(loss, starts)
-    rng = np.random.default_rng(boot.seed)
-    boots = np.empty(boot.n_boot)
-    for lo in range(0, boot.n_boot, 100):  # resample impressions, 100 replicates at a time
-        idx = rng.integers(0, len(sizes), size=(min(100, boot.n_boot - lo), len(sizes)))
-        boots[lo : lo + len(idx)] = per_imp[idx].sum(axis=1) / sizes[idx].sum(axis=1)
-    tail = (1 - boot.level) / 2
-    rel = reliability(p, y, bins=bins)
-    return {
-        "impressions": len(sizes),
-        "rows": int(len(y)),
-        "base_rate": base,
-        "mean_predicted": float(p.mean()),
-        "logloss": float(loss.mean()),
-        "logloss_ci": [float(np.quantile(boots, tail)), float(np.quantile(boots, 1 - tail))],
-        "logloss_base_rate": _entropy(base),
-        "ece": float(sum(b["n"] * abs(b["predicted"] - b["observed"]) for b in rel) / len(y)),
-        "reliability": rel,
-    }
 
 
 def rewrite_summary(llm: dict[str, dict], order: list[str]) -> dict[str, Any] | None:
@@ -253,170 +180,107 @@ def position_bias(llm: dict[str, dict], order: list[str]) -> dict[str, Any] | No
     return out
 
 
-# ---- markdown ---------------------------------------------------------------------------------
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
+def build_report(
+    *,
+    task,
+    env,
+    stack,
+    systems: list[str],
+    not_run: dict[str, str],
+    loaded,
+    names: list[str],
+    fast: dict[str, dict],
+    llm: dict[str, dict],
+    sample: list | None,
+    speed: dict[str, Any],
+    impressions_sha256: str,
+) -> dict[str, Any]:
+    """report.json from a run's records: metrics over every impression (and over the LLM sample),
+    calibration, candidate stage, LLM summary, position bias, rewrites, provenance, fusion, speed.
 
+    `task` is the EvalTask, `env` the EvalEnv, `stack` the LLM stack (None without LLM systems),
+    `loaded` the LoadedImpressions, `sample` the LLM sample (None when the LLM systems did not run)."""
+    from eval.calibration import calibration
+    from eval.provenance import fusion_provenance, fusion_separation, git_state, now_iso, runtime
+    from eval.systems import LLM_SYSTEMS
+    from kernel.settings import REPO_ROOT
 
-def _cell(report: dict, s: str, m: str) -> str:
-    v = report["metrics"][s].get(m)
-    c = report["ci"].get(s, {}).get(m)
-    if v is None:
-        return "—"
-    return f"{v:.4f} [{c[0]:.4f}, {c[1]:.4f}]" if c else f"{v:.4f}"
-
-
-def _table(report: dict, systems: list[str], names: list[str]) -> list[str]:
-    lines = ["| system | n | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
-    for s in systems:
-        lines.append(f"| {s} | {report['n'].get(s, 0)} | " + " | ".join(_cell(report, s, m) for m in names) + " |")
-    return lines
-
-
-def render_markdown(report: dict) -> str:
-    systems = list(report["metrics"])
-    names = [m for m in report["metric_names"] if any(report["metrics"][s].get(m) is not None for s in systems)]
-    cfg, prov = report["config"], report["provenance"]
-    out = [f"# Eval report: {cfg.get('name', '')}", ""]
-    if cfg.get("description"):
-        out += [cfg["description"].strip(), ""]
-    out += [
-        f"- impressions evaluated: **{report['n_impressions']}** of {report['n_read']} read "
-        f"(protocols: {', '.join(f'{k}: {v}' for k, v in report['protocols'].items())})",
-        f"- skipped: {', '.join(f'{k}: {v}' for k, v in report['skipped'].items() if v) or 'none'}",
-        f"- git commit `{prov['git']['commit']}`{' (dirty tree)' if prov['git']['dirty'] else ''}; "
-        f"config sha256 `{prov['config_sha256'][:16]}`",
-        "",
-        "## Metrics (mean [95% bootstrap CI])",
-        "",
-        *_table(report, systems, names),
-        "",
-    ]
-    not_run = report.get("not_run") or {}
-    if not_run:
-        out += [f"Not run: {', '.join(f'{s} ({why})' for s, why in not_run.items())}.", ""]
-    if report["paired_vs_default"]:
-        key = [m for m in ("auc", "mrr", "ndcg@5", "ndcg@10", "hit@10", "recall@50") if m in names]
-        out += ["## Paired difference vs default (same impressions; diff [95% CI], n)", ""]
-        out += ["| system | " + " | ".join(key) + " |", "|---|" + "---:|" * len(key)]
-        for s, per in report["paired_vs_default"].items():
-            cells = []
-            for m in key:
-                d = per[m]
-                cells.append("—" if d["diff"] is None else f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] n={d['n']}")
-            out.append(f"| {s} | " + " | ".join(cells) + " |")
-        out.append("")
-    cs = report.get("candidate_stage")
-    if cs:
-        ks = [k for k in cs if k.startswith("recall@") and not k.endswith("_ci")]
-        out += ["## Candidate stage (full catalog, default's candidates by prior score)", ""]
-        out += ["| n | " + " | ".join(ks) + " | coverage | mean candidates |", "|---:|" + "---:|" * (len(ks) + 2)]
-        out.append(
-            f"| {cs['n']} | " + " | ".join(f"{_fmt(cs[k])} [{_fmt(cs[k + '_ci'][0])}, {_fmt(cs[k + '_ci'][1])}]" for k in ks)
-            + f" | {_fmt(cs['coverage'])} | {cs['mean_candidates']:.1f} |"
-        )
-        out.append("")
-    llm = report.get("llm")
-    if llm:
-        out += ["## LLM", ""]
-        out += [
-            f"- sample: {llm['sample_size']} impressions (seed {llm['sample_seed']}); model `{prov.get('model')}`; "
-            f"prompt `{(prov.get('prompt') or {}).get('name')}` v{(prov.get('prompt') or {}).get('version')} "
-            f"sha256 `{((prov.get('prompt') or {}).get('sha256') or '')[:16]}`",
-            f"- decoding: {prov.get('decoding')}",
-            f"- answered: {llm['summary']['llm_used']} / {llm['summary']['impressions']}; degraded: {llm['summary']['degraded'] or 'none'}",
-            f"- cache (this run): {llm['cache']}",
-            f"- latency ms: {llm['summary']['latency_ms']}",
-        ]
-        sample = llm.get("sample_metrics")
-        if sample:
-            out += ["", "Same sample, side by side:", ""]
-            sub = {"metrics": sample["metrics"], "ci": sample["ci"], "n": sample["n"]}
-            out += _table(sub, list(sample["metrics"]), names)
-        out.append("")
-    cal = report.get("calibration")
-    if cal:
-        out += _calibration_md(cal)
-    rw = report.get("rewrites")
-    if rw:
-        out += _rewrites_md(rw)
-    pb = report.get("position_bias")
-    if pb:
-        out += ["## LLM position bias", "", "| ordering | answered | top pick first | mean position of top pick | top pick changed vs prior order |", "|---|---:|---:|---:|---:|"]
-        for name, e in pb["orderings"].items():
-            out.append(
-                f"| {name} | {e['answered']} | {_fmt(e['top_pick_first_rate'], 3)} | {_fmt(e['mean_top_pick_position'], 2)} | "
-                f"{_fmt(e.get('top_pick_changed_rate'), 3) if name != 'prior' else '—'} |"
-            )
-        out.append("")
-    fs = report["fusion"]
-    out += [
-        "## Fusion weights",
-        "",
-        f"- file: `{fs['weights'].get('path')}` sha256 `{(fs['weights'].get('sha256') or '')[:16]}` (source: {fs['weights'].get('source')})",
-        f"- fitted on: {fs['separation'].get('weights_train')}; excluded: {fs['separation'].get('weights_exclude')}",
-        f"- separation from the evaluated users: **{fs['separation']['status']}**"
-        + (f" (overlap users: {fs['separation']['overlap_users']})" if fs["separation"].get("overlap_users") is not None else "")
-        + (f" — {fs['separation']['note']}" if fs["separation"].get("note") else ""),
-        "",
-        "## Speed",
-        "",
-    ]
-    for phase, sp in report["speed"].items():
-        out.append(f"- {phase}: {sp}")
-    out += ["", "## Data", ""]
-    for k, v in prov["data"].items():
-        out.append(f"- {k}: {v}")
-    out += ["", f"Plots: {', '.join(report.get('plots', [])) or 'none'}", ""]
-    return "\n".join(out)
-
-
-def _calibration_md(cal: dict) -> list[str]:
-    out = [
-        "## Calibration (pCTR = Platt scaling of the fused score; every candidate of every logged impression)",
-        "",
-        "| system | impressions | rows | base rate | mean pCTR | log loss [95% CI] | log loss of the base rate | ECE |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for s, c in cal.items():
-        lo, hi = c["logloss_ci"]
-        out.append(
-            f"| {s} | {c['impressions']} | {c['rows']} | {_fmt(c['base_rate'])} | {_fmt(c['mean_predicted'])} | "
-            f"{_fmt(c['logloss'])} [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(c['logloss_base_rate'])} | {_fmt(c['ece'])} |"
-        )
-    for s, c in cal.items():
-        same = c.get("default_on_same_impressions")
-        if same:
-            lo, hi = same["logloss_ci"]
-            out += ["", f"`default` on the same {same['impressions']} impressions as `{s}`: log loss {_fmt(same['logloss'])} [{_fmt(lo)}, {_fmt(hi)}], ECE {_fmt(same['ece'])}."]
-    out += ["", "Reliability (bins of predicted pCTR):", ""]
-    systems = list(cal)
-    out += ["| bin | " + " | ".join(f"{s}: n | {s}: predicted | {s}: observed" for s in systems) + " |"]
-    out += ["|---|" + "---:|---:|---:|" * len(systems)]
-    edges = sorted({(b["lo"], b["hi"]) for c in cal.values() for b in c["reliability"]})
-    for lo, hi in edges:
-        cells = []
-        for s in systems:
-            b = next((b for b in cal[s]["reliability"] if b["lo"] == lo), None)
-            cells.append(f"{b['n']} | {b['predicted']:.4f} | {b['observed']:.4f}" if b else "0 | — | —")
-        out.append(f"| [{lo:.1f}, {hi:.1f}) | " + " | ".join(cells) + " |")
-    out.append("")
-    return out
-
-
-def _rewrites_md(rw: dict) -> list[str]:
-    out = [
-        "## Rewrites (LLM impressions with rewrite on)",
-        "",
-        f"- requested: {rw['requested']}; LLM answered: {rw['answered']}",
-        f"- served on the top ad: **{rw['served']}** ({_fmt(rw['share_served'], 3)}); passed, on any ad: "
-        f"{rw['copy_ok']} ({_fmt(rw['share_copy_ok'], 3)})",
-        f"- copy discarded before validation (missing, empty, too long, or for a dropped id): {rw['copy_discarded']}",
-        f"- impressions with any refusal: {_fmt(rw['any_violation'], 3)}",
-        "",
-    ]
-    if rw["violations"]:
-        out += ["| reason | impressions | rate |", "|---|---:|---:|"]
-        out += [f"| {k} | {rw['violation_counts'][k]} | {_fmt(v, 3)} |" for k, v in rw["violations"].items()]
-        out.append("")
-    return out
+    items = loaded.items
+    order = [i.impression_id for i in items]
+    llm_systems = {s for s in systems if s in LLM_SYSTEMS}
+    agg = aggregate(order=order, fast=fast, llm=llm, systems=systems, llm_systems=llm_systems, names=names, boot=task.bootstrap)
+    for s in not_run:
+        agg["n"][s] = 0
+    sample_ids = [i.impression_id for i in sample] if sample is not None else []
+    llm_block = None
+    if sample is not None:
+        on_sample = [s for s in systems if s in (BASELINE, *LLM_SYSTEMS)]
+        sub = aggregate(order=sample_ids, fast=fast, llm=llm, systems=on_sample, llm_systems=llm_systems, names=names, boot=task.bootstrap)
+        llm_block = {
+            "sample_size": len(sample),
+            "sample_seed": task.llm.sample_seed,
+            "sample_ids_head": sample_ids[:20],
+            "sample_metrics": {"metrics": sub["metrics"], "ci": sub["ci"], "n": sub["n"]},
+            "summary": llm_summary(llm, sample_ids),
+            "cache": stack.llm.stats.to_dict(),
+            "cache_entries": len(stack.llm.cache) if stack.llm.cache is not None else None,
+        }
+    fusion = env.services.fusion
+    calib: dict[str, Any] = {}
+    if BASELINE in systems:
+        c = calibration(fast, order, system=BASELINE, pctr=fusion.pctr, boot=task.bootstrap)
+        if c is not None:
+            calib[BASELINE] = c
+    if llm_block is not None and "default+llm" in systems:
+        c = calibration(llm, sample_ids, system="default+llm", pctr=fusion.pctr, boot=task.bootstrap)
+        if c is not None:
+            both = [i for i in sample_ids if i in llm and "scores" in llm[i]]
+            same = calibration(fast, both, system=BASELINE, pctr=fusion.pctr, boot=task.bootstrap)
+            if same is not None:
+                c["default_on_same_impressions"] = {k: same[k] for k in ("impressions", "rows", "logloss", "logloss_ci", "ece")}
+            calib["default+llm"] = c
+    protocols: dict[str, int] = dict(Counter(i.protocol for i in items))
+    weights = fusion_provenance(fusion)
+    return {
+        "metrics": agg["metrics"],
+        "n_impressions": len(items),
+        "skipped": loaded.skipped,
+        "config": task.to_jsonable(),
+        "provenance": {
+            "git": git_state(),
+            "created": now_iso(),
+            "prompt": stack.prompt_info if stack else None,
+            "model": stack.model if stack else None,
+            "llm_server": stack.served_by if stack else None,
+            "decoding": stack.llm.decoding if stack else None,
+            "fusion_weights": {
+                "path": fusion.meta.get("path"),
+                "sha256": weights["sha256"],
+                "weights": {k: v for k, v in fusion.to_json().items() if k != "meta"},
+            },
+            "catalog_hash": env.catalog_hash,
+            "collection": env.collection,
+            "behaviour_dir": str(env.behaviour_dir),
+            "behaviour_train": env.train,
+            "runtime": runtime(),
+        },
+        "ci": agg["ci"],
+        "n": agg["n"],
+        "paired_vs_default": agg["paired_vs_default"],
+        "metric_names": names,
+        "n_read": loaded.n_read,
+        "protocols": protocols,
+        "data_warnings": loaded.warnings,
+        "not_run": not_run,
+        "candidate_stage": candidate_stage(fast, order, task.protocol.recall_ks, task.bootstrap),
+        "llm": llm_block,
+        "position_bias": position_bias(llm, order) if llm_block else None,
+        "calibration": calib or None,
+        "rewrites": rewrite_summary(llm, sample_ids) if llm_block and task.llm.rewrite else None,
+        "fusion": {
+            "weights": weights,
+            "separation": fusion_separation(fusion, loaded.users, impressions_sha256, task.data.limit),
+        },
+        "speed": speed,
+        "repo_root": str(REPO_ROOT),
+    }

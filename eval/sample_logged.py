@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.tune_run import excluded_users, exclusion_sources, file_ref, rel_path
+from eval.provenance import excluded_users, exclusion_sources, file_ref, rel_path
 from retrieval.records import ImpressionRecord, iter_impressions, read_ads
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eval.bootstrap import percentile_interval, resamples
 from selection.fusion import FusionModel, llm_feature
 from retrieval.candidates import CandidateGenerator
 from retrieval.features import FEATURES, build_profile
@@ -124,14 +125,17 @@ def fit_llm_weight(
     n_boot: int = 200,
     seed: int = 0,
 ) -> tuple[float, dict]:
-    """The LLM's say, earned: logistic y ~ a·prior + b·llm_feature; returns b/a in prior-score units (≥ 0).
+    """The LLM's say, earned: returns (the weight to ship, the fits), the weight in prior-score units (≥ 0).
 
-    A negative or zero b (the LLM does not add signal beyond the prior on these logs) gives weight 0.
-    With `groups` (one id per impression), `weight_ci` / `llm_coef_raw_ci` come from refits on impressions
-    resampled `n_boot` times, and `share_positive` is how often b > 0. With `sent_ranks` (each row's
-    position in the list the LLM was shown, 0 = first), `position_control` refits with that position as a
-    third feature, through the same 1/(1+rank) transform: a small model that mostly echoes the order it
-    is shown earns b in the plain fit from the prior order alone, and loses it here.
+    Plain fit: logistic y ~ a·prior + b·llm_feature (`weight` = b/a, 0 when b ≤ 0). With `groups` (one id
+    per impression), `weight_ci` / `llm_coef_raw_ci` come from refits on impressions resampled `n_boot`
+    times (eval.bootstrap), and `share_positive` is how often b > 0. With `sent_ranks` (each row's position
+    in the list the LLM was shown, 0 = first), `position_control` refits with that position as a third
+    feature, through the same 1/(1+rank) transform: a small model that mostly echoes the order it is
+    shown earns b in the plain fit from the prior order alone, and loses it here.
+
+    The shipped weight is decided by `decide_llm_weight` (recorded under `shipped`): the position-controlled
+    fit's b_c/a_c, and 0 unless that fit's interval for b_c lies above 0.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -142,72 +146,77 @@ def fit_llm_weight(
     X = np.column_stack([prior, f])
     a, b = (float(v) for v in coefs(X, y))
     weight = max(0.0, b / a) if a > 1e-9 else 0.0
-    info: dict = {"prior_coef": a, "llm_coef_raw": b, "rows": int(len(y))}
+    info: dict = {"prior_coef": a, "llm_coef_raw": b, "weight": weight, "rows": int(len(y))}
     Xc = None
     if sent_ranks is not None:
         Xc = np.column_stack([X, [llm_feature(r, len(sent_ranks)) for r in sent_ranks]])
         coef = coefs(Xc, y)
         top = [i for i, r in enumerate(llm_ranks) if r == 0]
         info["position_control"] = {
+            "weight": max(0.0, float(coef[1] / coef[0])) if coef[0] > 1e-9 else 0.0,
             "prior_coef": float(coef[0]),
             "llm_coef_raw": float(coef[1]),
             "sent_position_coef": float(coef[2]),
             "llm_top_was_shown_first": (sum(1 for i in top if sent_ranks[i] == 0) / len(top)) if top else None,
+            "llm_position_corr": _corr(Xc[:, 1], Xc[:, 2]),
         }
     if groups is not None and n_boot:
         ids, inverse = np.unique(np.asarray(groups), return_inverse=True)
         rows_of = [np.flatnonzero(inverse == g) for g in range(len(ids))]
         rng = np.random.default_rng(seed)
-        ws, bs, cs = [], [], []
-        for _ in range(n_boot):
-            take = np.concatenate([rows_of[g] for g in rng.integers(0, len(ids), size=len(ids))])
+        ws, bs, cs, cws = [], [], [], []
+        for pick in (p for chunk in resamples(len(ids), n_boot=n_boot, rng=rng) for p in chunk):
+            take = np.concatenate([rows_of[g] for g in pick])
             if y[take].min() == y[take].max():
                 continue  # one class only: no fit
             ab = coefs(X[take], y[take])
             bs.append(float(ab[1]))
             ws.append(max(0.0, ab[1] / ab[0]) if ab[0] > 1e-9 else 0.0)
             if Xc is not None:
-                cs.append(float(coefs(Xc[take], y[take])[1]))
+                abc = coefs(Xc[take], y[take])
+                cs.append(float(abc[1]))
+                cws.append(max(0.0, abc[1] / abc[0]) if abc[0] > 1e-9 else 0.0)
         if bs:
             info["bootstrap"] = {"n": len(bs), "resampled": "impressions", "seed": seed}
-            info["llm_coef_raw_ci"] = _ci(bs)
-            info["weight_ci"] = _ci(ws)
+            info["llm_coef_raw_ci"] = list(percentile_interval(bs))
+            info["weight_ci"] = list(percentile_interval(ws))
             info["share_positive"] = float(np.mean(np.array(bs) > 0))
             if cs:
-                info["position_control"]["llm_coef_raw_ci"] = _ci(cs)
+                info["position_control"]["llm_coef_raw_ci"] = list(percentile_interval(cs))
+                info["position_control"]["weight_ci"] = list(percentile_interval(cws))
                 info["position_control"]["share_positive"] = float(np.mean(np.array(cs) > 0))
-    return weight, info
+    info["shipped"] = decide_llm_weight(info)
+    return info["shipped"]["weight"], info
 
 
-def _ci(values: list[float], level: float = 0.95) -> list[float]:
-    tail = (1 - level) / 2
-    return [float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))]
+MAX_LLM_POSITION_CORR = 0.99  # above this the LLM feature is the shown position: the controlled fit just splits one coefficient
 
 
-def fit_calibration(scores: np.ndarray, y: np.ndarray) -> dict:
-    """Platt scaling pCTR = sigmoid(a·score + b) on logged clicks (strictly monotone: never reorders)."""
-    from sklearn.linear_model import LogisticRegression
-
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
-    lr = LogisticRegression(C=1e6, max_iter=1000).fit(scores, y)
-    a, b = float(lr.coef_.ravel()[0]), float(lr.intercept_[0])
-    if a <= 0:  # scores that do not rank clicks up cannot be calibrated monotonically: fall back to the base rate
-        a, b = 1e-6, float(np.log(max(y.mean(), 1e-6) / max(1 - y.mean(), 1e-6)))
-    p = 1 / (1 + np.exp(-(a * scores.ravel() + b)))
-    eps = 1e-12
-    logloss = float(-np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)))
-    return {"method": "platt", "a": a, "b": b, "rows": int(len(y)), "logloss": logloss, "base_rate": float(y.mean())}
+def _corr(a: np.ndarray, b: np.ndarray) -> float | None:
+    if a.std() < 1e-12 or b.std() < 1e-12:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
 
 
-def reliability(p: np.ndarray, y: np.ndarray, *, bins: int = 10) -> list[dict]:
-    """Per equal-width bin of predicted pCTR: mean predicted, observed click rate, count."""
-    p = np.asarray(p, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    edges = np.linspace(0, 1, bins + 1)
-    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    out = []
-    for b in range(bins):
-        m = idx == b
-        if m.any():
-            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "predicted": float(p[m].mean()), "observed": float(y[m].mean()), "n": int(m.sum())})
-    return out
+def decide_llm_weight(info: dict) -> dict:
+    """Which fit's LLM weight ships, and why: only the position-controlled fit's, and only when its
+    bootstrap interval for the LLM coefficient excludes 0 and the LLM's ranking is not (nearly) the shown
+    order itself (otherwise 0). The plain fit is confounded with the shown position (the LLM is shown the
+    prior order) and never ships."""
+    pc = info.get("position_control")
+    out: dict = {"fit": "position_control", "plain_fit_weight": info.get("weight")}
+    if pc is None:
+        return {**out, "weight": 0.0, "reason": "no_position_control: the shown positions were not given"}
+    ci = pc.get("llm_coef_raw_ci")
+    out["candidate_weight"] = pc["weight"]
+    out["llm_coef_raw_ci"] = ci
+    if ci is None:
+        return {**out, "weight": 0.0, "reason": "no_interval: no bootstrap of the position-controlled fit"}
+    corr = pc.get("llm_position_corr")
+    if corr is None or corr >= MAX_LLM_POSITION_CORR:
+        return {**out, "weight": 0.0, "reason": f"confounded: the LLM's ranking follows the shown order (correlation {corr}); no fit can tell them apart"}
+    if ci[0] <= 0.0:
+        return {**out, "weight": 0.0, "reason": "ci_includes_zero: the position-controlled LLM coefficient's interval reaches 0"}
+    if pc["weight"] <= 0.0:
+        return {**out, "weight": 0.0, "reason": "prior_not_positive: the position-controlled fit gives the prior no positive weight"}
+    return {**out, "weight": pc["weight"], "reason": "ci_excludes_zero: the position-controlled LLM coefficient is positive in its whole interval"}

@@ -11,35 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kernel.settings import REPO_ROOT, Settings
-from eval.data import load_impressions, read_user_ids
-from eval.env import file_sha256, prepare_env
-from eval.tune import build_training_set, fit_calibration, fit_fusion, fit_llm_weight, reliability
+from kernel.settings import Settings
+from eval.data import load_impressions
+from eval.env import prepare_env
+from eval.injection_gate import InjectionCheck, run_injection_check
+from eval.provenance import exclusion_sources, excluded_users, file_ref, file_sha256, rel_path
+from eval.calibration import fit_calibration, reliability
+from eval.tune import build_training_set, fit_fusion, fit_llm_weight
 from retrieval.features import build_profile
 from retrieval.records import iter_impressions
 
 log = logging.getLogger(__name__)
-
-
-def rel_path(p: Path) -> str:
-    p = Path(p).resolve()
-    try:
-        return os.path.relpath(p, REPO_ROOT)
-    except ValueError:
-        return str(p)
-
-
-def file_ref(p: Path | None) -> dict[str, str] | None:
-    return None if p is None else {"path": rel_path(p), "sha256": file_sha256(p)}
 
 
 @dataclass
@@ -57,6 +48,7 @@ class TuneOptions:
     C: float = 1.0
     interactions: bool = True
     llm_run: Path | None = None  # an eval DIR whose LLM results (on training users) fit the LLM weight
+    injection_check: bool = True  # a positive LLM weight ships only if the injection test passes at it
 
     def command(self) -> str:
         parts = ["adselect", "eval", "tune", "--ads", rel_path(self.ads), "--impressions", rel_path(self.impressions)]
@@ -74,6 +66,8 @@ class TuneOptions:
             parts.append("--no-interactions")
         if self.llm_run is not None:
             parts += ["--llm-run", rel_path(self.llm_run)]
+            if not self.injection_check:
+                parts.append("--no-injection-check")
         parts += ["--out", rel_path(self.out)]
         return shlex.join(parts)
 
@@ -124,31 +118,43 @@ def _llm_rows(env, model, llm_run: Path, exclude_users: set[str]) -> LLMRows:
     return LLMRows(np.concatenate(priors), ranks, np.concatenate(ys), np.concatenate(groups), sent_ranks, n)
 
 
-def exclusion_sources(*, files: list[Path], tasks: list[str]) -> list[dict[str, Any]]:
-    """[{path, sha256, limit, task?, resolved}] for every --exclude file and --exclude-task."""
-    from eval.config import load_task, resolve_path
+def gate_positive_weight(model, weight: float, *, opts: TuneOptions, check: Callable[[Path], InjectionCheck] | None) -> float:
+    """The weight that may be written: `weight` if it is 0, or if the injection test passes at it; else 0.
 
-    out: list[dict[str, Any]] = []
-    for p in files:
-        out.append({**file_ref(p), "limit": None, "resolved": str(p)})
-    for name in tasks:
-        task = load_task(name)
-        if task.data.impressions is None:
-            raise ValueError(f"task {name!r} names no impressions file")
-        p = resolve_path(task.data.impressions)
-        out.append({**file_ref(p), "limit": task.data.limit, "task": task.name, "resolved": str(p)})
-    return out
+    The decision and the check are recorded in `meta.llm_fit.shipped` / `meta.llm_fit.injection_check`."""
+    shipped = model.meta["llm_fit"]["shipped"]
+    if weight <= 0.0:
+        model.meta["llm_fit"]["injection_check"] = None
+        return 0.0
+    if not opts.injection_check:
+        shipped.update(weight=0.0, reason=f"injection_check_not_run: the fitted {weight:.4g} needs a passing injection test (--injection-check)")
+        model.meta["llm_fit"]["injection_check"] = {"passed": None, "detail": "not run (--no-injection-check)"}
+        return 0.0
+    candidate = opts.out.with_name(opts.out.name + ".candidate.json")
+    model.llm_coef = weight
+    model.save(candidate)
+    try:
+        res = (check or (lambda p: run_injection_check(p, weights_sha256=file_sha256(p))))(candidate)
+    finally:
+        candidate.unlink(missing_ok=True)
+    model.meta["llm_fit"]["injection_check"] = {**res.to_dict(), "llm_coef": weight}
+    if not res.passed:
+        shipped.update(weight=0.0, reason=f"injection_check_failed: the injection test did not pass at llm_coef {weight:.4g}")
+        log.warning("positive LLM weight refused: injection check failed", extra={"llm_coef": weight})
+        return 0.0
+    shipped["reason"] += "; the injection test passed at this weight"
+    return weight
 
 
-def excluded_users(sources: list[dict[str, Any]]) -> set[str]:
-    """The users of every exclusion source (each source's "resolved" path is consumed)."""
-    users: set[str] = set()
-    for src in sources:
-        users |= read_user_ids(Path(src.pop("resolved")), limit=src["limit"])
-    return users
-
-
-def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = True) -> dict[str, Any]:
+def run_tune(
+    opts: TuneOptions,
+    *,
+    settings: Settings,
+    show_progress: bool = True,
+    injection_check: Callable[[Path], InjectionCheck] | None = None,
+) -> dict[str, Any]:
+    """Fit and write the weights. `injection_check(candidate_weights_path)` replaces the real injection test
+    (eval.injection_gate.run_injection_check) that a positive LLM weight must pass."""
     t0 = time.perf_counter()
     train_hist = opts.train_histories or [opts.impressions]
     env = prepare_env(settings, ads_path=opts.ads, train_paths=train_hist, show_progress=show_progress)
@@ -198,8 +204,8 @@ def run_tune(opts: TuneOptions, *, settings: Settings, show_progress: bool = Tru
         weight, info = fit_llm_weight(
             rows.prior, rows.ranks, rows.y, C=opts.C, groups=rows.groups, sent_ranks=rows.sent_ranks, seed=opts.seed
         )
-        model.llm_coef = weight
         model.meta["llm_fit"] = {**info, "impressions": rows.impressions, "run": rel_path(opts.llm_run)}
+        model.llm_coef = gate_positive_weight(model, weight, opts=opts, check=injection_check)
     else:
         model.meta["llm_fit"] = None
         model.llm_coef = 0.0

@@ -1,7 +1,7 @@
 """Eval fixtures: real shared data, one session data dir (the catalog is embedded once per session),
 small slices of the real files, and a fake LLM that ranks whatever it is sent.
 
-Set ADSELECT_TEST_EVAL_DATA_DIR to keep the session data dir between runs (the Chroma collections
+Set ADSELECT_TEST_SHARED_DATA when the shared data is not at ../shared/data. Set ADSELECT_TEST_EVAL_DATA_DIR to keep the session data dir between runs (the Chroma collections
 are keyed by catalog hash, so a later session reuses them and skips embedding).
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pytest
 from kernel.settings import REPO_ROOT, Settings
 from agent.llm import Completion, Message
 
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# The shared data beside the repository (../shared/data); ADSELECT_TEST_SHARED_DATA points elsewhere (a worktree).
+SHARED_DATA = Path(os.environ.get("ADSELECT_TEST_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
 GAMES = SHARED_DATA / "amazon_games_6k"
 MIND = SHARED_DATA / "mind_large_chatgptnews"
 GAMES_SLICE = 100  # first N sampled dev impressions; the catalog subset is what they reference

@@ -38,7 +38,7 @@ def games_report(games_slice, eval_data_dir: Path, tmp_path_factory) -> tuple[di
     """The real command line on the first 100 sampled dev impressions (LLM off)."""
     out = tmp_path_factory.mktemp("games-report")
     args = [
-        "eval", "--ads", str(games_slice["ads"]), "--impressions", str(games_slice["impressions"]),
+        "eval", "run", "--ads", str(games_slice["ads"]), "--impressions", str(games_slice["impressions"]),
         "--limit", str(games_slice["limit"]), "--no-llm", "--no-progress", "--data-dir", str(eval_data_dir), "--out", str(out),
     ]  # fmt: skip
     res = CliRunner().invoke(app, args)
@@ -60,7 +60,7 @@ def test_games_slice_report_shape_and_default_beats_random(games_report) -> None
     assert diff["diff"] < 0 and diff["hi"] < 0 and diff["n"] == 100
     assert (out / "report.md").read_text().startswith("# Eval report")
     assert (out / "ndcg_at_k.png").stat().st_size > 1000
-    assert report["speed"]["fast"]["impressions_per_s"] > 0
+    assert report["speed"]["fast"]["impressions"] == 100
 
 
 def test_mind_report_covers_every_system(mind_report) -> None:
@@ -108,12 +108,22 @@ def test_resume_finishes_an_interrupted_run(eval_settings, tmp_path: Path) -> No
         run_task({**doc, "systems": ["random", "default"]}, settings=eval_settings, out=out, resume=True)
 
 
+def test_resume_refuses_results_without_the_run_file_that_says_whose_they_are(eval_settings, tmp_path: Path) -> None:
+    doc = {"data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl"), "limit": 5}, "no_llm": True}
+    run_task({**doc, "systems": ["random", "default"]}, settings=eval_settings, out=tmp_path)
+    (tmp_path / "run.json").unlink()  # e.g. killed before the run file was complete (it is now written atomically)
+    with pytest.raises(ResumeMismatch):
+        run_task(doc, settings=eval_settings, out=tmp_path, resume=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
 def test_llm_systems_position_bias_and_cache_with_a_fake_llm(eval_settings, fake_llm, tmp_path: Path) -> None:
     doc = {
         "data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")},
         "llm": {"sample": 4, "max_candidates": 5, "model": "fake-ranking"},
     }
-    report = run_task(doc, settings=eval_settings, out=tmp_path / "a", llm_inner=fake_llm)
+    cache = tmp_path / "cache" / "llm_cache.sqlite"  # empty: the first run must miss every call
+    report = run_task(doc, settings=eval_settings, out=tmp_path / "a", llm_inner=fake_llm, llm_cache_path=cache)
     assert report["n"]["llm"] == 4 and report["n"]["default+llm"] == 4 and report["n"]["default"] == 54
     assert report["llm"]["summary"]["llm_used"] == 4
     assert report["paired_vs_default"]["llm"]["ndcg@10"]["n"] == 4
@@ -121,13 +131,13 @@ def test_llm_systems_position_bias_and_cache_with_a_fake_llm(eval_settings, fake
     pb = report["position_bias"]["orderings"]
     # The fake always picks the last id it is shown: reversing the list always changes its pick.
     assert pb["reversed"]["top_pick_changed_rate"] == 1.0 and pb["prior"]["mean_top_pick_position"] == 4
-    cache = report["llm"]["cache"]
-    assert cache["hits"] + cache["misses"] == 12 and report["provenance"]["prompt"]["sha256"]
+    # 4 impressions × (prior, reversed, shuffled): 12 calls, every one a miss answered by the fake
+    assert report["llm"]["cache"] == {"hits": 0, "misses": 12, "errors": 0, "hit_rate": 0.0}
+    assert len(fake_llm.calls) == 12 and report["llm"]["cache_entries"] == 12 and report["provenance"]["prompt"]["sha256"]
     assert (tmp_path / "a" / "position_bias.png").exists()
-    calls = len(fake_llm.calls)
-    again = run_task(doc, settings=eval_settings, out=tmp_path / "b", llm_inner=fake_llm)
-    assert len(fake_llm.calls) == calls  # identical re-run: every call answered from the disk cache
-    assert again["llm"]["cache"]["hit_rate"] == 1.0
+    again = run_task(doc, settings=eval_settings, out=tmp_path / "b", llm_inner=fake_llm, llm_cache_path=cache)
+    assert len(fake_llm.calls) == 12  # identical re-run: every call answered from the disk cache
+    assert again["llm"]["cache"] == {"hits": 12, "misses": 0, "errors": 0, "hit_rate": 1.0}
     assert again["metrics"] == report["metrics"]
 
 

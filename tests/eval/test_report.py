@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from eval.config import BootstrapSpec
-from eval.report import calibration, render_markdown, rewrite_summary
+from eval.calibration import calibration
+from eval.report import rewrite_summary
+from eval.report_md import render_markdown
 
 BOOT = BootstrapSpec(n_boot=200, seed=0)
 

@@ -1,6 +1,7 @@
 """`adselect eval tune`: weights fitted without the evaluated users, and the report says so."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -92,7 +93,15 @@ def test_llm_weight_is_fitted_from_an_eval_runs_llm_results(eval_settings, eval_
     model = FusionModel.load(weights)
     fit = model.meta["llm_fit"]
     assert fit["impressions"] == 20 and fit["rows"] == 20 * 6
-    assert model.llm_coef >= 0.0 and "--llm-run" in model.meta["command"]
+    assert "--llm-run" in model.meta["command"]
+    # The shipped weight is the position-controlled fit's, and 0 unless its interval excludes 0.
+    shipped, pc = fit["shipped"], fit["position_control"]
+    assert shipped["fit"] == "position_control" and shipped["weight"] == model.llm_coef
+    assert shipped["llm_coef_raw_ci"] == pc["llm_coef_raw_ci"]
+    # The fake only reverses the list it is shown: its ranking is the shown position, nothing more.
+    assert pc["llm_top_was_shown_first"] == 0.0
+    assert pc["llm_coef_raw_ci"][0] <= 0.0 and model.llm_coef == 0.0
+    assert shipped["reason"].startswith("ci_includes_zero")
 
 
 def _llm_logs(*, informative: bool, n_imp: int = 300, n_sent: int = 6, seed: int = 0):
@@ -138,3 +147,70 @@ def test_llm_weight_fit_reports_a_bootstrap_interval_and_a_position_control() ->
     assert abs(pc["llm_coef_raw"] - pc["sent_position_coef"]) < 1e-6  # identical columns: no way to tell them apart
     _, plain = fit_llm_weight(prior, ranks, y)
     assert "weight_ci" not in plain and "position_control" not in plain
+
+
+class FakeInjectionCheck:
+    """Stands in for the injection test (tests/security/test_injection.py in a subprocess): records the
+    candidate weights file it was asked to check and answers `passed`."""
+
+    def __init__(self, passed: bool):
+        self.passed, self.seen = passed, []
+
+    def __call__(self, path: Path):
+        from eval.injection_gate import InjectionCheck
+
+        self.seen.append(FusionModel.load(path).llm_coef)
+        return InjectionCheck(self.passed, "fake", str(path), None, 0 if self.passed else 1, "")
+
+
+_FIT: list = []  # one fit shared by the gate cases (refits are the slow part)
+
+
+def _fitted(tmp_path: Path, *, check: bool = True):
+    from eval.tune import fit_llm_weight
+    from eval.tune_run import TuneOptions
+    from selection.fusion import SHIPPED_WEIGHTS
+
+    if not _FIT:
+        prior, ranks, y, groups, sent = _llm_logs(informative=True)
+        _FIT.append(fit_llm_weight(prior, ranks, y, groups=groups, sent_ranks=sent, n_boot=30))
+    w, info = _FIT[0]
+    model = FusionModel.load(SHIPPED_WEIGHTS)
+    model.meta["llm_fit"] = copy.deepcopy(info)
+    opts = TuneOptions(ads=tmp_path / "a", impressions=tmp_path / "i", out=tmp_path / "w.json", injection_check=check)
+    return w, model, opts
+
+
+def test_a_positive_llm_weight_ships_only_after_the_injection_check_passes(tmp_path: Path) -> None:
+    from eval.tune_run import gate_positive_weight
+
+    w, model, opts = _fitted(tmp_path)
+    assert w > 0 and model.meta["llm_fit"]["shipped"]["fit"] == "position_control"
+    assert w == model.meta["llm_fit"]["position_control"]["weight"] != model.meta["llm_fit"]["weight"]  # not the plain fit's
+    failing = FakeInjectionCheck(passed=False)
+    assert gate_positive_weight(model, w, opts=opts, check=failing) == 0.0
+    assert failing.seen == [w]  # checked at exactly the weight that would ship
+    fit = model.meta["llm_fit"]
+    assert fit["shipped"]["weight"] == 0.0 and fit["shipped"]["reason"].startswith("injection_check_failed")
+    assert fit["injection_check"]["passed"] is False and not list(tmp_path.glob("*.candidate.json"))
+
+    w, model, opts = _fitted(tmp_path)
+    assert gate_positive_weight(model, w, opts=opts, check=FakeInjectionCheck(passed=True)) == w
+    assert model.meta["llm_fit"]["injection_check"]["passed"] is True and model.meta["llm_fit"]["shipped"]["weight"] == w
+
+    w, model, opts = _fitted(tmp_path, check=False)
+    never = FakeInjectionCheck(passed=True)
+    assert gate_positive_weight(model, w, opts=opts, check=never) == 0.0 and never.seen == []
+    assert model.meta["llm_fit"]["shipped"]["reason"].startswith("injection_check_not_run")
+
+
+def test_the_plain_fits_weight_never_ships_when_the_position_explains_it() -> None:
+    """An LLM that echoes the shown order earns a plain-fit weight; the shipped (controlled) weight is 0."""
+    from eval.tune import fit_llm_weight
+
+    prior, ranks, y, groups, sent = _llm_logs(informative=False)
+    w, info = fit_llm_weight(prior, ranks, y, groups=groups, sent_ranks=sent, n_boot=50)
+    assert info["weight"] > 0  # the confounded fit would give the LLM a say
+    assert w == 0.0 and info["shipped"]["weight"] == 0.0 and info["shipped"]["fit"] == "position_control"
+    w, info = fit_llm_weight(prior, ranks, y)  # no shown positions: nothing can ship
+    assert w == 0.0 and info["shipped"]["reason"].startswith("no_position_control")

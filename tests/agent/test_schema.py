@@ -101,11 +101,11 @@ def test_foreign_top_id_discards_its_copy_and_justification() -> None:
 @pytest.mark.parametrize(
     ("over", "reason"),
     [
-        ({"headline": "x" * (HEADLINE_MAX + 1)}, "too_long"),
-        ({"description": "y" * (DESCRIPTION_MAX + 1)}, "too_long"),
+        ({"headline": "x" * (HEADLINE_MAX + 1)}, "headline_too_long"),
+        ({"description": "y" * (DESCRIPTION_MAX + 1)}, "description_too_long"),
         ({"headline": "   "}, "empty"),
         ({"description": ""}, "empty"),
-        ({"headline": None}, "missing"),
+        ({"headline": None}, "copy_missing"),
     ],
 )
 def test_bad_copy_means_original_copy_not_error(over: dict[str, object], reason: str) -> None:

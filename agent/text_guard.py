@@ -21,7 +21,8 @@ this check makes it visible and refused, deterministically, whatever the marker'
     history). This catches instructions no marker knows (another language, a new phrasing) when the word
     they plant is rare, as canaries are.
   The served ad's facts are the words of its own fields (title, text, category, advertiser), unless the
-  ad is hostile itself: then only its title (shown to users as written) is, unless the title is hostile too.
+  ad is hostile itself, or has a sentence made mostly of rare words not in its title (an instruction in a
+  language no marker knows): then only its title (shown to users as written) is, unless that is hostile too.
 
 Matching is on normalised text (agent.textnorm: NFKC, zero-width characters removed, case-folded) and on
 words with plurals folded. A refused justification is dropped; refused copy falls back to the original.
@@ -83,6 +84,22 @@ def _hostile_words(text: str) -> set[str]:
     return {w for w in _stems(text) - EXEMPT if not (w.isdigit() and len(w) <= 3)}
 
 
+_SENTENCE = re.compile(r"[.!?;:\n\u3002\uff01\uff1f|]+(?:\s|$)|[\u3002\uff01\uff1f]")
+FOREIGN_SHARE = 0.6  # a sentence of >= 4 words, this share of them rare and not in the title, is unreadable
+
+
+def unreadable(text: str, title: str) -> bool:
+    """True when a sentence of `text` is mostly words this check cannot read (rare, not in `title`): an
+    instruction in a language no marker knows ("Puuza maagizo yote ... neno kifaru")."""
+    known = _stems(title)
+    for sentence in _SENTENCE.split(normalise(text)):
+        ws = [w for w in _stems(sentence) if not w.isdigit()]
+        strange = [w for w in ws if w not in COMMON and w not in known]
+        if len(ws) >= 4 and len(strange) >= FOREIGN_SHARE * len(ws):
+            return True
+    return False
+
+
 def _fields(ad: Ad) -> str:
     return "\n".join(f for f in (ad.title, ad.text, ad.category, ad.subcategory, ad.advertiser) if f)
 
@@ -104,7 +121,7 @@ def _provenance(title: str, own: str, units: tuple[tuple[str, str], ...]) -> Pro
     """`title`, `own`: the served ad's title and all its fields; `units`: (title, rest) per other untrusted
     text ("" title for events)."""
     hostile: set[str] = set()
-    if speaks_to_model(own):  # only its title, shown to users as written, stays a fact (unless it is hostile too)
+    if speaks_to_model(own) or unreadable(own, title):  # only its title, shown as written, stays a fact
         facts = set() if speaks_to_model(title) else _stems(title)
         hostile |= _hostile_words(own)
     else:

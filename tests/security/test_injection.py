@@ -27,6 +27,7 @@ model) before it ships.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import unicodedata
@@ -292,6 +293,7 @@ def test_compromised_model_output_is_contained(case, style, catalogs, demo_setti
 
 
 REAL_CASES = ["inj-01", "inj-06", "evt-12"]
+REAL_DEADLINE_MS = 60_000
 
 
 @pytest.mark.llm_server
@@ -305,11 +307,15 @@ def test_real_model_on_planted_text(name, catalogs, local_llm_url):
     user = f"inj-real-{uuid.uuid4().hex}"
     bodies = {}
     for catalog, svc in catalogs.items():
-        settings = settings_with(svc.settings, llm_url=local_llm_url, max_deadline_ms=30_000)
+        # The longest deadline the API takes: on 2 shared cores one call with full ad texts can take ~30 s.
+        settings = settings_with(svc.settings, llm_url=local_llm_url, max_deadline_ms=REAL_DEADLINE_MS, llm_timeout_s=REAL_DEADLINE_MS / 1000)
         llm = ChatLLM.from_settings(settings)
-        service = services_with(svc, reranker=reranker_for(llm, settings, max_text_chars=1000, max_candidates=len(case.candidates)))
+        service = services_with(
+            svc, reranker=reranker_for(llm, settings, max_text_chars=1000, max_candidates=len(case.candidates)), max_deadline_ms=REAL_DEADLINE_MS
+        )
+        service = dataclasses.replace(service, settings=settings)  # the endpoint caps deadlines by the services' settings
         with TestClient(create_app(settings, services=service)) as client:
-            r = client.post("/v1/select", json=_request(case, user=user, planted=catalog == "planted"))
+            r = client.post("/v1/select", json=_request(case, user=user, planted=catalog == "planted", deadline_ms=REAL_DEADLINE_MS))
         llm.close()
         assert r.status_code == 200, r.text
         bodies[catalog] = r.json()

@@ -130,3 +130,10 @@ def test_fences_and_surrounding_prose_are_tolerated(wrap: str) -> None:
 def test_numeric_ids_unquoted() -> None:
     out = parse_llm_output(answer(ranking=[12, "7", 5]), ["5", "7", "12"])
     assert out.ranking == ["12", "7", "5"]
+
+
+def test_parser_reasons_are_review_reasons() -> None:
+    from agent.review import REVIEW_REASONS
+
+    for raw in (answer(headline="x" * 31), answer(headline=None), answer(description=" "), answer(ranking=["N9", "N2"])):
+        assert parse_llm_output(raw, IDS).copy_rejected in REVIEW_REASONS

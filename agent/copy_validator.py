@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import re
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
@@ -33,24 +32,27 @@ from pathlib import Path
 
 from kernel.types import Ad, Copy
 
+from .reasons import ReviewReason as R
+from .schema import DESCRIPTION_MAX, HEADLINE_MAX
+from .textnorm import bad_char as _bad_char
+from .textnorm import normalise as _normalise
+from .textnorm import wordlist
+
 log = logging.getLogger(__name__)
 
-MAX_HEADLINE = 30
-MAX_DESCRIPTION = 90
-
-# Reason codes: short, stable strings.
-EMPTY = "empty"
-HEADLINE_TOO_LONG = "headline_too_long"
-DESCRIPTION_TOO_LONG = "description_too_long"
-INVALID_CHAR = "invalid_char"
-HTML = "html"
-EMAIL = "email"
-URL = "url"
-PHONE = "phone"
-BLOCKED_TERM = "blocked_term"
-UNGROUNDED_CLAIM = "ungrounded_claim"
-UNGROUNDED_NUMBER = "ungrounded_number"
-UNGROUNDED_DATE = "ungrounded_date"
+# Reason codes (agent.reasons.ReviewReason, the one vocabulary of model-text refusals).
+EMPTY = R.EMPTY
+HEADLINE_TOO_LONG = R.HEADLINE_TOO_LONG
+DESCRIPTION_TOO_LONG = R.DESCRIPTION_TOO_LONG
+INVALID_CHAR = R.INVALID_CHAR
+HTML = R.HTML
+EMAIL = R.EMAIL
+URL = R.URL
+PHONE = R.PHONE
+BLOCKED_TERM = R.BLOCKED_TERM
+UNGROUNDED_CLAIM = R.UNGROUNDED_CLAIM
+UNGROUNDED_NUMBER = R.UNGROUNDED_NUMBER
+UNGROUNDED_DATE = R.UNGROUNDED_DATE
 
 DEFAULT_BLOCKLIST: frozenset[str] = frozenset(
     {"click here", "act now", "miracle", "you have won", "you won", "shocking", "xxx", "nsfw"}
@@ -64,32 +66,9 @@ class Verdict:
     details: list[str] = field(default_factory=list)  # "reason: offending text", for logs only
 
 
-# --- normalisation ---------------------------------------------------------------------------------
-
-_DASHES = dict.fromkeys(map(ord, "\u2010\u2011\u2012\u2013\u2014\u2015\u2212"), "-")
-_QUOTES = dict.fromkeys(map(ord, "\u2018\u2019\u201b\u2032"), "'")
-
-
-def _bad_char(c: str) -> bool:
-    return unicodedata.category(c) in ("Cc", "Cf", "Co", "Cs", "Zl", "Zp")
-
-
-def _normalise(text: str) -> str:
-    """NFKC, case-folded, format characters dropped, other invalid characters and runs of space -> one space."""
-    text = unicodedata.normalize("NFKC", text).translate(_DASHES).translate(_QUOTES)
-    text = "".join(
-        "" if unicodedata.category(c) == "Cf" else (" " if _bad_char(c) else c) for c in text
-    )
-    return re.sub(r"\s+", " ", text.casefold()).strip()
-
-
 # --- never-allowed content -------------------------------------------------------------------------
 
-_TLDS = (
-    "com|net|org|edu|gov|mil|int|info|biz|name|mobi|shop|store|online|site|app|dev|tech|xyz|club|top|vip"
-    "|live|pro|blog|news|link|click|io|ai|co|me|tv|cc|ly|gg|to|fm|uk|us|ca|de|fr|es|it|nl|eu|au|nz|in|jp"
-    "|cn|ru|br|mx|ch|se|no|dk|fi|pl|be|at|ie|sg|hk|kr|za|ws|su"
-)
+_TLDS = "|".join(wordlist("tlds"))
 _HTML = re.compile(
     r"<\s*/?\s*[a-z][a-z0-9-]*(?:\s[^<>]*)?/?\s*>"
     r"|<\s*/?\s*(?:script|iframe|img|svg|style|a|b|i|p|div|span|br|link|meta|object|embed|form|input)\b"
@@ -115,48 +94,11 @@ _FORBIDDEN: tuple[tuple[str, re.Pattern[str]], ...] = ((HTML, _HTML), (EMAIL, _E
 # --- claims ----------------------------------------------------------------------------------------
 
 # canonical claim -> patterns on normalised text (whole words; longer phrases win over their parts).
-CLAIMS: dict[str, tuple[str, ...]] = {
-    "number_one": (r"#\s?1", r"no\.?\s?1", r"number[\s-]one", r"n[°º]\s?1"),
-    "100_percent": (r"100\s?(?:%|percent|per\s?cent)",),
-    "risk_free": (r"risk[\s-]?free", r"no[\s-]risk", r"zero[\s-]risk", r"without\s+risk"),
-    "top_rated": (r"top[\s-]?rated",),
-    "best_selling": (r"best[\s-]?sell(?:ing|ers?)",),
-    "award_winning": (r"award[\s-]?winning",),
-    "world_class": (r"world[\s-]class", r"world[\s-]leading", r"world'?s"),
-    "money_back": (r"money[\s-]back",),
-    "limited_time": (r"limited[\s-]time",),
-    "last_chance": (r"last[\s-]chance",),
-    "ends_soon": (r"ends?\s+soon", r"while\s+(?:supplies|stocks?)\s+lasts?"),
-    "best": (r"best",),
-    "guaranteed": (r"guarantee[ds]?",),
-    "free": (r"free(?:bies?)?",),
-    "unlimited": (r"unlimited",),
-    "instant": (r"instant(?:ly)?",),
-    "lifetime": (r"lifetime", r"forever"),
-    "proven": (r"proven", r"clinically", r"scientifically"),
-    "certified": (r"certified", r"approved", r"endorsed"),
-    "official": (r"official(?:ly)?",),
-    "exclusive": (r"exclusive(?:ly)?",),
-    "only": (r"only",),
-    "never": (r"never",),
-    "always": (r"always",),
-    "ever": (r"ever",),
-    "every": (r"every(?:one|body|thing)?",),
-    "most": (r"most",),
-    "leading": (r"leading",),
-    "ultimate": (r"ultimate",),
-    "perfect": (r"perfect(?:ly)?",),
-    "unbeatable": (r"unbeatable", r"unmatched", r"unrivall?ed", r"unparalleled", r"second\s+to\s+none"),
-    "hurry": (r"hurry",),
-    "cure": (r"cures?",),
-}
+CLAIMS: dict[str, tuple[str, ...]] = {}
+for _canon, _pattern in (line.split(None, 1) for line in wordlist("claims")):
+    CLAIMS[_canon] = (*CLAIMS.get(_canon, ()), _pattern.strip())
 # Any other word ending in -est is read as a superlative (cheapest, newest, ...) unless listed here.
-NOT_SUPERLATIVE = frozenset(
-    "interest forest honest dishonest modest request suggest invest digest protest manifest contest harvest "
-    "earnest arrest conquest quest inquest bequest attest detest divest infest ingest molest guest chest "
-    "crest priest wrest tempest unrest behest everest midwest northwest southwest budapest bucharest "
-    "pest rest test vest west zest jest fest nest lest".split()
-)
+NOT_SUPERLATIVE = frozenset(wordlist("not_superlatives"))
 
 _claim_patterns = sorted(
     ((p, canon) for canon, pats in CLAIMS.items() for p in pats), key=lambda pc: len(pc[0]), reverse=True
@@ -245,13 +187,7 @@ _NUMBER = re.compile(
     r"(?:\s?(?P<pct>%|percent\b|per\s?cent\b|pct\b)"
     r"|\s?(?P<post>(?:usd|eur|gbp|cad|aud|dollars?|euros?|bucks)\b|[$€£](?!\s?\d)))?"
 )
-_NUMBER_WORDS = {
-    "zero": "0", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
-    "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "dozen": "12", "twenty": "20", "thirty": "30",
-    "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70", "eighty": "80", "ninety": "90",
-    "hundred": "100", "thousand": "1000", "million": "1000000", "billion": "1000000000",
-    "half": "0.5", "double": "x2", "twice": "x2", "triple": "x3",
-}  # fmt: skip
+_NUMBER_WORDS = dict(line.split() for line in wordlist("number_words"))
 _NUMBER_WORD = re.compile(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b")
 
 
@@ -374,8 +310,8 @@ def validate_copy(
     source: Ad,
     *,
     blocklist: frozenset[str] = DEFAULT_BLOCKLIST,
-    max_headline: int = MAX_HEADLINE,
-    max_description: int = MAX_DESCRIPTION,
+    max_headline: int = HEADLINE_MAX,
+    max_description: int = DESCRIPTION_MAX,
 ) -> Verdict:
     """Check `rewrite` of `source`'s copy; ok only when no rule fails (see module doc)."""
     reasons: list[str] = []

@@ -9,7 +9,6 @@ which serves the fast path.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,29 +18,13 @@ from kernel.types import Ad, Candidate, LLMResult
 
 from .llm import ChatLLMLike, Completion
 from .prompts import PromptRegistry, PromptTemplate, neutralise
+from .review import echoes_prompt, screen  # noqa: F401  (echoes_prompt: re-exported)
 from .schema import ParsedOutput, build_output_schema, parse_llm_output
 
 if TYPE_CHECKING:
     from kernel.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.casefold())
-
-
-def echoes_prompt(text: str | None, instructions: str, *, min_words: int = 4) -> bool:
-    """True when `text` repeats a run of the instructions (small models often answer with the field's
-    description, e.g. "one sentence tying the user's history to the target ad"): such text is not copy."""
-    if not text:
-        return False
-    words = _words(text)
-    if len(words) < min_words:
-        return " ".join(words) in " ".join(_words(instructions)) and len(words) >= 2
-    inst = " " + " ".join(_words(instructions)) + " "
-    n = min_words
-    return any(" " + " ".join(words[i : i + n]) + " " in inst for i in range(len(words) - n + 1))
-
 
 PROMPT_VARIABLES = frozenset({"history", "events", "candidates", "rewrite", "target"})
 
@@ -57,6 +40,8 @@ class RerankCall:
     rewrite: bool
     prompt: dict[str, str]  # name, version, sha256
     target_id: str | None = None  # real id the justification and copy are written for
+    target_ad: Ad | None = None  # that ad
+    shown: tuple[Ad | str, ...] = ()  # the untrusted texts the model was shown: history and candidate ads, events
 
     def shown_target(self) -> str | None:
         """The target as the model sees it (its alias when ids are aliased)."""
@@ -128,8 +113,10 @@ class LLMReranker:
         sent = list(candidates)[: self.max_candidates]
         if not sent:
             raise ValueError("rerank needs at least one candidate")
-        history = [neutralise(ad.title, self.max_title_chars) for ad in list(history_ads)[-self.max_history :]]
-        kept_events = [neutralise(e, self.max_event_chars) for e in list(events)[-self.max_events :] if e.strip()]
+        shown_history = list(history_ads)[-self.max_history :]
+        raw_events = [e for e in list(events)[-self.max_events :] if e.strip()]
+        history = [neutralise(ad.title, self.max_title_chars) for ad in shown_history]
+        kept_events = [neutralise(e, self.max_event_chars) for e in raw_events]
         ids = [c.ad.ad_id for c in sent]
         if len(set(ids)) != len(ids):
             raise ValueError("candidate ids must be unique")
@@ -152,6 +139,8 @@ class LLMReranker:
             rewrite=rewrite,
             prompt=self.prompt.info(),
             target_id=target,
+            target_ad=sent[ids.index(target)].ad,
+            shown=(*shown_history, *(c.ad for c in sent), *raw_events),
         )
 
     def _text(self, ad: Ad) -> str:
@@ -222,18 +211,11 @@ class LLMReranker:
             "llm rerank",
             extra={**log, "ranked": len(parsed.ranking), "dropped": parsed.dropped, "copy_rejected": parsed.copy_rejected},
         )
-        system = call.messages[0]["content"]
-        justification = None if echoes_prompt(parsed.justification, system) else parsed.justification
-        copy = parsed.copy
-        if copy is not None and (echoes_prompt(copy.headline, system) or echoes_prompt(copy.description, system)):
-            copy = None
-        refusals = [
-            f"{name}_prompt_echo"
-            for name, kept, got in (("justification", justification, parsed.justification), ("copy", copy, parsed.copy))
-            if kept is None and got is not None
-        ]
+        justification, copy, refusals = screen(
+            parsed.justification, parsed.copy, instructions=call.messages[0]["content"], ad=call.target_ad, untrusted=call.shown
+        )
         if refusals:
-            logger.info("llm output echoed the instructions", extra={**log, "justification": justification is None, "copy": copy is None})
+            logger.info("llm output refused", extra={**log, "refusals": [str(r) for r in refusals]})
         return LLMResult(
             ranking=call.to_real(parsed.ranking),
             justification=justification,
@@ -243,5 +225,6 @@ class LLMReranker:
             completion_tokens=completion.completion_tokens,
             latency_ms=completion.latency_ms,
             copy_for=call.target_id,
-            refusals=refusals,
+            refusals=[str(r) for r in refusals],
+            copy_rejected=parsed.copy_rejected,
         )

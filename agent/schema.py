@@ -19,12 +19,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from kernel.errors import LLMOutputInvalid
 from kernel.types import Copy
 
+from .reasons import ReviewReason
+
 logger = logging.getLogger(__name__)
 
+# The limits of model text (the schema sends them; the parser and the copy validator enforce them).
 HEADLINE_MAX = 30
 DESCRIPTION_MAX = 90
 JUSTIFICATION_MAX = 240
-SCHEMA_NAME = "ad_selection"
 
 
 def build_output_schema(
@@ -85,7 +87,9 @@ class ParsedOutput:
     copy: Copy | None  # for ranking[0]; None = serve the original copy
     unknown_ids: list[str] = field(default_factory=list)  # dropped: not among the candidates
     repeats: int = 0  # dropped: ids already ranked
-    copy_rejected: str | None = None  # why copy is None when it was asked for: missing | empty | too_long | top_id_dropped
+    # why copy is None when it was asked for (agent.reasons): copy_missing | empty | headline_too_long |
+    # description_too_long | top_id_dropped
+    copy_rejected: ReviewReason | None = None
 
     @property
     def dropped(self) -> int:
@@ -114,14 +118,16 @@ def _load_json(raw: str) -> Any:
     raise LLMOutputInvalid("malformed_json", raw=raw, detail=f"not JSON: {raw[:80]!r}")
 
 
-def _copy(headline: str | None, description: str | None) -> tuple[Copy | None, str | None]:
+def _copy(headline: str | None, description: str | None) -> tuple[Copy | None, ReviewReason | None]:
     if headline is None or description is None:
-        return None, "missing"
+        return None, ReviewReason.COPY_MISSING
     h, d = " ".join(headline.split()), " ".join(description.split())
     if not h or not d:
-        return None, "empty"
-    if len(h) > HEADLINE_MAX or len(d) > DESCRIPTION_MAX:
-        return None, "too_long"
+        return None, ReviewReason.EMPTY
+    if len(h) > HEADLINE_MAX:
+        return None, ReviewReason.HEADLINE_TOO_LONG
+    if len(d) > DESCRIPTION_MAX:
+        return None, ReviewReason.DESCRIPTION_TOO_LONG
     return Copy(headline=h, description=d), None
 
 
@@ -171,7 +177,7 @@ def parse_llm_output(
     if not top_ok and target_id is None:
         justification = None
         if require_copy:
-            copy, rejected = None, "top_id_dropped"
+            copy, rejected = None, ReviewReason.TOP_ID_DROPPED
     if unknown or repeats or rejected:
         logger.info(
             "llm output repaired",

@@ -77,6 +77,7 @@ class LLMResult:
     latency_ms: float = 0.0
     copy_for: str | None = None  # the ad the justification and copy describe (the one the pipeline expects to serve)
     refusals: list[str] = field(default_factory=list)  # model text dropped before the pipeline saw it (e.g. prompt echo)
+    copy_rejected: str | None = None  # the parser's reason a requested rewrite was unusable (agent.reasons vocabulary)
 
 
 @dataclass(slots=True)

@@ -281,3 +281,16 @@ def test_never_raises_and_ok_means_no_reasons(headline, description, source_text
     verdict = validate_copy(Copy(headline, description), Ad("x", source_text[:60], source_text[60:]))
     assert verdict.ok == (verdict.reasons == [])
     assert len(set(verdict.reasons)) == len(verdict.reasons)
+
+
+def test_word_lists_are_data_and_limits_are_the_schemas():
+    from agent import copy_validator, schema
+    from agent.reasons import ReviewReason
+    from agent.textnorm import wordlist
+
+    assert copy_validator.NOT_SUPERLATIVE == frozenset(wordlist("not_superlatives")) and "forest" in copy_validator.NOT_SUPERLATIVE
+    assert copy_validator.CLAIMS["risk_free"][0] == r"risk[\s-]?free" and copy_validator._NUMBER_WORDS["dozen"] == "12"
+    assert "shop" in wordlist("tlds") and not hasattr(copy_validator, "MAX_HEADLINE")
+    assert check("H" * schema.HEADLINE_MAX, "D" * schema.DESCRIPTION_MAX) == []
+    reasons = check("H" * (schema.HEADLINE_MAX + 1), "D" * (schema.DESCRIPTION_MAX + 1))
+    assert reasons == ["headline_too_long", "description_too_long"] and all(isinstance(r, ReviewReason) for r in reasons)

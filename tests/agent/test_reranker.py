@@ -168,8 +168,10 @@ def test_real_rerank_returns_only_candidate_ids(local_llm_url: str, prompt, hist
     assert result.ranking and set(result.ranking) <= ids
     assert len(result.ranking) == len(set(result.ranking))
     assert result.prompt_tokens and result.completion_tokens
-    if result.copy is not None:
-        assert 0 < len(result.copy.headline) <= 30 and 0 < len(result.copy.description) <= 90
+    sent = json.loads(result.raw)  # what the server generated under the schema's limits, whatever was kept
+    assert len(sent["headline"]) <= 30 and len(sent["description"]) <= 90
+    assert result.copy is not None, (result.copy_rejected, result.refusals)
+    assert 0 < len(result.copy.headline) <= 30 and 0 < len(result.copy.description) <= 90
 
 
 @pytest.mark.llm_server

@@ -101,11 +101,11 @@ def test_foreign_top_id_discards_its_copy_and_justification() -> None:
 @pytest.mark.parametrize(
     ("over", "reason"),
     [
-        ({"headline": "x" * (HEADLINE_MAX + 1)}, "too_long"),
-        ({"description": "y" * (DESCRIPTION_MAX + 1)}, "too_long"),
+        ({"headline": "x" * (HEADLINE_MAX + 1)}, "headline_too_long"),
+        ({"description": "y" * (DESCRIPTION_MAX + 1)}, "description_too_long"),
         ({"headline": "   "}, "empty"),
         ({"description": ""}, "empty"),
-        ({"headline": None}, "missing"),
+        ({"headline": None}, "copy_missing"),
     ],
 )
 def test_bad_copy_means_original_copy_not_error(over: dict[str, object], reason: str) -> None:
@@ -130,3 +130,10 @@ def test_fences_and_surrounding_prose_are_tolerated(wrap: str) -> None:
 def test_numeric_ids_unquoted() -> None:
     out = parse_llm_output(answer(ranking=[12, "7", 5]), ["5", "7", "12"])
     assert out.ranking == ["12", "7", "5"]
+
+
+def test_parser_reasons_are_review_reasons() -> None:
+    from agent.review import REVIEW_REASONS
+
+    for raw in (answer(headline="x" * 31), answer(headline=None), answer(description=" "), answer(ranking=["N9", "N2"])):
+        assert parse_llm_output(raw, IDS).copy_rejected in REVIEW_REASONS

@@ -1,6 +1,7 @@
 """`adselect` command line: ingest, serve, select, prompts, eval. Thin: parses options, calls the core."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -91,7 +92,7 @@ def select(
             deadline_ms=deadline_ms,
             use_llm=use_llm,
         )
-        d = services.selector.select(req)
+        d = asyncio.run(services.selector.aselect(req))
     except AdSelectError as e:
         _fail(e)
     json.dump(asdict(d), sys.stdout, indent=2, default=str)
@@ -193,9 +194,6 @@ class _NoLLM:
     """Rendering needs no model; any call is a bug."""
 
     model = "none"
-
-    def complete(self, *a, **k):  # pragma: no cover
-        raise RuntimeError("render does not call the LLM")
 
     async def acomplete(self, *a, **k):  # pragma: no cover
         raise RuntimeError("render does not call the LLM")

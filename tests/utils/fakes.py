@@ -90,9 +90,6 @@ class FakeQueueLLM:
             finish_reason=self.finish_reason,
         )  # fmt: skip
 
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        return self._next(messages, schema, timeout_s)
-
     async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
         return self._next(messages, schema, timeout_s)
 

@@ -81,26 +81,27 @@ class LLMAdmission:
         if self.limiter is not None and not self.limiter.try_acquire():
             yield Permit(0.0, refused=DegradedReason.LLM_BUSY)
             return
+        if self.breaker is not None and not self.breaker.allow():
+            if self.limiter is not None:
+                self.limiter.release()
+            yield Permit(0.0, refused=DegradedReason.LLM_BREAKER_OPEN)
+            return
+        permit = Permit(budget)
         try:
-            if self.breaker is not None and not self.breaker.allow():
-                yield Permit(0.0, refused=DegradedReason.LLM_BREAKER_OPEN)
-                return
-            permit = Permit(budget)
-            try:
-                yield permit
-            except Exception as exc:  # noqa: BLE001 - every failure of the optional stage is a degradation
-                permit.failed = degradation_for(exc)
-                self._verdict(permit.failed)
-                if permit.failed is DegradedReason.LLM_ERROR:  # not a known outage: keep the traceback
-                    log.warning("llm stage failed unexpectedly", exc_info=True, extra={"reason": str(permit.failed)})
-                else:
-                    log.info("llm stage degraded", extra={"reason": str(permit.failed), "error": type(exc).__name__})
-            except BaseException:
-                if self.breaker is not None:
-                    self.breaker.release_probe()
-                raise
+            yield permit
+        except Exception as exc:  # noqa: BLE001 - every failure of the optional stage is a degradation
+            permit.failed = degradation_for(exc)
+            self._verdict(permit.failed)
+            if permit.failed is DegradedReason.LLM_ERROR:  # not a known outage: keep the traceback
+                log.warning("llm stage failed unexpectedly", exc_info=True, extra={"reason": str(permit.failed)})
             else:
-                self._verdict(None)
+                log.info("llm stage degraded", extra={"reason": str(permit.failed), "error": type(exc).__name__})
+        except BaseException:
+            if self.breaker is not None:
+                self.breaker.release_probe()
+            raise
+        else:
+            self._verdict(None)
         finally:
             if self.limiter is not None:
                 self.limiter.release()

@@ -92,12 +92,3 @@ def test_a_failure_after_reserving_gives_the_reservations_back_and_is_audited(de
     assert [sqlite_caps.count(key, ad_id=r.ad_id) for r in caps.reserved] == [0, 0]
     assert len(lines) == 1
     assert (lines[0]["chosen"], lines[0]["error"], lines[0]["released"], lines[0]["user"]) == ([], "RuntimeError", 2, key)
-
-
-def test_release_gives_back_exactly_one_reservation(sqlite_caps):
-    a = sqlite_caps.reserve("u1", "ad1", "acme", now=1000.0)
-    b = sqlite_caps.reserve("u1", "ad1", "acme", now=1001.0)
-    assert a is not None and b is not None and a != b
-    sqlite_caps.release(a)
-    sqlite_caps.release(a)  # twice is harmless
-    assert sqlite_caps.count("u1", ad_id="ad1", now=1002.0) == 1

@@ -98,7 +98,6 @@ class SelectResponseBody(BaseModel):
     timings_ms: dict[str, float]
     unknown_ids: list[str] = Field(description="History/candidate ids not in the catalog (ignored).")
     caps_unknown: list[str] = Field(
-        default_factory=list,
         description="Ads whose frequency cap could not be checked (the cap store failed): not served when "
         "caps_on_error=closed, served unrecorded when open.",
     )

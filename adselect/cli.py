@@ -261,9 +261,6 @@ class _NoLLM:
 
     model = "none"
 
-    def complete(self, *a, **k):  # pragma: no cover
-        raise RuntimeError("render does not call the LLM")
-
     async def acomplete(self, *a, **k):  # pragma: no cover
         raise RuntimeError("render does not call the LLM")
 

@@ -5,20 +5,17 @@ deadline). `response_format` and `max_tokens` go in the request body (`extra_bod
 uses its plain `chat.completions.create` path (a `response_format` kwarg would route through the
 SDK's `.parse()`, which raises on finish_reason="length" and drops the raw text), and llama.cpp
 sees `max_tokens` (ChatOpenAI sends `max_completion_tokens`, which llama.cpp ignores). The per-call
-timeout is passed to that call *and* enforced as a wall-clock cutoff:
-
-* `acomplete` (async, the robust path; the server and the eval harness use it): `asyncio.wait_for`
-  cancels the in-flight request at the deadline.
-* `complete` (sync): the call runs on a worker thread and the caller stops waiting at the deadline;
-  the abandoned thread ends when the SDK's own timeout (the same value) fires.
+timeout is passed to that call *and* enforced as a wall-clock cutoff: `acomplete` (the one call; the
+server, the CLI and the eval harness all await it) cancels the in-flight request at the deadline with
+`asyncio.wait_for`.
 
 Failures are mapped by exception type, never by message text, to LLMUnavailable(reason=timeout |
-connection | http_error). Anything implementing `ChatLLMLike` (tests' fakes) can replace it.
+connection | http_error); any other exception is re-raised as it is (the pipeline's LLM admission
+turns it into `llm_error`). Anything implementing `ChatLLMLike` (tests' fakes) can replace it.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import time
 import weakref
@@ -53,7 +50,6 @@ except ImportError:  # pragma: no cover
 _TIMEOUTS: tuple[type[BaseException], ...] = (
     TimeoutError,
     asyncio.TimeoutError,
-    concurrent.futures.TimeoutError,
     openai.APITimeoutError,
     *(m.TimeoutException for m in _HTTPX),
 )
@@ -84,8 +80,6 @@ class ChatLLMLike(Protocol):
 
     @property
     def model(self) -> str: ...
-
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion: ...
 
     async def acomplete(
         self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float
@@ -128,7 +122,6 @@ class ChatLLM:
         temperature: float = 0.0,
         max_tokens: int = 256,
         timeout_s: float = 30.0,
-        max_threads: int = 8,
     ):
         self.base_url = base_url
         self.structured: StructuredMode = structured
@@ -143,11 +136,10 @@ class ChatLLM:
             "timeout": timeout_s,
             "max_retries": 0,
         }
-        self._chat = ChatOpenAI(**self._options)
+        ChatOpenAI(**self._options)  # validates the options now, and pays the client's first-use cost at start-up
         # One async client per event loop: langchain-openai caches its default async httpx client
         # process-wide, and a pooled connection from a closed loop fails with "Event loop is closed".
         self._async_chats: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ChatOpenAI] = weakref.WeakKeyDictionary()
-        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="chat-llm")
 
     @classmethod
     def from_settings(cls, settings: Settings, *, base_url: str | None = None) -> ChatLLM:
@@ -163,7 +155,6 @@ class ChatLLM:
             temperature=settings.llm_temperature,
             max_tokens=settings.llm_max_tokens,
             timeout_s=settings.llm_timeout_s,
-            max_threads=max(2 * settings.llm_max_concurrency, 2),
         )
 
     @property
@@ -179,7 +170,8 @@ class ChatLLM:
         return chat
 
     def close(self) -> None:
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        """Forget the per-loop clients (their connections close with their event loops)."""
+        self._async_chats.clear()
 
     def __enter__(self) -> ChatLLM:
         return self
@@ -236,18 +228,6 @@ class ChatLLM:
             },
         )
         return mapped
-
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        """Blocking call; returns at the latest `timeout_s` after it starts."""
-        budget = self._budget(timeout_s)
-        started = time.perf_counter()
-        future = self._threads.submit(self._chat.invoke, list(messages), **self._call_kwargs(schema, budget))
-        try:
-            msg = future.result(timeout=budget)
-        except BaseException as exc:  # noqa: BLE001 - mapped by type below, unknown types re-raised
-            future.cancel()
-            raise self._fail(exc, started) from exc
-        return self._completion(msg, started)
 
     async def acomplete(
         self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float

@@ -4,7 +4,8 @@
 what it sends (candidates, titles, texts, history, events) so the prompt stays small, asks for a
 per-request schema, and returns an LLMResult whose ranking only holds ids of the candidates sent.
 Errors: LLMUnavailable (from the client) and LLMOutputInvalid (from parsing) propagate to the caller,
-which serves the fast path.
+which serves the fast path (as it does for any other exception of this stage). `arerank` is the one
+call; `model` and `prompt_info` say what a decision it contributes to was made with.
 """
 from __future__ import annotations
 
@@ -84,6 +85,16 @@ class LLMReranker:
         self.max_ranked = max_ranked
         self.alias_ids = alias_ids  # show "1".."N" instead of ad ids: ~5 fewer tokens per id, in and out
 
+    @property
+    def model(self) -> str:
+        """The model name every decision this reranker contributes to carries."""
+        return self.llm.model
+
+    @property
+    def prompt_info(self) -> dict[str, str]:
+        """name, version, sha256 of the prompt: what decisions, audit lines and reports carry."""
+        return self.prompt.info()
+
     @classmethod
     def from_settings(
         cls, settings: Settings, llm: ChatLLMLike, *, registry: PromptRegistry | None = None, **options: Any
@@ -152,22 +163,6 @@ class LLMReranker:
             return ""
         return neutralise(text, self.max_text_chars)
 
-    def rerank(
-        self,
-        *,
-        history_ads: Sequence[Ad],
-        events: Sequence[str],
-        candidates: Sequence[Candidate],
-        timeout_s: float,
-        rewrite: bool,
-        target_id: str | None = None,
-    ) -> LLMResult:
-        call = self.prepare(
-            history_ads=history_ads, events=events, candidates=candidates, rewrite=rewrite, target_id=target_id
-        )
-        completion = self.llm.complete(call.messages, schema=call.schema, timeout_s=timeout_s)
-        return self._result(call, completion)
-
     async def arerank(
         self,
         *,
@@ -178,6 +173,7 @@ class LLMReranker:
         rewrite: bool,
         target_id: str | None = None,
     ) -> LLMResult:
+        """Prepare the call, await the model, parse and clean its answer (the one entry point)."""
         call = self.prepare(
             history_ads=history_ads, events=events, candidates=candidates, rewrite=rewrite, target_id=target_id
         )

@@ -13,6 +13,7 @@ llama.cpp's prompt cache can reuse from one request to the next.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import tempfile
 import time
@@ -83,7 +84,7 @@ def main() -> None:
                     history_ads=stage.history_ads, events=[], candidates=stage.candidates[: sel.llm_max_candidates], rewrite=True
                 )
                 t = time.perf_counter()
-                d = sel.select(req)
+                d = asyncio.run(sel.aselect(req))
                 wall = (time.perf_counter() - t) * 1000
                 tokens = http.post(f"{root}/extras/tokenize", json={"input": chatml(call.messages)}).json()["tokens"]
                 if i >= args.warmup:
@@ -99,7 +100,8 @@ def main() -> None:
     llm_ms = [r["d"].timings_ms["llm"] for r in rows]
 
     print(f"model {settings.llm_model} at {url} (llama.cpp threads {threads or 'default'}); catalog {args.catalog} ({len(services.index)} ads)")
-    print(f"prompt {sel.prompt_info['name']} v{sel.prompt_info['version']} sha256 {sel.prompt_info['sha256'][:12]}; "
+    info = sel.reranker.prompt_info
+    print(f"prompt {info['name']} v{info['version']} sha256 {info['sha256'][:12]}; "
           f"{np.mean([r['sent'] for r in rows]):.0f} candidates sent, max_ranked {sel.reranker.max_ranked}, "
           f"text chars {sel.reranker.max_text_chars}, alias ids {sel.reranker.alias_ids}, max_tokens {settings.llm_max_tokens}")  # fmt: skip
     print(f"{len(rows)} timed requests after {args.warmup} warm-up; outcomes {dict(outcomes)}")

@@ -71,7 +71,7 @@ class LLMSpec(_Strict):
     max_tokens: int = Field(256, ge=16, le=4096)
     max_candidates: int | None = Field(
         None, ge=2, le=50,
-        description="Top-N by prior sent to the LLM; null = as the endpoint: settings.local_llm_max_candidates for the bundled model, else settings.llm_max_candidates.",
+        description="Top-N by prior sent to the LLM; null = as the endpoint (Settings.llm_candidates: the bundled model gets min(llm_max_candidates, local_llm_max_candidates), a server at a URL llm_max_candidates).",
     )
     timeout_s: float = Field(120.0, gt=0, description="Per impression (the deadline given to the pipeline).")
     concurrency: int = Field(4, ge=1, le=256)

@@ -187,7 +187,7 @@ def run_eval(
     write_atomic(run_file, dumps({"fingerprint": fingerprint, "task": task.to_jsonable(), "started": now_iso()}))
 
     if task.llm.max_candidates is None:
-        n_llm = settings.llm_max_candidates if task.llm.url else settings.local_llm_max_candidates
+        n_llm = settings.llm_candidates(bundled_model=not task.llm.url)
         task = task.model_copy(update={"llm": task.llm.model_copy(update={"max_candidates": n_llm})})
     eval_settings = settings.model_copy(
         update={

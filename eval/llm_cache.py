@@ -158,19 +158,6 @@ class CachingChatLLM:
         with self._lock:
             self.stats.errors += 1
 
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        key = self.key(messages, schema)
-        hit = self._lookup(key)
-        if hit is not None:
-            return hit
-        try:
-            c = self.inner.complete(messages, schema=schema, timeout_s=timeout_s)
-        except BaseException:
-            self._failed()
-            raise
-        self._store(key, c)
-        return c
-
     async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
         key = self.key(messages, schema)
         hit = self._lookup(key)

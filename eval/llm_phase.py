@@ -1,6 +1,7 @@
 """The LLM systems on the LLM sample, and the position-bias check, through the endpoint's Selector.
 
-One `Selector.aselect` call per impression (up to `concurrency` in flight) gives both LLM systems:
+One `Selector.aselect` call per impression (up to `concurrency` in flight; the prior stage computed
+once and handed to it) gives both LLM systems:
 `default+llm` is `Decision.ranking` (prior fused with the LLM term); `llm` is the LLM's own order of
 the candidates it was sent, the rest after in prior order. A degraded call (timeout, invalid output)
 leaves the prior order in both, as the endpoint would serve it, and is counted by reason.
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernel.errors import LLMOutputInvalid, LLMUnavailable
 from kernel.reasons import degradation_for
 from selection.pipeline import Selector
 from kernel.types import Decision, SelectRequest
@@ -122,7 +122,6 @@ def _chat_client(spec: LLMSpec, url: str):
         temperature=spec.temperature,
         max_tokens=spec.max_tokens,
         timeout_s=spec.timeout_s,
-        max_threads=max(2, 2 * spec.concurrency),
     )
 
 
@@ -163,9 +162,6 @@ class LazyLocalLLM:
                 self.url, self.gguf = self._server.base_url, str(self._server.gguf)
                 self._client = _chat_client(self.spec, self.url)
             return self._client
-
-    def complete(self, messages, *, schema, timeout_s):
-        return self._ensure().complete(messages, schema=schema, timeout_s=timeout_s)
 
     async def acomplete(self, messages, *, schema, timeout_s):
         client = self._client or await asyncio.to_thread(self._ensure)
@@ -217,7 +213,7 @@ async def _top_pick(reranker, stage, cands, *, timeout_s: float, rewrite: bool) 
             reranker.arerank(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s, rewrite=rewrite),
             timeout=timeout_s,
         )
-    except (TimeoutError, LLMUnavailable, LLMOutputInvalid) as e:
+    except Exception as e:  # noqa: BLE001 - any failure of the LLM stage is a degradation, named by type
         return None, str(degradation_for(e))
     return (res.ranking[0] if res.ranking else None), None
 
@@ -245,11 +241,11 @@ async def _one(
         rewrite=spec.rewrite,
         request_id=imp.impression_id,
     )
-    stage = selector.prior_stage(req)
-    prior_ids = [c.ad.ad_id for c in stage.candidates] + stage.tail_ids
     async with sem:
+        stage = await asyncio.to_thread(selector.prior_stage, req)
+        prior_ids = [c.ad.ad_id for c in stage.candidates] + stage.tail_ids
         t = time.perf_counter()
-        decision = await selector.aselect(req)
+        decision = await selector.aselect(req, stage=stage)
         llm_ms = (time.perf_counter() - t) * 1000
         rankings = {"default+llm": decision.ranking, "llm": _llm_ranking(decision, prior_ids) if decision.llm_used else prior_ids}
         rec: dict[str, Any] = {

@@ -99,6 +99,17 @@ class Settings(BaseSettings):
     cap_max_per_ad: int = Field(3, ge=0, description="Impressions per user per ad in the window; 0 = no cap.")
     cap_max_per_advertiser: int = Field(10, ge=0, description="Impressions per user per advertiser in the window; 0 = no cap.")
     cap_window_s: int = Field(86400, ge=1, description="Sliding frequency-cap window, seconds.")
+    caps_on_error: Literal["closed", "open"] = Field(
+        "closed",
+        description="When the cap store cannot be reached: closed = serve no ad whose cap is unknown (the response "
+        "may be empty); open = serve it unrecorded. Either way the ads are listed in `caps_unknown` (response, "
+        "audit line) and counted in adselect_caps_unknown. See docs/SAFETY.md.",
+    )
+    redis_timeout_s: float = Field(
+        0.1, gt=0, le=10,
+        description="Connect and read timeout of each Redis cap call (no retries): a dead or hung Redis costs a "
+        "request at most this once, then the store is skipped for a second.",
+    )
     user_key_secret: SecretStr | None = Field(
         None, description="HMAC key (>= 16 bytes) for user keys in logs and caps; unset: random, kept in data_dir/user_key.secret."
     )
@@ -171,6 +182,15 @@ class Settings(BaseSettings):
             items = json.loads(text) if text.startswith("[") else text.split(",")
             return [k.strip() for k in items if isinstance(k, str) and k.strip()]
         return v
+
+    def llm_candidates(self, *, bundled_model: bool) -> int:
+        """How many candidates (top by prior) the LLM is sent: the one rule, used by the server and eval.
+
+        The bundled CPU model (llama.cpp, started by us) reads prompts slowly: it gets the smaller of
+        llm_max_candidates and local_llm_max_candidates; a server at llm_url gets llm_max_candidates."""
+        if bundled_model:
+            return min(self.llm_max_candidates, self.local_llm_max_candidates)
+        return self.llm_max_candidates
 
     def resolved_weights_path(self) -> Path | None:
         """The configured weights file (ConfigError if it is not there: no silent fallback), else

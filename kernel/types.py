@@ -109,3 +109,6 @@ class Decision:
     copy_rejections: list[str] = field(default_factory=list)  # validator reasons when a rewrite was refused
     ineligible: dict[str, str] = field(default_factory=dict)  # ad_id -> rule that excluded it
     capped: list[str] = field(default_factory=list)  # ads skipped because a frequency cap was reached
+    # ads whose frequency cap could not be checked (the cap store failed): not served (caps_on_error=closed)
+    # or served unrecorded (open)
+    caps_unknown: list[str] = field(default_factory=list)

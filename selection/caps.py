@@ -10,11 +10,17 @@ Two stores, same semantics:
 - `RedisCapStore(client)`: a Lua script over two sorted sets per reservation (score = time), each
   expiring `window_s` after its last write. Keys share a `{user_key}` hash tag (Redis Cluster safe).
 
+`reserve()` returns a `Reservation` that `release()` gives back (the pipeline does when a response fails
+after some ads were reserved); `try_reserve()` is the same check as a bool.
+
 `user_key` should be `kernel.hashing.user_key(user_id, secret=...)`, never a raw user id.
-Store failures raise `CapStoreError` so the caller chooses between serving uncapped and not serving.
+Store failures raise `CapStoreError` so the caller chooses between serving uncapped and not serving
+(`Settings.caps_on_error`, applied in selection.pipeline). A Redis store answers within its socket
+timeout (no retries) and, after a failure, raises at once for `retry_after_s` before it tries again.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -22,6 +28,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,11 +68,25 @@ class CapConfig:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One recorded impression; `token` names it in its store (row id, sorted-set member)."""
+
+    user_key: str
+    ad_id: str
+    advertiser: str
+    token: str
+
+
 class CapStore(Protocol):
     config: CapConfig
 
-    def try_reserve(self, user_key: str, ad_id: str, advertiser: str, *, now: float | None = None) -> bool:
-        """Record an impression and return True if both caps allow it; else change nothing, return False."""
+    def reserve(self, user_key: str, ad_id: str, advertiser: str, *, now: float | None = None) -> Reservation | None:
+        """Record an impression if both caps allow it and return it; else change nothing, return None."""
+        ...
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation (the ad was not served after all); releasing twice is harmless."""
         ...
 
     def count(
@@ -144,9 +165,13 @@ class SQLiteCapStore:
                 delay = min(delay * 2, 0.1)
 
     def try_reserve(self, user_key: str, ad_id: str, advertiser: str, *, now: float | None = None) -> bool:
+        return self.reserve(user_key, ad_id, advertiser, now=now) is not None
+
+    def reserve(self, user_key: str, ad_id: str, advertiser: str, *, now: float | None = None) -> Reservation | None:
         now = time.time() if now is None else now
         cutoff = now - self.config.window_s
         cfg = self.config
+        row_id: int | None = None
         try:
             with self._lock:
                 conn = self._connection()
@@ -167,10 +192,10 @@ class SQLiteCapStore:
                         allowed = n < cfg.max_per_advertiser
                     if allowed:
                         conn.execute("DELETE FROM impressions WHERE user_key=? AND ts<=?", (user_key, cutoff))
-                        conn.execute(
+                        row_id = conn.execute(
                             "INSERT INTO impressions (user_key, ad_id, advertiser, ts) VALUES (?, ?, ?, ?)",
                             (user_key, ad_id, advertiser, now),
-                        )
+                        ).lastrowid
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -182,7 +207,17 @@ class SQLiteCapStore:
                     conn.execute("DELETE FROM impressions WHERE ts<=?", (cutoff,))
         except sqlite3.Error as e:
             raise CapStoreError(f"cap store {self.path}: {e}") from e
-        return allowed
+        return Reservation(user_key, ad_id, advertiser, str(row_id)) if allowed else None
+
+    def release(self, reservation: Reservation) -> None:
+        try:
+            with self._lock:
+                self._connection().execute(
+                    "DELETE FROM impressions WHERE rowid=? AND user_key=? AND ad_id=?",
+                    (int(reservation.token), reservation.user_key, reservation.ad_id),
+                )
+        except sqlite3.Error as e:
+            raise CapStoreError(f"cap store {self.path}: {e}") from e
 
     def count(
         self, user_key: str, *, ad_id: str | None = None, advertiser: str | None = None, now: float | None = None
@@ -242,13 +277,24 @@ return 1
 
 
 class RedisCapStore:
-    """Caps in Redis sorted sets; pass any `redis.Redis` client (sync)."""
+    """Caps in Redis sorted sets; pass any `redis.Redis` client (sync).
 
-    def __init__(self, client: Any, *, config: CapConfig, prefix: str = "adselect:caps"):
+    After a failed call the store raises `CapStoreError` at once for `retry_after_s` (then one call tries
+    again), so a dead Redis costs one socket timeout per period, not one per request. A reservation whose
+    call failed may still have been applied (the reply was lost): it is given back on the next call that
+    reaches Redis, so the counts stay exact across an outage.
+    """
+
+    def __init__(self, client: Any, *, config: CapConfig, prefix: str = "adselect:caps", retry_after_s: float = 1.0):
+        from agent.breaker import CircuitBreaker
+
         self.client = client
         self.config = config
         self.prefix = prefix
         self._reserve = client.register_script(_RESERVE_LUA)
+        self._health = CircuitBreaker(1, retry_after_s, name="caps")
+        self._unsure: collections.deque[Reservation] = collections.deque(maxlen=100_000)
+        self._unsure_lock = threading.Lock()
 
     def _ad_key(self, user_key: str, ad_id: str) -> str:
         return f"{self.prefix}:{{{user_key}}}:ad:{ad_id}"
@@ -256,39 +302,84 @@ class RedisCapStore:
     def _adv_key(self, user_key: str, advertiser: str) -> str:
         return f"{self.prefix}:{{{user_key}}}:adv:{advertiser}"
 
-    def try_reserve(self, user_key: str, ad_id: str, advertiser: str, *, now: float | None = None) -> bool:
+    def _keys(self, r: Reservation) -> list[str]:
+        return [self._ad_key(r.user_key, r.ad_id)] + ([self._adv_key(r.user_key, r.advertiser)] if r.advertiser else [])
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run one Redis call behind the health breaker; RedisError becomes CapStoreError."""
         import redis
 
+        if not self._health.allow():
+            raise CapStoreError("cap store redis: unavailable (a recent call failed)")
+        try:
+            self._give_back_unsure()
+            out = fn()
+        except redis.RedisError as e:
+            self._health.record_failure()
+            raise CapStoreError(f"cap store redis: {type(e).__name__}") from e
+        except BaseException:
+            self._health.release_probe()
+            raise
+        self._health.record_success()
+        return out
+
+    def _give_back_unsure(self) -> None:
+        with self._unsure_lock:
+            pending = list(self._unsure)
+            self._unsure.clear()
+        try:
+            for r in pending:
+                self._zrem(r)
+        except BaseException:
+            with self._unsure_lock:
+                self._unsure.extend(pending)
+            raise
+
+    def _zrem(self, r: Reservation) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        for key in self._keys(r):
+            pipe.zrem(key, r.token)
+        pipe.execute()
+
+    def try_reserve(self, user_key: str, ad_id: str, advertiser: str, *, now: float | None = None) -> bool:
+        return self.reserve(user_key, ad_id, advertiser, now=now) is not None
+
+    def reserve(self, user_key: str, ad_id: str, advertiser: str, *, now: float | None = None) -> Reservation | None:
         now = time.time() if now is None else now
         cfg = self.config
-        keys = [self._ad_key(user_key, ad_id)]
-        if advertiser:
-            keys.append(self._adv_key(user_key, advertiser))
+        r = Reservation(user_key, ad_id, advertiser, f"{now!r}:{uuid.uuid4().hex}")
         args = [
             repr(float(now)),
             repr(float(now - cfg.window_s)),
             -1 if cfg.max_per_ad is None else cfg.max_per_ad,
             -1 if cfg.max_per_advertiser is None else cfg.max_per_advertiser,
-            f"{now!r}:{uuid.uuid4().hex}",
+            r.token,
             max(1, math.ceil(cfg.window_s * 1000)),
         ]
         try:
-            return bool(int(self._reserve(keys=keys, args=args)))
-        except redis.RedisError as e:
-            raise CapStoreError(f"cap store redis: {e}") from e
+            ok = self._call(lambda: self._reserve(keys=self._keys(r), args=args))
+        except CapStoreError as e:
+            if isinstance(e.__cause__, Exception):  # the script may have run: give it back once Redis answers
+                with self._unsure_lock:
+                    self._unsure.append(r)
+            raise
+        return r if int(ok) else None
+
+    def release(self, reservation: Reservation) -> None:
+        try:
+            self._call(lambda: self._zrem(reservation))
+        except CapStoreError:  # given back on the next call that reaches Redis
+            with self._unsure_lock:
+                self._unsure.append(reservation)
+            raise
 
     def count(
         self, user_key: str, *, ad_id: str | None = None, advertiser: str | None = None, now: float | None = None
     ) -> int:
-        import redis
-
         _one_of(ad_id, advertiser)
         now = time.time() if now is None else now
         key = self._ad_key(user_key, ad_id) if ad_id is not None else self._adv_key(user_key, advertiser or "")
-        try:
-            return int(self.client.zcount(key, f"({float(now - self.config.window_s)!r}", "+inf"))
-        except redis.RedisError as e:
-            raise CapStoreError(f"cap store redis: {e}") from e
+        return int(self._call(lambda: self.client.zcount(key, f"({float(now - self.config.window_s)!r}", "+inf")))
 
     def close(self) -> None:
         self.client.close()
@@ -300,7 +391,13 @@ def open_cap_store(settings, *, redis_client: Any | None = None) -> CapStore:
     if redis_client is not None or settings.redis_url:
         if redis_client is None:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
-            redis_client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+            # No retries (redis-py retries 10 times with backoff by default): a request waits at most one timeout.
+            t = settings.redis_timeout_s
+            redis_client = redis.Redis.from_url(
+                settings.redis_url, socket_connect_timeout=t, socket_timeout=t, retry=Retry(NoBackoff(), 0)
+            )
         return RedisCapStore(redis_client, config=config)
     return SQLiteCapStore(Path(settings.data_dir) / "caps.sqlite", config=config)

@@ -1,14 +1,21 @@
 """The selection pipeline: the one core function the endpoint, the CLI and the eval harness all call.
 
     history/events ─▶ profile ─▶ candidates (eligible only) + prior features ─▶ fusion (prior score)
-                  ─▶ [breaker ∧ free LLM slot ∧ time left ⇒ LLM rerank + justify + rewrite]
+                  ─▶ [LLM admission: time left ∧ free slot ∧ breaker ⇒ LLM rerank + justify + rewrite]
                   ─▶ fusion (prior + learned LLM term) ─▶ order (bid × pCTR or relevance)
-                  ─▶ eligibility re-check + frequency-cap reservation ─▶ copy validator ─▶ Decision
+                  ─▶ eligibility re-check + frequency-cap reservation ─▶ copy (reviewed model text) ─▶ Decision
 
-The LLM stage is optional per request and globally; on any failure, timeout, open breaker or busy
-LLM the prior ranking and the original copy are served with `degraded=True` and the reason. Model
-text never changes a rule, a cap or an id: the LLM only contributes a ranking over the ids it was
-sent (validated), one justification, and copy that must pass the deterministic validator.
+`Selector.aselect` is the one entry point (async; the CLI and benches `asyncio.run` it). The CPU-bound
+stages run on a worker thread so the event loop stays free to answer (and shed) other requests.
+
+The LLM stage is optional per request and globally; on any failure (of any exception type), timeout,
+open breaker or busy LLM the prior ranking and the original copy are served with `degraded=True` and
+the reason. Model text never changes a rule, a cap or an id: the LLM only contributes a ranking over
+the ids it was sent (validated), one justification, and copy that must pass the deterministic checks.
+
+Frequency caps: when the cap store fails, `caps_on_error` decides (closed: the ad is not served; open:
+it is served unrecorded); either way its id is in `Decision.caps_unknown`. A failure after some ads
+were reserved gives their reservations back and still writes an audit line (docs/SAFETY.md).
 """
 from __future__ import annotations
 
@@ -16,28 +23,57 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
-from kernel.errors import LLMOutputInvalid, LLMUnavailable, UserError
-from kernel.reasons import AVAILABILITY_FAILURES, DegradedReason, degradation_for
-from selection.fusion import FusionModel
-from selection.rules import EligibilityPolicy, chroma_where, is_eligible
+from kernel.errors import UserError
+from kernel.reasons import DegradedReason
 from kernel.types import Ad, Candidate, Copy, Decision, LLMResult, RankedAd, RequestContext, SelectRequest
 from retrieval.candidates import CandidateGenerator, CandidateSet
-from retrieval.embedder import Embedder
 from retrieval.features import FEATURES, build_profile
 from retrieval.store import CatalogIndex
+from selection.admission import Breaker, LLMAdmission, Limiter
+from selection.caps import CapStore, CapStoreError, Reservation
+from selection.fusion import FusionModel
+from selection.rules import EligibilityPolicy, chroma_where, is_eligible
 
 log = logging.getLogger(__name__)
 
 CopyCheck = Callable[[Copy, Ad], list[str]]  # returns violation reasons; empty = ok
 TextCheck = Callable[[str, Ad], list[str]]
 AuditSink = Callable[[dict], None]
+CapsOnError = Literal["closed", "open"]
+
+
+class Reranker(Protocol):
+    """The LLM stage (agent.reranker.LLMReranker): a validated ranking, justification and copy."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def prompt_info(self) -> dict[str, str]: ...
+
+    async def arerank(
+        self,
+        *,
+        history_ads: Sequence[Ad],
+        events: Sequence[str],
+        candidates: Sequence[Candidate],
+        timeout_s: float,
+        rewrite: bool,
+        target_id: str | None = None,
+    ) -> LLMResult: ...
+
+
+class EventEncoder(Protocol):
+    """Encodes free-text events (retrieval.embedder.Embedder)."""
+
+    def encode_cached(self, texts: list[str]) -> np.ndarray: ...
 
 
 def original_copy(ad: Ad) -> Copy:
@@ -55,28 +91,55 @@ class PriorStage:
 
 
 @dataclass
+class Served:
+    """What the serving step chose: the ads, and what it skipped or could not check."""
+
+    ads: list[RankedAd] = field(default_factory=list)
+    copy_rejections: list[str] = field(default_factory=list)
+    capped: list[str] = field(default_factory=list)
+    caps_unknown: list[str] = field(default_factory=list)
+    reservations: list[Reservation] = field(default_factory=list)
+
+
+@dataclass
 class Selector:
     index: CatalogIndex
     generator: CandidateGenerator
     fusion: FusionModel
-    embedder: Embedder | None = None  # needed only for free-text events
-    reranker: object | None = None  # agent.reranker.LLMReranker (or a fake with the same methods)
+    embedder: EventEncoder | None = None  # needed only for free-text events
+    reranker: Reranker | None = None  # None: the LLM stage is off (requests asking for it are degraded)
+    admission: LLMAdmission = field(default_factory=LLMAdmission)  # breaker, limiter, time budget
     copy_check: CopyCheck | None = None
     text_check: TextCheck | None = None  # model free text shown with an ad (the justification); reasons, empty = ok
     policy: EligibilityPolicy | None = None  # None: every ad is eligible (offline replay)
-    caps: object | None = None  # selection.caps.CapStore; None: no frequency caps (offline replay)
+    caps: CapStore | None = None  # None: no frequency caps (offline replay)
+    caps_on_error: CapsOnError = "closed"  # the cap store failed: serve nothing capped-unknown, or serve it unrecorded
     user_key: Callable[[str], str] = lambda u: u  # keyed hash for caps and logs
-    breaker: object | None = None  # agent.breaker.CircuitBreaker
-    limiter: object | None = None  # agent.breaker.ConcurrencyLimiter
     audit: AuditSink | None = None
-    model_name: str | None = None
-    prompt_info: dict[str, str] | None = None
     rank_by: Literal["expected_value", "relevance"] = "relevance"
     recency_decay: float = 0.8
     exclude_history: bool = True
     llm_max_candidates: int = 20
-    llm_margin_ms: int = 30
-    max_deadline_ms: int = 10000
+
+    @property
+    def breaker(self) -> Breaker | None:
+        return self.admission.breaker
+
+    @property
+    def limiter(self) -> Limiter | None:
+        return self.admission.limiter
+
+    # ---- the entry point ---------------------------------------------------------------------
+    async def aselect(self, req: SelectRequest, *, stage: PriorStage | None = None) -> Decision:
+        """Choose the ads for one request.
+
+        `stage`: this request's prior stage, already computed by the caller (eval reuses the one it
+        ranked the baselines with); the deadline then counts from this call."""
+        started = time.perf_counter()
+        if stage is None:
+            stage = await asyncio.to_thread(self.prior_stage, req)
+        llm, reason = await self._llm_stage(req, stage, started)
+        return await asyncio.to_thread(self._finish, req, stage, llm, reason, started)
 
     # ---- stage 1: priors -------------------------------------------------------------------
     def _context(self, req: SelectRequest) -> RequestContext:
@@ -135,57 +198,32 @@ class Selector:
         history_ads = [self.index.ads[r] for r in hist_rows]
         return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), ineligible, timings)
 
-    # ---- stage 2: LLM (sync and async share everything but the call) -----------------------
-    def _llm_budget_s(self, req: SelectRequest, started: float) -> float:
-        deadline_ms = min(req.deadline_ms, self.max_deadline_ms)
-        return (deadline_ms - (time.perf_counter() - started) * 1000 - self.llm_margin_ms) / 1000
-
-    def _admit_llm(self, req: SelectRequest, stage: PriorStage, started: float) -> tuple[str | None, float]:
-        """(None, budget) if the LLM may be called now (a limiter slot is then held), else (reason, 0).
-
-        Reason '' means the LLM was not requested: not a degradation."""
+    # ---- stage 2: LLM ------------------------------------------------------------------------
+    async def _llm_stage(
+        self, req: SelectRequest, stage: PriorStage, started: float
+    ) -> tuple[LLMResult | None, DegradedReason | None]:
+        """(result, None) when the LLM answered; (None, reason) when degraded; (None, None) when not asked for."""
         if not req.use_llm or len(stage.candidates) < 2:
-            return "", 0.0
+            return None, None
         if self.reranker is None:
-            return DegradedReason.LLM_DISABLED, 0.0
-        budget = self._llm_budget_s(req, started)
-        if budget <= 0:
-            return DegradedReason.DEADLINE_EXHAUSTED, 0.0
-        if self.limiter is not None and not self.limiter.try_acquire():
-            return DegradedReason.LLM_BUSY, 0.0
-        if self.breaker is not None and not self.breaker.allow():
-            if self.limiter is not None:
-                self.limiter.release()
-            return DegradedReason.LLM_BREAKER_OPEN, 0.0
-        return None, budget
+            return None, DegradedReason.LLM_DISABLED
+        result: LLMResult | None = None
+        t = time.perf_counter()
+        with self.admission.enter(deadline_ms=req.deadline_ms, started=started) as permit:
+            if permit.refused is None:
+                call = self.reranker.arerank(**self._llm_args(req, stage), timeout_s=permit.budget_s)
+                result = await asyncio.wait_for(call, timeout=permit.budget_s)
+        if permit.refused is None:
+            stage.timings_ms["llm"] = _ms(t)
+        return result, permit.reason
 
-    def _llm_done(self, error: Exception | None) -> str | None:
-        """Release the slot, tell the breaker, name the degradation."""
-        if self.limiter is not None:
-            self.limiter.release()
-        reason = degradation_for(error) if error is not None else None
-        if self.breaker is not None:
-            # Invalid output is the model's quality, not its availability: it does not open the breaker.
-            if reason in AVAILABILITY_FAILURES:
-                self.breaker.record_failure()
-            else:
-                self.breaker.record_success()
-        return reason
-
-    def _llm_args(self, req: SelectRequest, stage: PriorStage, budget: float) -> dict:
+    def _llm_args(self, req: SelectRequest, stage: PriorStage) -> dict:
         sent = stage.candidates[: self.llm_max_candidates]
         # The justification and copy are written for the ad the service expects to serve: the first of the
         # final order computed without the LLM (the LLM's ranking moves it only through its learned weight).
         prior = np.array([c.prior_score for c in sent], dtype=np.float64)
         target = sent[int(self._order(prior, sent)[0])].ad.ad_id
-        return dict(
-            history_ads=stage.history_ads,
-            events=req.events,
-            candidates=sent,
-            timeout_s=budget,
-            rewrite=req.rewrite,
-            target_id=target,
-        )
+        return dict(history_ads=stage.history_ads, events=req.events, candidates=sent, rewrite=req.rewrite, target_id=target)
 
     def _order(self, scores: np.ndarray, cands: list[Candidate]) -> np.ndarray:
         """Serving order: bid × pCTR (ties by relevance), or relevance alone."""
@@ -194,44 +232,7 @@ class Selector:
             return np.lexsort((-scores, -ev))
         return np.argsort(-scores, kind="stable")
 
-    def select(self, req: SelectRequest) -> Decision:
-        started = time.perf_counter()
-        stage = self.prior_stage(req)
-        llm_result = None
-        reason, budget = self._admit_llm(req, stage, started)
-        if reason is None:
-            t = time.perf_counter()
-            err: Exception | None = None
-            try:
-                llm_result = self.reranker.rerank(**self._llm_args(req, stage, budget))  # type: ignore[union-attr]
-            except (LLMUnavailable, LLMOutputInvalid) as e:
-                err = e
-            reason = self._llm_done(err)
-            stage.timings_ms["llm"] = _ms(t)
-        return self._finish(req, stage, llm_result, reason, started)
-
-    async def aselect(self, req: SelectRequest) -> Decision:
-        """As `select`, with the LLM call awaited; the CPU-bound stages run on a worker thread so the
-        event loop stays free to answer (and shed) other requests meanwhile."""
-        started = time.perf_counter()
-        stage = await asyncio.to_thread(self.prior_stage, req)
-        llm_result = None
-        reason, budget = self._admit_llm(req, stage, started)
-        if reason is None:
-            t = time.perf_counter()
-            err: Exception | None = None
-            try:
-                llm_result = await asyncio.wait_for(
-                    self.reranker.arerank(**self._llm_args(req, stage, budget)),  # type: ignore[union-attr]
-                    timeout=budget,
-                )
-            except (LLMUnavailable, LLMOutputInvalid, TimeoutError) as e:
-                err = e
-            reason = self._llm_done(err)
-            stage.timings_ms["llm"] = _ms(t)
-        return await asyncio.to_thread(self._finish, req, stage, llm_result, reason, started)
-
-    # ---- stage 3: fuse, order, re-check rules, reserve caps, validate copy -----------------
+    # ---- stage 3: fuse, order, serve (rules, caps, copy), decide -----------------------------
     def _finish(
         self, req: SelectRequest, stage: PriorStage, llm: LLMResult | None, reason: str | None, started: float
     ) -> Decision:
@@ -240,80 +241,164 @@ class Selector:
         llm_rank: dict[str, int] = {a: i for i, a in enumerate(llm.ranking)} if llm else {}
         prior = np.array([c.prior_score for c in cands], dtype=np.float64)
         scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands]) if llm else prior
-        pctr = self.fusion.pctr(scores)
         order = self._order(scores, cands)
-        copy_for = (llm.copy_for or (llm.ranking[0] if llm.ranking else None)) if llm else None
-        ctx = self._context(req)
         ukey = self.user_key(req.user_id)
-        ads: list[RankedAd] = []
-        copy_rejections: list[str] = []
-        capped: list[str] = []
+        request_id = req.request_id or uuid.uuid4().hex
+        candidate_ids = [c.ad.ad_id for c in cands]
+        served = Served()
+        try:
+            self._serve(req, stage, llm, scores=scores, order=order, llm_rank=llm_rank, ukey=ukey, out=served)
+            stage.timings_ms["finalize"] = _ms(t)
+            stage.timings_ms["total"] = _ms(started)
+            decision = self._decision(req, stage, llm, reason, request_id=request_id, order=order, served=served)
+            if self.audit is not None:
+                self.audit(audit_record(decision, user_key=ukey, candidates=candidate_ids))
+        except BaseException as exc:  # nothing is served: give the reservations back, say so in the audit log
+            self._give_back(served.reservations)
+            self._audit_failure(request_id, user_key=ukey, candidates=candidate_ids, error=exc, released=len(served.reservations))
+            raise
+        return decision
+
+    def _audit_failure(self, request_id: str, *, user_key: str, candidates: list[str], error: BaseException, released: int) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit(failure_record(request_id, user_key=user_key, candidates=candidates, error=error, released=released))
+        except Exception:  # the sink itself may be what failed
+            log.exception("audit line of a failed request not written", extra={"request_id": request_id})
+
+    def _serve(
+        self,
+        req: SelectRequest,
+        stage: PriorStage,
+        llm: LLMResult | None,
+        *,
+        scores: np.ndarray,
+        order: np.ndarray,
+        llm_rank: dict[str, int],
+        ukey: str,
+        out: Served,
+    ) -> None:
+        """Walk the order until k ads: re-check eligibility, reserve the caps, choose the copy (into `out`)."""
+        pctr = self.fusion.pctr(scores)
+        ctx = self._context(req)
+        store_down = False
         for i in order:
-            if len(ads) >= req.k:
+            skipped_unknown = len(out.caps_unknown) if self.caps_on_error == "closed" else 0
+            if len(out.ads) + skipped_unknown >= req.k:  # closed: the ads it would have served are listed, not served
                 break
-            c = cands[int(i)]
+            c = stage.candidates[int(i)]
             if self.policy is not None:  # the final list is checked again, whatever produced it
                 ok, why = is_eligible(c.ad, ctx, self.policy)
                 if not ok:
                     stage.ineligible[c.ad.ad_id] = why or "ineligible"
                     continue
-            if self.caps is not None and not self.caps.try_reserve(ukey, c.ad.ad_id, c.ad.advertiser):
-                capped.append(c.ad.ad_id)
-                continue
-            orig = original_copy(c.ad)
-            served, justification = orig, None
-            if llm is not None and c.ad.ad_id == copy_for:
-                copy_rejections.extend(llm.refusals)
-                justification = llm.justification
-                if justification and self.text_check is not None:
-                    refused = self.text_check(justification, c.ad)
-                    if refused:  # dropped, and counted with the copy refusals under its own prefix
-                        justification = None
-                        copy_rejections.extend(f"justification_{r}" for r in refused)
-                if req.rewrite and llm.copy is not None:
-                    problems = self.copy_check(llm.copy, c.ad) if self.copy_check else []
-                    if problems:
-                        copy_rejections.extend(problems)
-                    else:
-                        served = llm.copy
+            if self.caps is not None:
+                verdict, store_down = self._reserve(ukey, c.ad, out, store_down=store_down)
+                if verdict == "capped":
+                    out.capped.append(c.ad.ad_id)
+                    continue
+                if verdict == "unknown":
+                    out.caps_unknown.append(c.ad.ad_id)
+                    if self.caps_on_error == "closed":
+                        continue
+            copy, justification = self._choose_copy(c, llm, req, out.copy_rejections)
             p = float(pctr[int(i)])
-            ads.append(
+            out.ads.append(
                 RankedAd(
                     ad=c.ad,
                     score=round(float(scores[int(i)]), 6),
                     priors=c.priors,
                     llm_rank=llm_rank.get(c.ad.ad_id),
                     justification=justification,
-                    copy=served,
-                    original=orig,
+                    copy=copy,
+                    original=original_copy(c.ad),
                     pctr=round(p, 6),
                     expected_value=round(p * c.ad.bid, 6),
                 )
             )
-        stage.timings_ms["finalize"] = _ms(t)
-        stage.timings_ms["total"] = _ms(started)
+
+    def _reserve(self, ukey: str, ad: Ad, out: Served, *, store_down: bool) -> tuple[str, bool]:
+        """("reserved" | "capped" | "unknown", store_down). After one failure the store is not asked again
+        in this request (its answer would come late, if at all)."""
+        if store_down:
+            return "unknown", True
+        try:
+            r = self.caps.reserve(ukey, ad.ad_id, ad.advertiser)  # type: ignore[union-attr]
+        except CapStoreError as e:
+            log.warning("cap store failed", extra={"error": str(e), "caps_on_error": self.caps_on_error})
+            return "unknown", True
+        if r is None:
+            return "capped", False
+        out.reservations.append(r)
+        return "reserved", False
+
+    def _give_back(self, reservations: list[Reservation]) -> None:
+        for r in reservations:
+            try:
+                self.caps.release(r)  # type: ignore[union-attr]
+            except CapStoreError as e:
+                log.warning("cap reservation not given back", extra={"error": str(e), "ad_id": r.ad_id})
+
+    def _choose_copy(
+        self, c: Candidate, llm: LLMResult | None, req: SelectRequest, rejections: list[str]
+    ) -> tuple[Copy, str | None]:
+        """The copy and justification served with `c`; reasons for refused model text go to `rejections`.
+
+        The one place model text is let through to the response: the LLM wrote for one ad (`copy_for`);
+        its justification must pass `text_check` and its rewrite `copy_check`, else the original is served."""
+        orig = original_copy(c.ad)
+        copy_for = (llm.copy_for or (llm.ranking[0] if llm.ranking else None)) if llm else None
+        if llm is None or c.ad.ad_id != copy_for:
+            return orig, None
+        rejections.extend(llm.refusals)
+        justification = llm.justification
+        if justification and self.text_check is not None:
+            refused = self.text_check(justification, c.ad)
+            if refused:  # dropped, and counted with the copy refusals under its own prefix
+                justification = None
+                rejections.extend(f"justification_{r}" for r in refused)
+        served = orig
+        if req.rewrite and llm.copy is not None:
+            problems = self.copy_check(llm.copy, c.ad) if self.copy_check else []
+            if problems:
+                rejections.extend(problems)
+            else:
+                served = llm.copy
+        return served, justification
+
+    def _decision(
+        self,
+        req: SelectRequest,
+        stage: PriorStage,
+        llm: LLMResult | None,
+        reason: str | None,
+        *,
+        request_id: str,
+        order: np.ndarray,
+        served: Served,
+    ) -> Decision:
         usage = {}
         if llm is not None:
             usage = {"prompt_tokens": llm.prompt_tokens or 0, "completion_tokens": llm.completion_tokens or 0}
-        decision = Decision(
-            request_id=req.request_id or uuid.uuid4().hex,
-            ads=ads,
+        reranker = self.reranker
+        return Decision(
+            request_id=request_id,
+            ads=served.ads,
             llm_used=llm is not None,
             degraded=bool(reason),
             degraded_reason=reason or None,
-            prompt=self.prompt_info if llm is not None or reason else None,
-            model=self.model_name if llm is not None else None,
+            prompt=reranker.prompt_info if reranker is not None and (llm is not None or reason) else None,
+            model=reranker.model if reranker is not None and llm is not None else None,
             timings_ms={k: round(v, 3) for k, v in stage.timings_ms.items()},
             unknown_ids=stage.unknown_ids,
-            ranking=[cands[int(i)].ad.ad_id for i in order] + stage.tail_ids,
+            ranking=[stage.candidates[int(i)].ad.ad_id for i in order] + stage.tail_ids,
             usage=usage,
-            copy_rejections=copy_rejections,
+            copy_rejections=served.copy_rejections,
             ineligible=stage.ineligible,
-            capped=capped,
+            capped=served.capped,
+            caps_unknown=served.caps_unknown,
         )
-        if self.audit is not None:
-            self.audit(audit_record(decision, user_key=ukey, candidates=[c.ad.ad_id for c in cands]))
-        return decision
 
 
 def audit_record(d: Decision, *, user_key: str, candidates: list[str]) -> dict:
@@ -334,8 +419,23 @@ def audit_record(d: Decision, *, user_key: str, candidates: list[str]) -> dict:
         "copy_served": [a.copy != a.original for a in d.ads],
         "ineligible": len(d.ineligible),
         "capped": d.capped,
+        "caps_unknown": d.caps_unknown,
         "unknown_ids": len(d.unknown_ids),
         "timings_ms": d.timings_ms,
+    }
+
+
+def failure_record(request_id: str, *, user_key: str, candidates: list[str], error: BaseException, released: int) -> dict:
+    """The audit line of a request that failed while choosing its ads: nothing was served, `released`
+    cap reservations were given back. The error appears by type only."""
+    return {
+        "event": "impression",
+        "request_id": request_id,
+        "user": user_key,
+        "candidates": candidates,
+        "chosen": [],
+        "error": type(error).__name__,
+        "released": released,
     }
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selection.fusion import FusionModel
-from selection.pipeline import AuditSink, Selector
+from selection.admission import LLMAdmission
+from selection.pipeline import AuditSink, Reranker, Selector
 from kernel.settings import Settings
 from agent.text_guard import untrusted_echo
 from retrieval.behaviour import BehaviourStats
@@ -41,7 +42,7 @@ def load_behaviour(settings: Settings, index: CatalogIndex) -> BehaviourStats:
     return stats
 
 
-def make_reranker(settings: Settings, *, llm_url: str):
+def make_reranker(settings: Settings, *, llm_url: str) -> Reranker:
     """The LLM stage over an OpenAI-compatible server (vLLM, or the bundled llama.cpp server)."""
     from agent.llm import ChatLLM
     from agent.prompts import PromptRegistry
@@ -49,8 +50,7 @@ def make_reranker(settings: Settings, *, llm_url: str):
 
     registry = PromptRegistry(settings.prompts_dir)
     llm = ChatLLM.from_settings(settings, base_url=llm_url)
-    reranker = LLMReranker.from_settings(settings, llm, registry=registry)
-    return reranker, reranker.prompt
+    return LLMReranker.from_settings(settings, llm, registry=registry)
 
 
 @dataclass
@@ -94,7 +94,7 @@ def build_services(
     llm_url: str | None = None,
     embedder: Embedder | None = None,
     store: AdStore | None = None,
-    reranker=None,
+    reranker: Reranker | None = None,
     serving: bool = True,
     caps=None,
     audit: AuditSink | None = None,
@@ -112,14 +112,8 @@ def build_services(
     behaviour = load_behaviour(settings, index)
     fusion = FusionModel.load(settings.resolved_weights_path())
     embedder = embedder or make_embedder(settings)
-    prompt_info = None
     if reranker is None and llm_url and settings.llm_enabled:
-        reranker, prompt = make_reranker(settings, llm_url=llm_url)
-        prompt_info = {"name": prompt.name, "version": str(prompt.version), "sha256": prompt.sha256}
-    elif reranker is not None:
-        p = getattr(reranker, "prompt", None)
-        if p is not None:
-            prompt_info = {"name": p.name, "version": str(p.version), "sha256": p.sha256}
+        reranker = make_reranker(settings, llm_url=llm_url)
     generator = CandidateGenerator(
         index=index,
         store=store,
@@ -130,19 +124,21 @@ def build_services(
         n_cf=settings.n_cf,
     )
     safety: dict = {}
+    admission = LLMAdmission(margin_ms=settings.llm_margin_ms, max_deadline_ms=settings.max_deadline_ms)
     if serving:
         from selection.caps import open_cap_store
         from kernel.hashing import secret_from_settings, user_key
         from selection.rules import EligibilityPolicy
         from agent.breaker import CircuitBreaker, ConcurrencyLimiter
 
+        admission.breaker = CircuitBreaker(settings.llm_breaker_failures, settings.llm_breaker_reset_s)
+        admission.limiter = ConcurrencyLimiter(settings.llm_max_concurrency)
         secret = secret_from_settings(settings)
         safety = dict(
             policy=EligibilityPolicy.from_settings(settings),
             caps=caps if caps is not None else open_cap_store(settings),
+            caps_on_error=settings.caps_on_error,
             user_key=lambda uid: user_key(uid, secret=secret),
-            breaker=CircuitBreaker(settings.llm_breaker_failures, settings.llm_breaker_reset_s),
-            limiter=ConcurrencyLimiter(settings.llm_max_concurrency),
             audit=audit or audit_logger(),
             rank_by=settings.rank_by,
         )
@@ -152,13 +148,10 @@ def build_services(
         fusion=fusion,
         embedder=embedder,
         reranker=reranker if settings.llm_enabled else None,
-        model_name=settings.llm_model,
-        prompt_info=prompt_info,
+        admission=admission,
         recency_decay=settings.recency_decay,
         exclude_history=settings.exclude_history,
         llm_max_candidates=settings.llm_max_candidates,
-        llm_margin_ms=settings.llm_margin_ms,
-        max_deadline_ms=settings.max_deadline_ms,
         copy_check=make_copy_check(settings),
         text_check=untrusted_echo,
         **safety,

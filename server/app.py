@@ -58,9 +58,7 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
                 log.info("started bundled local LLM at %s", url)
             effective = settings
             if local is not None:  # the bundled 135M CPU model reads prompts slowly: send it fewer candidates
-                effective = settings.model_copy(
-                    update={"llm_max_candidates": min(settings.llm_max_candidates, settings.local_llm_max_candidates)}
-                )
+                effective = settings.model_copy(update={"llm_max_candidates": settings.llm_candidates(bundled_model=True)})
             app.state.services = build_services(effective, llm_url=url)
             app.state.llm_url = url
             # What was just built (models, catalog, Chroma) lives as long as the process: out of the cyclic

@@ -69,4 +69,5 @@ def to_wire(d: Decision) -> SelectResponseBody:
         model=d.model,
         timings_ms=d.timings_ms,
         unknown_ids=d.unknown_ids,
+        caps_unknown=d.caps_unknown,
     )

@@ -89,6 +89,10 @@ class Metrics:
         self.llm_errors = Counter("adselect_llm_errors", "LLM calls that failed (timeout, connection, http_error, invalid_output).", ["reason"], registry=r)
         self.copy_rejections = Counter("adselect_copy_rejections", "Model text refused by the validators, by reason.", ["reason"], registry=r)
         self.cap_rejections = Counter("adselect_cap_rejections", "Ads skipped because a frequency cap was reached.", registry=r)
+        self.caps_unknown = Counter(
+            "adselect_caps_unknown", "Ads whose frequency cap could not be checked (cap store down), by what was done: skipped | served.",
+            ["action"], registry=r,
+        )  # fmt: skip
         self.ineligible = Counter("adselect_ineligible", "Candidates excluded by an eligibility rule.", ["rule"], registry=r)
         self.ads_served = Counter("adselect_ads_served", "Ads returned.", registry=r)
         r.register(_LiveState(services, inflight, reading))
@@ -115,6 +119,9 @@ class Metrics:
             self.copy_rejections.labels(reason).inc()
         if d.capped:
             self.cap_rejections.inc(len(d.capped))
+        served = {a.ad.ad_id for a in d.ads}
+        for ad_id in d.caps_unknown:
+            self.caps_unknown.labels("served" if ad_id in served else "skipped").inc()
         for rule in d.ineligible.values():
             self.ineligible.labels(rule).inc()
 

@@ -105,6 +105,10 @@ class SelectResponseBody(BaseModel):
     model: str | None = Field(description="The LLM's model name when llm_used; else null.")
     timings_ms: dict[str, float]
     unknown_ids: list[str] = Field(description="History/candidate ids not in the catalog (ignored).")
+    caps_unknown: list[str] = Field(
+        description="Ads whose frequency cap could not be checked (the cap store failed): not served when "
+        "caps_on_error=closed, served unrecorded when open.",
+    )
 
 
 class ErrorBody(BaseModel):

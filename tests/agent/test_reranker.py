@@ -38,7 +38,7 @@ def rerank(reranker: LLMReranker, history_ads: list[Ad], candidates: list[Candid
     kwargs: dict[str, object] = {
         "history_ads": history_ads, "events": EVENTS, "candidates": candidates, "timeout_s": 5.0, "rewrite": True,
     }  # fmt: skip
-    return reranker.rerank(**{**kwargs, **over})  # type: ignore[arg-type]
+    return asyncio.run(reranker.arerank(**{**kwargs, **over}))  # type: ignore[arg-type]
 
 
 def test_result_from_a_valid_answer(prompt, history_ads, candidates) -> None:
@@ -182,7 +182,7 @@ def test_real_prompt_for_20_candidates_fits_the_budget(local_llm_url: str, promp
     llm = ChatLLM.from_settings(Settings(_env_file=None, llm_max_tokens=16), base_url=local_llm_url)
     reranker = LLMReranker(llm, prompt, max_text_chars=0, alias_ids=alias_ids)
     call = reranker.prepare(history_ads=history_ads, events=EVENTS, candidates=candidates, rewrite=True)
-    out = llm.complete(call.messages, schema=call.schema, timeout_s=120)
+    out = asyncio.run(llm.acomplete(call.messages, schema=call.schema, timeout_s=120))
     assert out.prompt_tokens is not None and out.prompt_tokens <= 600, out.prompt_tokens
 
 

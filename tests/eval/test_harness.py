@@ -1,6 +1,7 @@
 """End to end: `adselect eval` on slices of the real dev files, the report's shape, resume, the LLM path."""
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def test_default_is_the_endpoints_decision_ranking(games_report, games_slice, ev
     items = load_impressions(games_slice["impressions"], catalog=env.services.index.row, limit=20).items
     rankers = FastRankers(selector=sel, bm25=None, systems=["default"])
     for imp in items:
-        assert rankers.run(imp).rankings["default"] == sel.select(rankers.request(imp)).ranking
+        assert rankers.run(imp).rankings["default"] == asyncio.run(sel.aselect(rankers.request(imp))).ranking
 
 
 def test_forked_fast_path_matches_in_process(mind_report, eval_settings, tmp_path: Path) -> None:
@@ -231,7 +232,7 @@ def test_fast_path_pctr_is_the_endpoints_pctr(games_slice, eval_settings) -> Non
     rankers = FastRankers(selector=sel, bm25=None, systems=["default"])
     for imp in items:
         res = rankers.run(imp)
-        d = sel.select(rankers.request(imp))
+        d = asyncio.run(sel.aselect(rankers.request(imp)))
         assert [a.pctr for a in d.ads] == np.round(sel.fusion.pctr(np.array(res.scores)), 6).tolist()
         assert [d.ads[k].ad.ad_id for k in res.clicked_at] == sorted(imp.clicked, key=[a.ad.ad_id for a in d.ads].index)
 

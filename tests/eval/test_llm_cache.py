@@ -19,6 +19,10 @@ def _messages(cands: str = "a b") -> list[dict[str, str]]:
     return [{"role": "system", "content": "rank"}, {"role": "user", "content": f"Candidates: {cands}"}]
 
 
+def complete(llm: CachingChatLLM, *args, **kwargs):
+    return asyncio.run(llm.acomplete(*args, **kwargs))
+
+
 def _wrap(fake: FakeQueueLLM, path: Path, **decoding) -> CachingChatLLM:
     return CachingChatLLM(fake, LLMCache(path), prompt_sha256="p" * 64, decoding={"temperature": 0.0, **decoding})
 
@@ -30,8 +34,8 @@ def test_satisfies_the_chat_protocol(tmp_path: Path) -> None:
 def test_a_hit_costs_no_call(tmp_path: Path) -> None:
     fake = FakeQueueLLM().enqueue(ANSWER)  # one answer only: a second real call would fail
     llm = _wrap(fake, tmp_path / "c.sqlite")
-    first = llm.complete(_messages(), schema=SCHEMA, timeout_s=1)
-    second = llm.complete(_messages(), schema=SCHEMA, timeout_s=1)
+    first = complete(llm, _messages(), schema=SCHEMA, timeout_s=1)
+    second = complete(llm, _messages(), schema=SCHEMA, timeout_s=1)
     assert first.text == second.text == ANSWER
     assert len(fake.calls) == 1
     assert llm.stats.to_dict() == {"hits": 1, "misses": 1, "errors": 0, "hit_rate": 0.5}
@@ -39,7 +43,7 @@ def test_a_hit_costs_no_call(tmp_path: Path) -> None:
 
 def test_cache_survives_the_process_and_async_path_shares_it(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
-    _wrap(FakeQueueLLM().enqueue(ANSWER), path).complete(_messages(), schema=SCHEMA, timeout_s=1)
+    complete(_wrap(FakeQueueLLM().enqueue(ANSWER), path), _messages(), schema=SCHEMA, timeout_s=1)
     fake = FakeQueueLLM()  # nothing queued: any real call raises
     again = _wrap(fake, path)
     got = asyncio.run(again.acomplete(_messages(), schema=SCHEMA, timeout_s=1))
@@ -52,14 +56,14 @@ def test_cache_survives_the_process_and_async_path_shares_it(tmp_path: Path) -> 
 )
 def test_key_covers_prompt_model_decoding_and_candidate_list(tmp_path: Path, change: str) -> None:
     path = tmp_path / "c.sqlite"
-    _wrap(FakeQueueLLM().enqueue(ANSWER), path).complete(_messages(), schema=SCHEMA, timeout_s=1)
+    complete(_wrap(FakeQueueLLM().enqueue(ANSWER), path), _messages(), schema=SCHEMA, timeout_s=1)
     fake = FakeQueueLLM(model="other" if change == "model" else "fake-queue").enqueue(ANSWER)
     llm = _wrap(fake, path, **({"max_tokens": 99} if change == "decoding" else {}))
     if change == "prompt":
         llm.prompt_sha256 = "q" * 64
     messages = _messages("b a") if change == "candidates" else _messages()
     schema = {**SCHEMA, "required": ["ranking"]} if change == "schema" else SCHEMA
-    llm.complete(messages, schema=schema, timeout_s=1)
+    complete(llm, messages, schema=schema, timeout_s=1)
     assert len(fake.calls) == 1 and llm.stats.misses == 1
 
 
@@ -67,6 +71,6 @@ def test_failures_are_not_cached(tmp_path: Path) -> None:
     fake = FakeQueueLLM().enqueue(LLMUnavailable("timeout"), ANSWER)
     llm = _wrap(fake, tmp_path / "c.sqlite")
     with pytest.raises(LLMUnavailable):
-        llm.complete(_messages(), schema=SCHEMA, timeout_s=1)
-    assert llm.complete(_messages(), schema=SCHEMA, timeout_s=1).text == ANSWER
+        complete(llm, _messages(), schema=SCHEMA, timeout_s=1)
+    assert complete(llm, _messages(), schema=SCHEMA, timeout_s=1).text == ANSWER
     assert len(fake.calls) == 2 and llm.stats.errors == 1 and llm.stats.hits == 0

@@ -1,6 +1,7 @@
 """The same ingest and query path against a real `chroma run` server process over HTTP (Settings.chroma_url)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -81,6 +82,6 @@ def test_ingest_and_query_through_a_chroma_server(tmp_path: Path, chroma_url: st
     assert [h[0] for h in hits] == sorted((h[0] for h in hits), key=lambda i: -float(index.vectors[index.row[i]] @ query))
 
     services = build_services(settings, embedder=embedder)
-    d = services.selector.select(SelectRequest(user_id="u", history=["run-2"], k=2, use_llm=False))
+    d = asyncio.run(services.selector.aselect(SelectRequest(user_id="u", history=["run-2"], k=2, use_llm=False)))
     assert d.ads[0].ad.ad_id == "run-1"
     assert not d.degraded and np.isfinite([a.score for a in d.ads]).all()

@@ -49,13 +49,12 @@ def services_with(
     **selector_changes,
 ) -> Services:
     """`services` with its own selector: the given reranker, a fresh breaker and LLM limiter, other fields replaced."""
-    selector = dataclasses.replace(
-        services.selector,
-        reranker=reranker,
+    admission = dataclasses.replace(
+        services.selector.admission,
         breaker=CircuitBreaker(breaker_failures, breaker_reset_s),
         limiter=ConcurrencyLimiter(llm_concurrency),
-        **selector_changes,
     )
+    selector = dataclasses.replace(services.selector, reranker=reranker, admission=admission, **selector_changes)
     return dataclasses.replace(services, selector=selector)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,11 +42,6 @@ class FakeFunctionLLM:
         self.calls.append({"messages": list(messages), "ids": ids, "timeout_s": timeout_s})
         text = self.fn(messages, ids)
         return Completion(text=text, prompt_tokens=None, completion_tokens=None, latency_ms=self.delay_s * 1000, model=self.model, finish_reason="stop")
-
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        return self._complete(messages, schema, timeout_s)
 
     async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
         if self.delay_s:

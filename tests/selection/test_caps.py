@@ -134,6 +134,29 @@ def test_no_caps_configured(make_store):
     assert store.count("u1", ad_id="ad1", now=1000.0) == 20
 
 
+def test_release_gives_back_exactly_one_reservation(make_store):
+    store = make_store(CONFIG)
+    a = store.reserve("u1", "ad1", "acme", now=1000.0)
+    b = store.reserve("u1", "ad1", "acme", now=1001.0)
+    assert a is not None and b is not None and a != b
+    store.release(a)
+    store.release(a)  # twice is harmless
+    assert store.count("u1", ad_id="ad1", now=1002.0) == 1
+    assert store.count("u1", advertiser="acme", now=1002.0) == 1
+    assert store.reserve("u1", "ad1", "acme", now=1003.0) is not None  # the freed slot is usable again
+
+
+def test_redis_from_settings_does_not_retry(tmp_path: Path):
+    """A dead Redis fails the call once (no retries with backoff), then is skipped until the retry period."""
+    store = open_cap_store(Settings(_env_file=None, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    assert store.client.get_retry().get_retries() == 0
+    assert store.client.connection_pool.connection_kwargs["socket_timeout"] == Settings(_env_file=None).redis_timeout_s
+    for _ in range(2):
+        with pytest.raises(CapStoreError):
+            store.try_reserve("u1", "ad1", "acme")
+    store.close()
+
+
 def test_count_needs_exactly_one_key(make_store):
     store = make_store(CONFIG)
     with pytest.raises(ValueError):

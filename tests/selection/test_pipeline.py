@@ -38,14 +38,16 @@ def with_llm(services, llm: ChatLLMLike, **changes) -> Selector:
     """The session's selector with an LLM stage over `llm` (the real reranker, prompt, breaker, limiter)."""
     s = services.settings
     reranker = LLMReranker.from_settings(s, llm)
-    return replace(
-        services.selector,
-        reranker=reranker,
-        prompt_info=reranker.prompt.info(),
+    admission = replace(
+        services.selector.admission,
         breaker=CircuitBreaker(s.llm_breaker_failures, s.llm_breaker_reset_s),
         limiter=ConcurrencyLimiter(s.llm_max_concurrency),
-        **changes,
     )
+    return replace(services.selector, reranker=reranker, admission=admission, **changes)
+
+
+def select(sel: Selector, req: SelectRequest) -> Decision:
+    return asyncio.run(sel.aselect(req))
 
 
 def request(**fields) -> SelectRequest:
@@ -57,7 +59,7 @@ def served(d: Decision) -> list[str]:
 
 
 def fast_path(services, **fields) -> list[str]:
-    return served(services.selector.select(request(use_llm=False, **fields)))
+    return served(select(services.selector, request(use_llm=False, **fields)))
 
 
 def shown_ids(sel: Selector, req: SelectRequest) -> tuple[list[str], list[str]]:
@@ -98,7 +100,7 @@ def test_the_pipeline_pools_with_recency(demo_services):
     logged = ["run-023", "pet-009"]
 
     def dense(history):
-        d = demo_services.selector.select(request(history=history, candidates=logged, k=2, use_llm=False))
+        d = select(demo_services.selector, request(history=history, candidates=logged, k=2, use_llm=False))
         return {a.ad.ad_id: a.priors["dense"] for a in d.ads}
 
     pets_last = dense(["run-001", "run-004", "pet-001", "pet-004"])
@@ -109,7 +111,7 @@ def test_the_pipeline_pools_with_recency(demo_services):
 
 def test_running_shoes_history_gets_running_shoes_ads(demo_services):
     sel = replace(demo_services.selector, rank_by="relevance")
-    d = sel.select(request(k=5, use_llm=False))
+    d = select(sel, request(k=5, use_llm=False))
     assert [category(demo_services, a) for a in served(d)] == ["running shoes"] * 5
     scores = [a.score for a in d.ads]
     assert scores == sorted(scores, reverse=True)
@@ -118,8 +120,8 @@ def test_running_shoes_history_gets_running_shoes_ads(demo_services):
 def test_expected_value_orders_by_bid_times_pctr(demo_services):
     """bid × pCTR may put a well-paying, less relevant ad above a relevant cheap one — but never a less
     valuable one above a more valuable one, and the top is still relevant for this history."""
-    rel = replace(demo_services.selector, rank_by="relevance").select(request(k=5, use_llm=False))
-    ev = replace(demo_services.selector, rank_by="expected_value").select(request(k=5, use_llm=False))
+    rel = select(replace(demo_services.selector, rank_by="relevance"), request(k=5, use_llm=False))
+    ev = select(replace(demo_services.selector, rank_by="expected_value"), request(k=5, use_llm=False))
     values = [a.expected_value for a in ev.ads]
     assert values == sorted(values, reverse=True)
     assert all(abs(a.expected_value - a.pctr * a.ad.bid) < 1e-5 for a in ev.ads)
@@ -129,23 +131,23 @@ def test_expected_value_orders_by_bid_times_pctr(demo_services):
 
 def test_candidates_exclude_history_by_default(demo_services):
     assert demo_services.settings.exclude_history and demo_services.selector.exclude_history
-    d = demo_services.selector.select(request(k=20, use_llm=False))
+    d = select(demo_services.selector, request(k=20, use_llm=False))
     assert len(d.ranking) > 20 and not set(d.ranking) & set(RUN_HISTORY)
     # The exclusion is what keeps them out: without it the history's own ads come back.
-    keep = replace(demo_services.selector, exclude_history=False).select(request(k=20, use_llm=False))
+    keep = select(replace(demo_services.selector, exclude_history=False), request(k=20, use_llm=False))
     assert set(keep.ranking) & set(RUN_HISTORY)
 
 
 def test_logged_candidates_are_exactly_the_ones_ranked(demo_services):
     logged = ["pet-003", "nope-1", "run-010", "cof-002", "run-010", "nope-2"]
-    d = demo_services.selector.select(request(history=["run-001", "ghost-9"], candidates=logged, k=5, use_llm=False))
+    d = select(demo_services.selector, request(history=["run-001", "ghost-9"], candidates=logged, k=5, use_llm=False))
     assert sorted(d.ranking) == ["cof-002", "pet-003", "run-010"]
     assert sorted(served(d)) == sorted(d.ranking)  # k=5 but only three known candidates
     assert d.unknown_ids == ["ghost-9", "nope-1", "nope-2"]
 
 
 def test_llm_off_is_not_a_degradation(demo_services):
-    d = demo_services.selector.select(request(use_llm=False))
+    d = select(demo_services.selector, request(use_llm=False))
     assert (d.llm_used, d.degraded, d.degraded_reason, d.prompt, d.model) == (False, False, None, None, None)
     assert "llm" not in d.timings_ms and {"profile", "candidates", "fusion", "total"} <= set(d.timings_ms)
     assert all(a.copy == a.original and a.llm_rank is None and a.justification is None for a in d.ads)
@@ -153,7 +155,7 @@ def test_llm_off_is_not_a_degradation(demo_services):
 
 def test_llm_asked_for_but_disabled_server_side_is_reported(demo_services):
     assert demo_services.selector.reranker is None  # the session's services run without an LLM stage
-    d = demo_services.selector.select(request(use_llm=True))
+    d = select(demo_services.selector, request(use_llm=True))
     assert (d.llm_used, d.degraded, d.degraded_reason) == (False, True, "llm_disabled")
     assert served(d) == fast_path(demo_services)
 
@@ -172,17 +174,16 @@ def test_llm_asked_for_but_disabled_server_side_is_reported(demo_services):
     ],
     ids=["unavailable", "http_error", "garbage", "wrong_shape", "no_candidate_id"],
 )
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_llm_failure_serves_the_prior_ranking_with_original_copy(demo_services, make_llm, reason, mode):
+def test_llm_failure_serves_the_prior_ranking_with_original_copy(demo_services, make_llm, reason):
     llm = make_llm()
     sel = with_llm(demo_services, llm)
     req = request(use_llm=True)
-    d = sel.select(req) if mode == "sync" else asyncio.run(sel.aselect(req))
+    d = select(sel, req)
     assert len(llm.calls) == 1
     assert (d.llm_used, d.degraded, d.degraded_reason) == (False, True, reason)
     assert served(d) == fast_path(demo_services)
     assert all(a.copy == a.original and a.llm_rank is None and a.justification is None for a in d.ads)
-    assert d.prompt == sel.prompt_info and d.prompt["sha256"] and "llm" in d.timings_ms
+    assert d.prompt == sel.reranker.prompt_info and d.prompt["sha256"] and "llm" in d.timings_ms
 
 
 # ---- the LLM stage answering --------------------------------------------------------------------
@@ -202,7 +203,7 @@ def test_llm_ranking_is_cleaned_before_it_reaches_the_response(demo_services):
     s, r = shown[::-1], real[::-1]  # the LLM reverses the prior order, with junk mixed in
     llm.enqueue(answer(["evil-1", s[0], s[0], "run-001", s[1], "evil-2", s[1], s[2]]))
 
-    d = sel.select(req)
+    d = select(sel, req)
     assert (d.llm_used, d.degraded) == (True, False)
     assert served(d) == r[:3] and [a.llm_rank for a in d.ads] == [0, 1, 2]
     assert d.ranking[:3] == r[:3] and len(d.ranking) == len(set(d.ranking))
@@ -220,7 +221,7 @@ def test_the_target_gets_its_justification_and_validated_copy(demo_services):
     shown, real = shown_ids(sel, req)
     llm.enqueue(answer([shown[4], shown[0]], justification="Matches your road shoes."))
 
-    d = sel.select(req)
+    d = select(sel, req)
     assert (d.llm_used, d.degraded, d.degraded_reason) == (True, False, None)
     assert served(d)[:2] == [real[4], real[0]] and d.ads[2].llm_rank is None
     # The copy was asked for the target: the ad the service expected to serve before the LLM spoke (the prior
@@ -230,7 +231,7 @@ def test_the_target_gets_its_justification_and_validated_copy(demo_services):
     assert (target.copy.headline, target.copy.description) == (GOOD_COPY["headline"], GOOD_COPY["description"])
     assert target.original.headline == target.ad.title and target.justification == "Matches your road shoes."
     assert all(a.copy == a.original and a.justification is None for a in (d.ads[0], d.ads[2]))
-    assert d.model == sel.model_name and d.prompt == sel.prompt_info and not d.copy_rejections
+    assert d.model == sel.reranker.model and d.prompt == sel.reranker.prompt_info and not d.copy_rejections
     # What the LLM saw: the top of the prior ranking and none of the history ads as candidates.
     candidates_block = llm.calls[0]["messages"][-1]["content"].split("Candidates:")[1]
     assert all(i in candidates_block for i in shown) and "run-001" not in candidates_block
@@ -243,7 +244,7 @@ def test_rewrite_failing_the_validator_serves_the_original_copy(demo_services):
     shown, real = shown_ids(sel, req)
     llm.enqueue(answer([shown[0]], headline="Best shoe ever, 90% off", description="Order now at www.shoes.com"))
 
-    d = sel.select(req)
+    d = select(sel, req)
     assert d.llm_used and not d.degraded and served(d)[0] == real[0]
     assert d.ads[0].copy == d.ads[0].original
     assert {"ungrounded_claim", "ungrounded_number", "url"} <= set(d.copy_rejections)
@@ -255,24 +256,23 @@ def test_llm_cannot_move_the_ranking_without_a_learned_weight(demo_services):
     req = request(use_llm=True, k=3)
     shown, real = shown_ids(sel, req)
     llm.enqueue(answer(shown[::-1]))
-    d = sel.select(req)
+    d = select(sel, req)
     assert d.llm_used and served(d) == real[:3]
 
 
 # ---- the deadline -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_hanging_llm_is_cut_at_the_deadline(demo_services, mode):
+def test_hanging_llm_is_cut_at_the_deadline(demo_services):
     deadline_ms, margin_s = 300, 0.25
     with FakeHangingLLMServer() as server, ChatLLM(base_url=server.base_url, model="hangs", timeout_s=30) as llm:
         sel = with_llm(demo_services, llm)
         req = request(use_llm=True, deadline_ms=deadline_ms)
         t = time.perf_counter()
-        d = sel.select(req) if mode == "sync" else asyncio.run(sel.aselect(req))
+        d = select(sel, req)
         elapsed = time.perf_counter() - t
         assert server.connections, "the LLM request never reached the server"
     assert elapsed < deadline_ms / 1000 + margin_s
-    assert elapsed > (deadline_ms - sel.llm_margin_ms) / 1000 * 0.8  # it did wait for the LLM
+    assert elapsed > (deadline_ms - sel.admission.margin_ms) / 1000 * 0.8  # it did wait for the LLM
     assert (d.llm_used, d.degraded, d.degraded_reason) == (False, True, "llm_timeout")
     assert served(d) == fast_path(demo_services)

@@ -90,9 +90,6 @@ class FakeQueueLLM:
             finish_reason=self.finish_reason,
         )  # fmt: skip
 
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        return self._next(messages, schema, timeout_s)
-
     async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
         return self._next(messages, schema, timeout_s)
 
@@ -108,3 +105,64 @@ class FakeGarbageLLM(FakeQueueLLM):
         self.answers.append(self.text)
         return super()._next(messages, schema, timeout_s)
 
+
+
+class FakeBrokenLLMServer:
+    """A real HTTP server on 127.0.0.1 that answers every POST with status 200 and a broken body, the way a
+    misconfigured gateway or a dying upstream does:
+
+    - "no_choices": a JSON object without `choices` (langchain raises TypeError);
+    - "html": an HTML error page served as text/html;
+    - "truncated": a chat completion cut off mid-JSON (Content-Length matches what is sent).
+
+        with FakeBrokenLLMServer("html") as server:
+            ChatLLM(base_url=server.base_url, ...)  # every call fails with an unmapped SDK error
+    """
+
+    BODIES: dict[str, tuple[str, bytes]] = {
+        "no_choices": ("application/json", b'{"id": "x", "object": "chat.completion", "model": "m", "usage": {}}'),
+        "html": ("text/html", b"<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1></body></html>"),
+        "truncated": (
+            "application/json",
+            b'{"id": "x", "object": "chat.completion", "model": "m", "choices": [{"index": 0, "message": {"role": "assis',
+        ),
+    }
+
+    def __init__(self, mode: str) -> None:
+        import http.server
+
+        content_type, body = self.BODIES[mode]
+        self.mode = mode
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"fake-broken-llm-{mode}", daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __enter__(self) -> FakeBrokenLLMServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=2)

@@ -43,8 +43,6 @@ from selection.rules import EligibilityPolicy, chroma_where, is_eligible
 
 log = logging.getLogger(__name__)
 
-CopyCheck = Callable[[Copy, Ad], list[str]]  # returns violation reasons; empty = ok
-TextCheck = Callable[[str, Ad], list[str]]
 AuditSink = Callable[[dict], None]
 CapsOnError = Literal["closed", "open"]
 
@@ -68,6 +66,18 @@ class Reranker(Protocol):
         rewrite: bool,
         target_id: str | None = None,
     ) -> LLMResult: ...
+
+
+class ReviewVerdict(Protocol):
+    justification: str | None  # what may be shown, or None
+    copy: Copy | None  # the rewrite that may replace the ad's own copy, or None
+    reasons: tuple[str, ...]  # why anything was refused, one name each
+
+
+class ModelTextReview(Protocol):
+    """Decides what model text may be served (agent.review.ModelTextReviewer)."""
+
+    def review(self, llm_result: LLMResult, ad: Ad, *, rewrite: bool, untrusted: Sequence[Ad | str] = ()) -> ReviewVerdict: ...
 
 
 class EventEncoder(Protocol):
@@ -109,8 +119,7 @@ class Selector:
     embedder: EventEncoder | None = None  # needed only for free-text events
     reranker: Reranker | None = None  # None: the LLM stage is off (requests asking for it are degraded)
     admission: LLMAdmission = field(default_factory=LLMAdmission)  # breaker, limiter, time budget
-    copy_check: CopyCheck | None = None
-    text_check: TextCheck | None = None  # model free text shown with an ad (the justification); reasons, empty = ok
+    reviewer: ModelTextReview | None = None  # agent.review.ModelTextReviewer; None: model text is never served
     policy: EligibilityPolicy | None = None  # None: every ad is eligible (offline replay)
     caps: CapStore | None = None  # None: no frequency caps (offline replay)
     caps_on_error: CapsOnError = "closed"  # the cap store failed: serve nothing capped-unknown, or serve it unrecorded
@@ -302,7 +311,7 @@ class Selector:
                     out.caps_unknown.append(c.ad.ad_id)
                     if self.caps_on_error == "closed":
                         continue
-            copy, justification = self._choose_copy(c, llm, req, out.copy_rejections)
+            copy, justification = self._choose_copy(c, llm, req, stage, out.copy_rejections)
             p = float(pctr[int(i)])
             out.ads.append(
                 RankedAd(
@@ -341,31 +350,21 @@ class Selector:
                 log.warning("cap reservation not given back", extra={"error": str(e), "ad_id": r.ad_id})
 
     def _choose_copy(
-        self, c: Candidate, llm: LLMResult | None, req: SelectRequest, rejections: list[str]
+        self, c: Candidate, llm: LLMResult | None, req: SelectRequest, stage: PriorStage, rejections: list[str]
     ) -> tuple[Copy, str | None]:
         """The copy and justification served with `c`; reasons for refused model text go to `rejections`.
 
-        The one place model text is let through to the response: the LLM wrote for one ad (`copy_for`);
-        its justification must pass `text_check` and its rewrite `copy_check`, else the original is served."""
+        The one place model text is let through to the response: the LLM wrote for one ad (`copy_for`), and
+        the reviewer's verdict (agent/review.py) decides what of it may be served, else the original is."""
         orig = original_copy(c.ad)
         copy_for = (llm.copy_for or (llm.ranking[0] if llm.ranking else None)) if llm else None
-        if llm is None or c.ad.ad_id != copy_for:
+        if llm is None or c.ad.ad_id != copy_for or self.reviewer is None:
             return orig, None
-        rejections.extend(llm.refusals)
-        justification = llm.justification
-        if justification and self.text_check is not None:
-            refused = self.text_check(justification, c.ad)
-            if refused:  # dropped, and counted with the copy refusals under its own prefix
-                justification = None
-                rejections.extend(f"justification_{r}" for r in refused)
-        served = orig
-        if req.rewrite and llm.copy is not None:
-            problems = self.copy_check(llm.copy, c.ad) if self.copy_check else []
-            if problems:
-                rejections.extend(problems)
-            else:
-                served = llm.copy
-        return served, justification
+        # Everything the model was shown is untrusted: the history, the candidates sent, the user's events.
+        untrusted = [*stage.history_ads, *(x.ad for x in stage.candidates[: self.llm_max_candidates]), *req.events]
+        verdict = self.reviewer.review(llm, c.ad, rewrite=req.rewrite, untrusted=untrusted)
+        rejections.extend(str(r) for r in verdict.reasons)
+        return (verdict.copy if verdict.copy is not None else orig), verdict.justification
 
     def _decision(
         self,

@@ -12,7 +12,7 @@ from selection.fusion import FusionModel
 from selection.admission import LLMAdmission
 from selection.pipeline import AuditSink, Reranker, Selector
 from kernel.settings import Settings
-from agent.text_guard import untrusted_echo
+from agent.review import ModelTextReviewer
 from retrieval.behaviour import BehaviourStats
 from retrieval.candidates import CandidateGenerator
 from retrieval.chroma import make_chroma_client
@@ -74,18 +74,6 @@ def audit_logger() -> AuditSink:
         logger.info(json.dumps(record, separators=(",", ":"), default=str))
 
     return sink
-
-
-def make_copy_check(settings: Settings):
-    from agent.copy_validator import load_blocklist, validate_copy
-
-    blocklist = load_blocklist(settings.copy_blocklist_path)
-
-    def check(rewrite, source) -> list[str]:
-        reasons = list(validate_copy(rewrite, source, blocklist=blocklist).reasons)
-        return reasons + untrusted_echo(f"{rewrite.headline}\n{rewrite.description}", source, links=False)
-
-    return check
 
 
 def build_services(
@@ -152,8 +140,7 @@ def build_services(
         recency_decay=settings.recency_decay,
         exclude_history=settings.exclude_history,
         llm_max_candidates=settings.llm_max_candidates,
-        copy_check=make_copy_check(settings),
-        text_check=untrusted_echo,
+        reviewer=ModelTextReviewer.from_settings(settings),
         **safety,
     )
     return Services(settings, store, index, behaviour, fusion, embedder, selector)

@@ -1,6 +1,7 @@
 """agent.review: one verdict on model text, with every reason under its one name (agent.reasons)."""
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -99,6 +100,6 @@ def test_reranker_refuses_words_planted_in_what_it_showed():
     cands = [Candidate(ad=a, priors={}) for a in (AD, OTHER)]
     answer = json.dumps({"ranking": [AD.ad_id], "justification": "An avocado pick for you.", "headline": "Avocado shoe", "description": "Built for long miles."})
     reranker = LLMReranker(FakeQueueLLM().enqueue(answer), prompt, max_text_chars=200)
-    out = reranker.rerank(history_ads=[], events=[EVENT], candidates=cands, timeout_s=5.0, rewrite=True)
+    out = asyncio.run(reranker.arerank(history_ads=[], events=[EVENT], candidates=cands, timeout_s=5.0, rewrite=True))
     assert out.justification is None and out.copy is None
     assert out.refusals == ["justification_untrusted_word", "untrusted_word"]

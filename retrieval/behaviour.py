@@ -145,12 +145,18 @@ def count_behaviour(
         used += int(keep.sum())
         if len(flat) == 0:
             return
+        rows, cols, vals = [], [], []
         for gap, w in enumerate(weights, start=1):
             if gap >= len(flat):
                 break
             a, b = flat[:-gap], flat[gap:]
             pair = (hid[gap:] == hid[:-gap]) & (a != b)  # same history, and never an ad with itself
-            fwd.add(a[pair], b[pair], w)
+            rows.append(a[pair])
+            cols.append(b[pair])
+            vals.append(np.full(len(rows[-1]), w))
+        if rows:
+            fwd.add(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals))
+            del rows, cols, vals
         # The distinct ads of each history ("baskets"): popularity and same-history co-occurrence.
         order = np.lexsort((flat, hid))
         sf, sh = flat[order], hid[order]

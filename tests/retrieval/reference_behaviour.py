@@ -1,6 +1,6 @@
 """The oracle: behaviour learning as it was before the vectorised version (commit 8702a40), copied verbatim
 except for `dtype`, the type of the per-pair weights (float32 as shipped; float64 gives the exact sums), and
-`timings` (the bench's seconds before the SVD).
+`timings` (the bench's seconds before the SVD) and `cf_dims=None` (no SVD, for the exact-sum comparison).
 
 A pure-Python loop over every (position, gap) pair of every history: slow, but obviously what the docs say.
 """
@@ -18,7 +18,7 @@ def reference_learn(
     *,
     window: int,
     decay: float,
-    cf_dims: int = 64,
+    cf_dims: int | None = 64,
     dtype=np.float32,
     timings: dict | None = None,
 ) -> dict:
@@ -62,7 +62,7 @@ def reference_learn(
     sym = (fwd + fwd.T).tocsr()
     if timings is not None:
         timings["count_s"] = time.perf_counter() - t0
-    cf = reference_collaborative_vectors(baskets, n, dims=cf_dims)
+    cf = reference_collaborative_vectors(baskets, n, dims=cf_dims) if cf_dims is not None else None
     return {"popularity": pop.astype(np.float32), "forward": fwd, "symmetric": sym, "n_histories": used, "cf": cf}
 
 

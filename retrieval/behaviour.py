@@ -10,8 +10,10 @@
 
 Learning streams the histories in chunks of events and works on whole arrays: per gap, every (i, j) pair
 of a chunk comes out of one shifted comparison; each chunk is reduced to its distinct pairs at once and
-merged into the running totals (`PairSum`). Time is linear in the history events (times the window) and
-memory is bounded by the distinct pairs kept, plus one chunk. Sums are float64; the tables are float32.
+merged into the running totals (`PairSum`). Time is linear in the history events (times the window, up
+to a log factor in the merges) and memory is bounded by the distinct pairs kept, plus one chunk and the
+de-duplication key of each distinct history (its bytes). Sums are float64; the tables are float32, each
+value the exact sum rounded once (the loop this replaced summed in float32: up to a few ulp apart).
 
 All tables are indexed by the catalog's row numbers and saved under the data dir: the data files first,
 each under a new generation name, then the manifest `behaviour.json` that names them, each write a temp
@@ -23,9 +25,9 @@ import json
 import logging
 import os
 import secrets
-from itertools import repeat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO
 
@@ -36,7 +38,7 @@ from kernel.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
-CHUNK_EVENTS = 1 << 17  # history events per vectorised chunk: bounds the per-chunk arrays (~window x 2 MB)
+CHUNK_EVENTS = 1 << 17  # history events per vectorised chunk: its pair arrays take ~16 B x window per event
 MANIFEST = "behaviour.json"
 _TABLE_PREFIXES = ("covisit_forward", "popularity", "cf")  # data files, legacy and generation-named
 _TEMP_PREFIXES = tuple(f".{p}" for p in (*_TABLE_PREFIXES, MANIFEST))

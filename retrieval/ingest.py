@@ -151,7 +151,7 @@ def ingest_catalog(
     # Ads that left the catalog file leave the collection too: the file is the catalog.
     store.delete(plan.remove)
     store.set_content_hash(h)  # last: "this collection is exactly catalog h"
-    timings["metadata_delete_s"] = time.perf_counter() - t
+    timings["finish_s"] = time.perf_counter() - t
     secs = time.perf_counter() - t0
     return IngestReport(
         len(ads),

@@ -213,3 +213,14 @@ def test_tables_saved_before_generations_still_load(tmp_path: Path):
     big.save(tmp_path)  # two generations later the legacy files are gone
     assert not (tmp_path / "covisit_forward.npz").exists() and not (tmp_path / "cf.npy").exists()
     assert_same_tables(BehaviourStats.load(tmp_path, big.ids), big)
+
+
+def test_a_table_the_manifest_names_but_cannot_read_is_a_catalog_error(tmp_path: Path):
+    from kernel.errors import CatalogError
+
+    stats = small_stats()
+    stats.save(tmp_path)
+    meta = json.loads((tmp_path / "behaviour.json").read_text())
+    (tmp_path / meta["files"]["forward"]).write_bytes(b"not a table")
+    with pytest.raises(CatalogError):
+        BehaviourStats.load(tmp_path, stats.ids)

@@ -1,32 +1,92 @@
-"""Catalog ingest: validate the whole file, embed, upsert into Chroma, learn behaviour from histories.
+"""Catalog ingest: validate the whole file, then bring the Chroma collection to it with the least work.
 
-Validation and embedding finish before the first write, so bad input leaves the collection as it was.
+- The whole file is validated before the first write, so bad input leaves the collection as it was.
+- Incremental: every stored ad carries the hash of its content and of its embedded document
+  (retrieval.store). Against them, each ad of the file is added (new id), changed (content differs) or
+  unchanged; stored ids missing from the file are removed. Only added ads and changed ads whose document
+  changed are embedded; a change of bid, URL or other metadata rewrites the metadata and keeps the vector.
+- Resumable: ads are embedded and written batch by batch, each ad with its hashes in the same write, and
+  the catalog hash on the collection is set last. Killed at any point, the collection holds whole ads
+  only (old or new), and a re-run sees what is already current, writes the rest and finishes the job.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernel.types import Ad
 from retrieval.behaviour import BehaviourStats
 from retrieval.embedder import Embedder
-from retrieval.records import read_ads, read_histories
-from retrieval.store import AdStore, catalog_hash
+from retrieval.records import iter_histories, read_ads
+from retrieval.store import AdStore, ad_content_hash, catalog_hash, document_hash
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class IngestReport:
-    ads: int
+    ads: int  # ads in the file (= in the collection afterwards)
     seconds: float
     ads_per_s: float
-    skipped_unchanged: bool
+    skipped_unchanged: bool  # the collection already held exactly this catalog: nothing was read or written
     content_hash: str
+    added: int = 0  # ids new to the collection
+    changed: int = 0  # stored ids whose content differed (re-embedded only if their document changed)
+    unchanged: int = 0
+    removed: int = 0  # stored ids no longer in the file, deleted
+    embedded: int = 0  # documents sent to the embedder
     histories: int = 0
     covisit_pairs: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if self.skipped_unchanged:
+            return f"catalog unchanged ({self.ads} ads, sha256 {self.content_hash[:12]}): nothing re-embedded"
+        return (
+            f"ingested {self.ads} ads in {self.seconds:.1f}s: {self.added} added, {self.changed} changed, "
+            f"{self.unchanged} unchanged, {self.removed} removed; {self.embedded} embedded"
+        )
+
+
+@dataclass
+class IngestPlan:
+    """What it takes to make the collection equal to the file."""
+
+    embed: list[Ad]  # added ads and changed ads whose document changed (or all, when forced)
+    metadata_only: list[Ad]  # changed ads with the same document: new metadata, stored vector kept
+    remove: list[str]
+    added: int
+    changed: int
+    unchanged: int
+
+
+def plan_ingest(ads: list[Ad], stored: dict[str, tuple[str | None, str | None]], *, force: bool = False) -> IngestPlan:
+    embed: list[Ad] = []
+    metadata_only: list[Ad] = []
+    added = changed = unchanged = 0
+    for ad in ads:
+        have = stored.get(ad.ad_id)
+        if have is None:
+            added += 1
+            embed.append(ad)
+            continue
+        content, document = have
+        if content == ad_content_hash(ad):
+            unchanged += 1
+            if force:
+                embed.append(ad)
+            continue
+        changed += 1
+        if not force and document is not None and document == document_hash(ad):
+            metadata_only.append(ad)
+        else:
+            embed.append(ad)
+    in_file = {a.ad_id for a in ads}
+    remove = [i for i in stored if i not in in_file]
+    return IngestPlan(embed, metadata_only, remove, added, changed, unchanged)
 
 
 def ingest_catalog(
@@ -37,31 +97,80 @@ def ingest_catalog(
     batch_size: int = 1000,
     show_progress: bool = False,
     force: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
+    """Make the collection equal to the file at `ads_path`. `force` re-embeds every ad (a new model).
+
+    `on_batch(written, to_embed)` is called after each batch of embedded ads is written.
+    """
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     ads = read_ads(ads_path)  # raises DataFileError(file, line) before anything is written
     h = catalog_hash(ads)
+    timings["read_s"] = time.perf_counter() - t0
     if not force and store.stored_hash() == h and store.count() == len(ads):
-        return IngestReport(len(ads), time.perf_counter() - t0, 0.0, True, h)
-    if not isinstance(embedder, Embedder):  # a factory: the model loads only once the file is known good
-        embedder = embedder()
-    vectors = embedder.encode([a.document() for a in ads], show_progress=show_progress)
-    bar = None
-    if show_progress:
-        from tqdm import tqdm
+        secs = time.perf_counter() - t0
+        return IngestReport(len(ads), secs, 0.0, True, h, unchanged=len(ads), timings_s=timings)
 
-        bar = tqdm(total=len(ads), desc="upsert", unit="ad")
+    t = time.perf_counter()
+    plan = plan_ingest(ads, store.stored_hashes(), force=force)
+    timings["diff_s"] = time.perf_counter() - t
+    log.info(
+        "ingest plan",
+        extra={"added": plan.added, "changed": plan.changed, "unchanged": plan.unchanged, "removed": len(plan.remove), "embed": len(plan.embed)},
+    )
+
+    t = time.perf_counter()
+    embed_s = 0.0
+    if plan.embed:
+        if not hasattr(embedder, "encode"):
+            embedder = embedder()  # a factory: the model loads only once the file is known good and work is due
+        bar = None
+        if show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(plan.embed), desc="embed+upsert", unit="ad")
+        written = 0
+        for chunk in _batches(plan.embed, batch_size):
+            te = time.perf_counter()
+            vectors = embedder.encode([a.document() for a in chunk])
+            embed_s += time.perf_counter() - te
+            store.upsert(chunk, vectors, batch_size=batch_size)
+            written += len(chunk)
+            if bar:
+                bar.update(len(chunk))
+            if on_batch:
+                on_batch(written, len(plan.embed))
+        if bar:
+            bar.close()
+    timings["embed_s"] = embed_s
+    timings["upsert_s"] = time.perf_counter() - t - embed_s
+
+    t = time.perf_counter()
+    store.update_metadata(plan.metadata_only, batch_size=batch_size)
     # Ads that left the catalog file leave the collection too: the file is the catalog.
-    existing = set(store.collection.get(include=[])["ids"]) if store.count() else set()
-    stale = list(existing - {a.ad_id for a in ads})
-    store.upsert(ads, vectors, batch_size=batch_size, progress=bar.update if bar else None)
-    for i in range(0, len(stale), 5000):
-        store.collection.delete(ids=stale[i : i + 5000])
-    store.set_content_hash(h)
-    if bar:
-        bar.close()
+    store.delete(plan.remove)
+    store.set_content_hash(h)  # last: "this collection is exactly catalog h"
+    timings["finish_s"] = time.perf_counter() - t
     secs = time.perf_counter() - t0
-    return IngestReport(len(ads), secs, len(ads) / secs if secs > 0 else 0.0, False, h)
+    return IngestReport(
+        len(ads),
+        secs,
+        len(ads) / secs if secs > 0 else 0.0,
+        False,
+        h,
+        added=plan.added,
+        changed=plan.changed,
+        unchanged=plan.unchanged,
+        removed=len(plan.remove),
+        embedded=len(plan.embed),
+        timings_s=timings,
+    )
+
+
+def _batches(items: list[Ad], size: int) -> Iterator[list[Ad]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def learn_behaviour(
@@ -73,10 +182,13 @@ def learn_behaviour(
     decay: float,
     cf_dims: int = 64,
 ) -> BehaviourStats:
-    """Co-visitation + popularity from the histories of logged impressions (never their `clicked`)."""
-    histories: list[list[str]] = []
-    for p in history_paths:
-        histories.extend(read_histories(p))
-    stats = BehaviourStats.learn(histories, catalog_ids, window=window, decay=decay, cf_dims=cf_dims)
+    """Co-visitation + popularity from the histories of logged impressions (never their `clicked`),
+    streamed file by file; the tables are written atomically (BehaviourStats.save)."""
+
+    def histories() -> Iterator[list[str]]:
+        for p in history_paths:
+            yield from iter_histories(p)
+
+    stats = BehaviourStats.learn(histories(), catalog_ids, window=window, decay=decay, cf_dims=cf_dims)
     stats.save(out_dir)
     return stats

@@ -118,6 +118,11 @@ def iter_impressions(path: Path) -> Iterator[tuple[int, ImpressionRecord]]:
             raise DataFileError(str(path), lineno, _first_error(e)) from None
 
 
-def read_histories(path: Path) -> list[list[str]]:
+def iter_histories(path: Path) -> Iterator[list[str]]:
     """Only the histories of logged impressions: behavioural priors never learn from `clicked`."""
-    return [rec.history for _, rec in iter_impressions(path)]
+    for _, rec in iter_impressions(path):
+        yield rec.history
+
+
+def read_histories(path: Path) -> list[list[str]]:
+    return list(iter_histories(path))

@@ -6,6 +6,7 @@ encoder call per impression, and so features for any candidate list are one matr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -20,6 +21,10 @@ from kernel.types import Ad
 log = logging.getLogger(__name__)
 
 _META_FIELDS = ("title", "text", "category", "subcategory", "advertiser", "landing_url")
+# Per-ad hashes stored beside each ad's metadata, written in the same upsert as its vector, so the
+# collection itself says which ads are current: an interrupted ingest resumes from them.
+CONTENT_KEY = "content_sha256"  # everything stored for the ad: a change means the ad must be rewritten
+DOCUMENT_KEY = "document_sha256"  # the embedded text: unchanged means the stored vector is still right
 
 
 def ad_to_metadata(ad: Ad) -> dict[str, str | float]:
@@ -66,13 +71,27 @@ class CatalogIndex:
         return known, unknown
 
 
-def catalog_hash(ads: Sequence[Ad]) -> str:
-    import hashlib
+def _ad_blob(ad: Ad) -> bytes:
+    return json.dumps(ad_to_metadata(ad) | {"ad_id": ad.ad_id}, sort_keys=True).encode()
 
+
+def ad_content_hash(ad: Ad) -> str:
+    return hashlib.sha256(_ad_blob(ad)).hexdigest()
+
+
+def document_hash(ad: Ad) -> str:
+    return hashlib.sha256(ad.document().encode()).hexdigest()
+
+
+def catalog_hash(ads: Sequence[Ad]) -> str:
     h = hashlib.sha256()
     for ad in sorted(ads, key=lambda a: a.ad_id):
-        h.update(json.dumps(ad_to_metadata(ad) | {"ad_id": ad.ad_id}, sort_keys=True).encode())
+        h.update(_ad_blob(ad))
     return h.hexdigest()
+
+
+def _stored_metadata(ad: Ad) -> dict[str, str | float]:
+    return ad_to_metadata(ad) | {CONTENT_KEY: ad_content_hash(ad), DOCUMENT_KEY: document_hash(ad)}
 
 
 class AdStore:
@@ -98,6 +117,18 @@ class AdStore:
         meta = self.collection.metadata or {}
         return meta.get("content_hash")
 
+    def stored_hashes(self, *, page: int = 5000) -> dict[str, tuple[str | None, str | None]]:
+        """ad_id -> (content hash, document hash) of every stored ad; (None, None) for ads written
+        before per-ad hashes existed (they count as changed, so the next ingest rewrites them)."""
+        out: dict[str, tuple[str | None, str | None]] = {}
+        n = self.count()
+        for offset in range(0, n, page):
+            got = self.collection.get(limit=page, offset=offset, include=["metadatas"])
+            for ad_id, meta in zip(got["ids"], got["metadatas"]):
+                meta = meta or {}
+                out[ad_id] = (meta.get(CONTENT_KEY), meta.get(DOCUMENT_KEY))
+        return out
+
     def upsert(
         self,
         ads: Sequence[Ad],
@@ -106,6 +137,7 @@ class AdStore:
         batch_size: int = 1000,
         progress: Callable[[int], None] | None = None,
     ) -> None:
+        """Each ad with its vector, document, metadata and hashes, in one write per batch."""
         if len(ads) != len(vectors):
             raise ValueError("ads and vectors differ in length")
         col = self.collection
@@ -114,11 +146,21 @@ class AdStore:
             col.upsert(
                 ids=[a.ad_id for a in chunk],
                 embeddings=vectors[start : start + batch_size].tolist(),
-                metadatas=[ad_to_metadata(a) for a in chunk],
+                metadatas=[_stored_metadata(a) for a in chunk],
                 documents=[a.document() for a in chunk],
             )
             if progress:
                 progress(len(chunk))
+
+    def update_metadata(self, ads: Sequence[Ad], *, batch_size: int = 1000) -> None:
+        """New metadata (and hashes) for ads whose embedded document is unchanged: their vectors stay."""
+        for start in range(0, len(ads), batch_size):
+            chunk = ads[start : start + batch_size]
+            self.collection.update(ids=[a.ad_id for a in chunk], metadatas=[_stored_metadata(a) for a in chunk])
+
+    def delete(self, ids: Sequence[str], *, batch_size: int = 5000) -> None:
+        for start in range(0, len(ids), batch_size):
+            self.collection.delete(ids=list(ids[start : start + batch_size]))
 
     def set_content_hash(self, content_hash: str) -> None:
         meta = dict(self.collection.metadata or {})

@@ -106,10 +106,7 @@ def ingest(
     try:
         store = make_store(s)
         rep = ingest_catalog(ads_path=ads, store=store, embedder=lambda: make_embedder(s), show_progress=True, force=force)
-        if rep.skipped_unchanged:
-            typer.echo(f"catalog unchanged ({rep.ads} ads, sha256 {rep.content_hash[:12]}): nothing re-embedded")
-        else:
-            typer.echo(f"ingested {rep.ads} ads in {rep.seconds:.1f}s ({rep.ads_per_s:.0f} ads/s) into {s.collection!r}")
+        typer.echo(f"{rep.summary()} (collection {s.collection!r})")
         if history:
             ids = store.load_index().ids
             stats = learn_behaviour(

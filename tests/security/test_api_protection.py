@@ -228,17 +228,18 @@ def test_rate_limit_per_client_ip_without_auth(demo_settings, demo_services):
 
 # ---- load shedding ------------------------------------------------------------------------------------
 
-SHED_WITHIN_S = 0.010
+SLOW_S = 5.0  # the held requests take this long: a shed answer that waited for a slot would take as long
 
 
 def test_excess_select_requests_are_shed_at_once(demo_settings, demo_services, frozen_gc):
-    """Two slow requests fill max_inflight=2; every further /v1/select is answered 503 within 10 ms."""
-    slow = services_with(demo_services, reranker=reranker_for(FakeFunctionLLM(delay_s=1.5), demo_settings), llm_concurrency=8)
+    """Two slow requests fill max_inflight=2; every further /v1/select is answered 503 while both are still held
+    (at once: it never waits for a slot). The shed latency figure is bench/bench_load.py's."""
+    slow = services_with(demo_services, reranker=reranker_for(FakeFunctionLLM(delay_s=SLOW_S), demo_settings), llm_concurrency=8)
     settings = settings_with(demo_settings, max_inflight=2)
     app = create_app(settings, services=slow)
     with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=10) as client:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            held = [pool.submit(client.post, "/v1/select", json=select_body(use_llm=True, deadline_ms=5000)) for _ in range(2)]
+            held = [pool.submit(client.post, "/v1/select", json=select_body(use_llm=True, deadline_ms=int(SLOW_S * 1000) + 3000)) for _ in range(2)]
             deadline = time.monotonic() + 5
             while app.state.metrics.registry.get_sample_value("adselect_select_inflight") < 2:
                 assert time.monotonic() < deadline, "slow requests never started"
@@ -251,9 +252,11 @@ def test_excess_select_requests_are_shed_at_once(demo_settings, demo_services, f
                 took.append(time.perf_counter() - t)
                 assert_error(r, 503, "overloaded")
                 assert r.headers["Retry-After"] == "1"
+            assert not any(f.done() for f in held), "a shed answer waited for a held slot"
+            assert app.state.metrics.registry.get_sample_value("adselect_select_inflight") == 2
             assert all(f.result().status_code == 200 for f in held)
         assert client.post("/v1/select", json=select_body()).status_code == 200  # slots freed
         text = client.get("/metrics").text
     print(f"shed latency ms: max {max(took) * 1000:.2f}, median {sorted(took)[5] * 1000:.2f}")
-    assert max(took) <= SHED_WITHIN_S
+    assert max(took) < SLOW_S / 2  # far from the 5 s a queued request would take
     assert 'adselect_refused_total{reason="shed"} 10.0' in text

@@ -34,7 +34,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a free loopback port, for this module only (apt package: redis-server)."""
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server binary not found: `apt-get install -y redis-server` (listed in .ci/apt-packages.txt)")
+        pytest.fail("redis-server binary not found: `apt-get install -y redis-server` (listed in .ci/apt-packages.txt)")
     import redis
 
     port = free_port()

@@ -264,7 +264,7 @@ def test_llm_cannot_move_the_ranking_without_a_learned_weight(demo_services):
 
 
 def test_hanging_llm_is_cut_at_the_deadline(demo_services):
-    deadline_ms, margin_s = 300, 0.25
+    deadline_ms, margin_s = 300, 1.0  # the uncut call would take 30 s; 1 s is above 2-core scheduling noise
     with FakeHangingLLMServer() as server, ChatLLM(base_url=server.base_url, model="hangs", timeout_s=30) as llm:
         sel = with_llm(demo_services, llm)
         req = request(use_llm=True, deadline_ms=deadline_ms)

@@ -190,7 +190,7 @@ def test_llm_url_where_nothing_listens_degrades_within_the_deadline(monkeypatch,
     assert res.status_code == 200, res.text
     r = res.json()
     assert_valid_response(r)
-    assert elapsed < 1.0 + 0.25
+    assert elapsed < 1.0 + 1.0  # within the deadline plus a margin noise cannot cross (a retrying client takes far longer)
     assert (r["llm_used"], r["degraded"], r["degraded_reason"]) == (False, True, "llm_connection")
     assert len(r["ads"]) == 3 and r["prompt"]["name"] == settings.prompt_name
 

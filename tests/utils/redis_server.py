@@ -16,7 +16,7 @@ class RedisProcess:
     def __init__(self, workdir: Path) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("redis-server binary not found: `apt-get install -y redis-server` (listed in .ci/apt-packages.txt)")
+            pytest.fail("redis-server binary not found: `apt-get install -y redis-server` (listed in .ci/apt-packages.txt)")
         self.binary = binary
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)

@@ -86,3 +86,13 @@ class LocalLLMStartError(RuntimeFault):
     """The bundled local LLM server could not be started (missing model file, port taken, process died, not ready in time)."""
 
     code = "local_llm_start_failed"
+
+
+class SequenceModelMismatch(CatalogError):
+    """A saved sequence model was trained for other catalog rows (the catalog changed since)."""
+
+    code = "sequence_model_mismatch"
+
+    def __init__(self, path: str, *, expected: str, found: str):
+        self.path, self.expected, self.found = path, expected, found
+        super().__init__(f"{path}: sequence model built for catalog ids {found[:12]}, catalog is {expected[:12]}")

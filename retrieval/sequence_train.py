@@ -189,9 +189,7 @@ def train_sequence_model(
             score = _holdout_ndcg(model, hold, cfg)
             elapsed = time.perf_counter() - t0
             curve.append({"epoch": epoch, "loss": run / max(seen, 1), "holdout_ndcg10": score, "seconds": round(elapsed, 1)})
-            log.info("sequence epoch", extra=curve[-1])
-            if show_progress:
-                tqdm.write(f"sequence epoch {epoch}: loss {run / max(seen, 1):.4f} holdout nDCG@10 {score:.4f} ({elapsed:.0f}s)")
+            log.info("sequence epoch %d: loss %.4f holdout nDCG@10 %.4f (%.0fs)", epoch, curve[-1]["loss"], score, elapsed)
             if not hold or score > best:
                 best, best_epoch, bad = score, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())

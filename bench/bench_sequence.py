@@ -47,7 +47,9 @@ def time_calls(fn, inputs, *, repeat: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--games-dir", type=Path, default=CATALOGS["games"]["ads"].parent)
-    ap.add_argument("--state-dir", type=Path, default=None, help="reuse/keep the model here (default: a fresh temp dir)")
+    ap.add_argument("--state-dir", type=Path, default=None,
+                    help="models live in STATE_DIR/<config digest> (sequence_quality.py's layout) and are reused; default: a fresh temp dir")
+    ap.add_argument("--serve-only", type=Path, default=None, help="time serving of the model saved in this dir, no training")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training (2 for the reported figure)")
     ap.add_argument("--requests", type=int, default=1000, help="distinct user histories timed")
     ap.add_argument("--repeat", type=int, default=3)
@@ -61,13 +63,19 @@ def main() -> None:
     train_path = args.games_dir / "impressions_full_dev.jsonl"
     hist = read_histories(train_path)
     cfg = SequenceConfig(text_init=args.text_init, **({"max_epochs": args.max_epochs} if args.max_epochs else {}))
+    if args.serve_only:
+        model = SequenceModel.load(args.serve_only, ids)
+        cfg = model.config
+        print(f"config: {cfg}\nserving the model in {args.serve_only}; trained in {model.meta['train']['seconds']}s")
+        serve(model, ids, train_path, args)
+        return
     text = None
     if cfg.text_init:
         from sequence_quality import title_vectors
 
         text = title_vectors(ads, Path("/tmp/adselect_sequence_bench/cache"))
     scratch = tempfile.TemporaryDirectory()
-    directory = args.state_dir or Path(scratch.name) / "sequence"
+    directory = args.state_dir / cfg.digest()[:16] if args.state_dir else Path(scratch.name) / "sequence"
     rss0 = peak_rss_mib()
     t0 = time.perf_counter()
     model = train_or_load(histories=hist, ids=ids, directory=directory, config=cfg, text_vectors=text, threads=args.threads)
@@ -85,6 +93,14 @@ def main() -> None:
     t0 = time.perf_counter()
     SequenceModel.load(directory, ids)
     print(f"load: {(time.perf_counter() - t0) * 1000:.0f} ms")
+    serve(model, ids, train_path, args)
+    scratch.cleanup()
+
+
+def serve(model: SequenceModel, ids: list[str], train_path: Path, args) -> None:
+    import torch
+
+    cfg = model.config
 
     users = histories(train_path, args.requests, seed=0, max_len=cfg.max_len)
     row = {a: i for i, a in enumerate(ids)}
@@ -115,7 +131,6 @@ def main() -> None:
     print(f"  scores (numpy)             {summary(sc)}   p50 x{p(sc)[0] / p(floor)[0]:.1f} floor, p99 x{p(sc)[1] / p(floor)[1]:.1f}")
     print(f"  top_n(100, exclude hist)   {summary(top)}   p50 x{p(top)[0] / p(floor)[0]:.1f} floor")
     print(f"  scores (torch, 1 thread)   {summary(tor)}   p50 x{p(tor)[0] / p(floor)[0]:.1f} floor")
-    scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse  # noqa: E402
 import resource  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -117,7 +118,7 @@ def serve(model: SequenceModel, ids: list[str], train_path: Path, args) -> None:
     from retrieval.sequence_train import SASRec
 
     torch.set_num_threads(1)
-    net = SASRec(len(ids), cfg).eval()
+    net = SASRec(len(ids), replace(cfg, text_init=False)).eval()  # the served item matrix already holds the projection
     with torch.no_grad():
         items = net.item_matrix()
 
@@ -126,7 +127,9 @@ def serve(model: SequenceModel, ids: list[str], train_path: Path, args) -> None:
 
         time_calls(torch_scores, reqs[:50], repeat=1)
         tor = time_calls(torch_scores, reqs, repeat=args.repeat)
-    p = lambda a: float(np.percentile(a, 50)), float(np.percentile(a, 99))  # noqa: E731
+    def p(a):
+        return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
     print(f"  numpy floor (matvec only)  {summary(floor)}")
     print(f"  scores (numpy)             {summary(sc)}   p50 x{p(sc)[0] / p(floor)[0]:.1f} floor, p99 x{p(sc)[1] / p(floor)[1]:.1f}")
     print(f"  top_n(100, exclude hist)   {summary(top)}   p50 x{p(top)[0] / p(floor)[0]:.1f} floor")

@@ -186,3 +186,15 @@ RUNTIME_EXIT = 1  # the command was right and something failed while running it
 def exit_code(exc: BaseException) -> int:
     """A command's exit status for an error: 2 for input the user can fix, 1 for a runtime failure."""
     return USAGE_EXIT if isinstance(exc, UserError) else RUNTIME_EXIT
+
+
+
+
+class SequenceModelMismatch(CatalogError):
+    """A saved sequence model was trained for other catalog rows (the catalog changed since)."""
+
+    code = "sequence_model_mismatch"
+
+    def __init__(self, path: str, *, expected: str, found: str):
+        self.path, self.expected, self.found = path, expected, found
+        super().__init__(f"{path}: sequence model built for catalog ids {found[:12]}, catalog is {expected[:12]}")

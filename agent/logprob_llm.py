@@ -123,6 +123,10 @@ class LogprobChatLLM:
             )
         except Exception as exc:  # noqa: BLE001 - mapped by type, unknown types re-raised
             mapped = map_error(exc)
+            if mapped is None and isinstance(exc, ValueError):
+                # langchain_openai raises a plain ValueError for a 200 whose body is not a chat completion
+                # (a gateway's HTML page): the server is not an LLM server, whatever the status says.
+                mapped = LLMUnavailable("http_error", "the response is not a chat completion")
             if mapped is None:
                 raise
             logger.warning("logprob llm unavailable", extra={"model": self._model, "reason": mapped.reason})

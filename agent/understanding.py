@@ -263,7 +263,13 @@ class AdUnderstander:
         item = self.store.get(self.key(ad))
         return item.record if item is not None else None
 
-    async def _one(self, ad: Ad, sem: asyncio.Semaphore) -> StoredUnderstanding | LLMUnavailable:
+    async def _one(self, ad: Ad, sem: asyncio.Semaphore, bar: tqdm) -> StoredUnderstanding | LLMUnavailable:
+        try:
+            return await self._ask(ad, sem)
+        finally:
+            bar.update(1)
+
+    async def _ask(self, ad: Ad, sem: asyncio.Semaphore) -> StoredUnderstanding | LLMUnavailable:
         messages = self.prompt.render(
             title=neutralise(ad.title, 200), text=neutralise(ad.text, self.max_text_chars), taxonomy=self.taxonomy or []
         )
@@ -302,7 +308,7 @@ class AdUnderstander:
         with tqdm(total=len(ads), initial=report.cached, desc="understanding", unit="ad", disable=not progress) as bar:
             for start in range(0, len(todo), self.batch_size):
                 batch = todo[start : start + self.batch_size]
-                results = await asyncio.gather(*(self._one(ad, sem) for ad in batch))
+                results = await asyncio.gather(*(self._one(ad, sem, bar) for ad in batch))
                 stored = [r for r in results if isinstance(r, StoredUnderstanding)]
                 self.store.append(stored)
                 for r in results:
@@ -313,7 +319,6 @@ class AdUnderstander:
                     else:
                         report.generated += 1
                         report.dropped_claims += r.dropped_claims
-                bar.update(len(batch))
         report.seconds = time.perf_counter() - started
         logger.info("ad understanding", extra={**report.as_dict(), "prompt_sha256": self.prompt.sha256[:12], "model": self.llm.model})
         return report

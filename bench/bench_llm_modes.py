@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from common import CATALOGS, SHARED_DATA, Settings
 
-from agent.llm import ChatLLM, Message
+from agent.llm import ChatLLM, Completion, Message
 from agent.local_server import LocalLLMServer, free_port
 from agent.logprob_llm import FirstToken, LogprobChatLLM
 from agent.prompts import PromptRegistry
@@ -58,11 +58,29 @@ def common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+class DiskMemo:
+    """Answers by request on disk (JSONL), so an interrupted or repeated run asks the model once per request."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.items = path, {}
+        if path is not None and path.exists():
+            for line in path.open(encoding="utf-8"):
+                with contextlib.suppress(ValueError):
+                    row = json.loads(line)
+                    self.items[row["key"]] = row["value"]
+
+    def put(self, key: str, value: dict) -> None:
+        self.items[key] = value
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"key": key, "value": value}) + "\n")
+
+
 class MemoLogprobLLM:
     """Answers an identical request once (the model is deterministic at temperature 0); counts real calls."""
 
-    def __init__(self, llm: LogprobChatLLM):
-        self.llm, self.calls, self._memo = llm, 0, {}
+    def __init__(self, llm: LogprobChatLLM, disk: DiskMemo):
+        self.llm, self.calls, self._memo, self.disk = llm, 0, {}, disk
         self.latency_ms: list[float] = []
 
     @property
@@ -70,18 +88,47 @@ class MemoLogprobLLM:
         return self.llm.model
 
     async def afirst_token(self, messages: Sequence[Message], *, top_logprobs: int, timeout_s: float) -> FirstToken:
-        key = json.dumps([messages, top_logprobs], sort_keys=True, default=str)
+        key = json.dumps(["score", messages, top_logprobs], sort_keys=True, default=str)
+        if key in self.disk.items and key not in self._memo:
+            self._memo[key] = FirstToken(**self.disk.items[key])
+            self.latency_ms.append(self._memo[key].latency_ms)
         if key not in self._memo:
             self.calls += 1
             try:
                 self._memo[key] = await self.llm.afirst_token(messages, top_logprobs=top_logprobs, timeout_s=timeout_s)
                 self.latency_ms.append(self._memo[key].latency_ms)
+                self.disk.put(key, dataclasses.asdict(self._memo[key]))
             except (LLMUnavailable, LLMOutputInvalid) as e:
                 self._memo[key] = e
         answer = self._memo[key]
         if isinstance(answer, BaseException):
             raise answer
         return answer
+
+
+class MemoChatLLM:
+    """The listwise client behind the same disk memo (answers by messages + schema)."""
+
+    def __init__(self, llm: ChatLLM, disk: DiskMemo):
+        self.llm, self.disk, self.calls = llm, disk, 0
+        self.latency_ms: list[float] = []
+
+    @property
+    def model(self) -> str:
+        return self.llm.model
+
+    def complete(self, messages, *, schema, timeout_s):  # noqa: ANN001, ANN201 - not used by the bench
+        raise NotImplementedError
+
+    async def acomplete(self, messages: Sequence[Message], *, schema: dict, timeout_s: float) -> Completion:
+        key = json.dumps(["listwise", messages, schema], sort_keys=True, default=str)
+        if key not in self.disk.items:
+            self.calls += 1
+            out = await self.llm.acomplete(messages, schema=schema, timeout_s=timeout_s)
+            self.disk.put(key, dataclasses.asdict(out))
+        out = Completion(**self.disk.items[key])
+        self.latency_ms.append(out.latency_ms)
+        return out
 
 
 @dataclass
@@ -152,21 +199,24 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
     async def tokens(messages: Sequence[dict[str, str]]) -> list[int]:
         return (await http.post(f"{root}/extras/tokenize", json={"input": chatml(messages)})).json()["tokens"]
 
-    memo = MemoLogprobLLM(LogprobChatLLM(base_url=base_url, model=settings.llm_model, timeout_s=args.timeout_s))
-    chat = ChatLLM(base_url=base_url, model=settings.llm_model, timeout_s=args.timeout_s, max_tokens=settings.llm_max_tokens)
+    disk = DiskMemo(args.memo)
+    memo = MemoLogprobLLM(LogprobChatLLM(base_url=base_url, model=settings.llm_model, timeout_s=args.timeout_s), disk)
+    chat = MemoChatLLM(ChatLLM(base_url=base_url, model=settings.llm_model, timeout_s=args.timeout_s, max_tokens=settings.llm_max_tokens), disk)
     modes = [m.strip() for m in args.modes.split(",")]
     perms = sorted({args.permutations, 1}, reverse=True) if "score" in modes else []  # P first: P=1 reuses its calls
     stats: dict[str, ModeStats] = {f"score P={p}": ModeStats(f"score P={p}") for p in perms}
     if "listwise" in modes:
         stats["listwise"] = ModeStats("listwise")
     reranker = LLMReranker.from_settings(settings, chat, registry=registry, max_candidates=args.candidates)
-    for i, imp in enumerate(imps):
-        hist = [ads[h] for h in imp["history"]]
-        for mode, st in stats.items():
+    # Mode by mode (llama.cpp keeps one prompt cache: interleaving the modes' prompts would defeat it).
+    for mode, st in stats.items():
+        for i, imp in enumerate(imps):
+            hist = [ads[h] for h in imp["history"]]
             st.tops[imp["impression_id"]] = {}
             for order_name, ids in orders(imp).items():
+                if order_name not in args.orders:
+                    continue
                 cands = [Candidate(ad=ads[c], priors={}) for c in ids]
-                started = time.perf_counter()
                 if mode.startswith("score"):
                     p = int(mode.split("=")[1])
                     scorer = LLMScorer.from_settings(
@@ -178,7 +228,6 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
                     if args.tokens_only:
                         top, answered = None, 0
                     else:
-                        before = memo.calls
                         try:
                             res = await scorer.ascore(
                                 history_ads=hist, events=[], candidates=cands, timeout_s=args.timeout_s,
@@ -189,12 +238,12 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
                             st.labels_asked += res.answered * len(cands)
                             st.completion_tokens += [t for t in res.completion_tokens if t is not None]
                             st.reported_prompt_tokens += [t for t in res.prompt_tokens if t is not None]
+                            # Recorded call latencies, summed: llama.cpp serves one request at a time (vLLM: ~ the max).
+                            st.impression_ms.append(sum(res.latency_ms))
                             if order_name == "logged" and imp["clicked"]:
                                 st.rr.append(1 / (res.ranking().index(imp["clicked"][0]) + 1))
                         except (LLMUnavailable, LLMOutputInvalid):
                             top, answered = None, 0
-                        if memo.calls > before:
-                            st.impression_ms.append((time.perf_counter() - started) * 1000)
                         st.answers += len(calls)
                         st.invalid += len(calls) - answered
                 else:
@@ -217,11 +266,12 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
                             st.invalid += 1
                         except LLMUnavailable:
                             st.invalid += 1
-                        st.impression_ms.append((time.perf_counter() - started) * 1000)
+                        else:
+                            st.impression_ms.append(res.latency_ms)
                 st.prompts += toks
                 st.by_impression.setdefault(f"{imp['impression_id']}/{order_name}", []).extend(toks)
                 st.tops[imp["impression_id"]][order_name] = top
-        print(f"[{i + 1}/{len(imps)}] {imp['impression_id']} real scoring calls so far: {memo.calls}", flush=True)
+            print(f"[{mode} {i + 1}/{len(imps)}] {imp['impression_id']} real calls so far: {memo.calls + chat.calls}", flush=True)
     await http.aclose()
     report(args, stats, memo)
 
@@ -269,8 +319,11 @@ def main() -> None:
     ap.add_argument("--modes", default="score,listwise")
     ap.add_argument("--timeout-s", type=float, default=300.0)
     ap.add_argument("--tokens-only", action="store_true")
+    ap.add_argument("--orders", default=",".join(ORDERS), help="Which of logged,reversed,shuffled to ask (logged is always asked).")
+    ap.add_argument("--memo", type=Path, default=None, help="JSONL of answers by request: a re-run asks only what is missing.")
     ap.add_argument("--shared-data", type=Path, default=SHARED_DATA, help="The shared data folder (amazon_games_6k/ inside).")
     args = ap.parse_args()
+    args.orders = {"logged", *args.orders.split(",")}
     with contextlib.ExitStack() as stack:
         url = args.llm_url
         if url is None:

@@ -159,5 +159,5 @@ class Settings(BaseSettings):
     understand_prompt_name: str = Field("understand", description="Template under prompts/ for ad understanding at ingest.")
     understand_max_tokens: int = Field(192, ge=32, le=2048, description="Token cap of one ad-understanding answer.")
     understand_concurrency: int = Field(4, ge=1, le=256, description="Concurrent ad-understanding calls at ingest.")
-    understand_batch_size: int = Field(32, ge=1, description="Ads per ingest batch (results appended to the store after each).")
+    understand_batch_size: int = Field(8, ge=1, description="Ads per ingest batch (results appended to the store after each).")
     understand_timeout_s: float = Field(60.0, gt=0, description="Deadline of one ad-understanding call.")

@@ -17,6 +17,8 @@ from tests.utils.fakes import FakeQueueLLM
 
 SETTINGS = Settings(_env_file=None)
 PROMPT = PromptRegistry(SETTINGS.prompts_dir).get("copy")
+# Real-server tests use a 600 s deadline: the CPU is shared and the deadline is not what they test
+# (llama.cpp serves one request at a time, so P concurrent calls wait for each other).
 AD = Ad(
     ad_id="run-002", title="Tempo Glide daily trainer | Stridewell", category="running shoes",
     text="The Tempo Glide daily trainer gives you a soft landing and a fast toe-off. Now $119 with free returns.",
@@ -126,10 +128,10 @@ def test_miss_before_start_is_counted_not_queued() -> None:
 
 
 def test_real_server_rewrite_in_background_then_served_from_cache_without_a_call(local_llm_url: str) -> None:
-    counting = CountingLLM(ChatLLM(base_url=local_llm_url, model=SETTINGS.llm_model, max_tokens=SETTINGS.copy_max_tokens, timeout_s=120))
+    counting = CountingLLM(ChatLLM(base_url=local_llm_url, model=SETTINGS.llm_model, max_tokens=SETTINGS.copy_max_tokens, timeout_s=600))
 
     async def run() -> tuple[Copy | None, Copy | None, int, BackgroundCopier]:
-        rewriter = CopyRewriter(counting, PROMPT, timeout_s=120)
+        rewriter = CopyRewriter(counting, PROMPT, timeout_s=600)
         async with BackgroundCopier(rewriter=rewriter, validate=lengths_only, queue_size=4) as copier:
             miss = copier.lookup(AD, "running shoes")
             await copier.drain()

@@ -201,3 +201,32 @@ class Settings(BaseSettings):
             return self.weights_path
         p = self.data_dir / "fusion.json"
         return p if p.exists() else None
+
+    # --- LLM at serving speed: scoring mode, copy off the hot path, ad understanding (agent/scorer.py,
+    # agent/copy_cache.py, agent/understanding.py) ----------------------------------------------------
+    llm_mode: Literal["listwise", "score"] = Field(
+        "listwise",
+        description="listwise: one generated ranking + copy per impression (agent.reranker); score: one-token "
+        "answers over letter labels, every candidate's log-probability from one forward pass (agent.scorer).",
+    )
+    score_prompt_name: str = Field("score", description="Template under prompts/ for scoring mode.")
+    score_permutations: int = Field(
+        2, ge=1, le=8, description="Shown orders averaged per impression in scoring mode (identity, reverse, then "
+        "shuffles seeded by the request id); sent as concurrent requests sharing the prompt prefix."
+    )
+    score_top_logprobs: int = Field(
+        20, ge=1, le=100, description="top_logprobs asked per scoring call. vLLM refuses more than its "
+        "--max-logprobs (default 20); llama.cpp's server has no cap."
+    )
+    score_max_candidates: int = Field(20, ge=1, le=26, description="Candidates scored per impression (one letter label each, A..Z).")
+    copy_prompt_name: str = Field("copy", description="Template under prompts/ for background rewrites of the served ad.")
+    copy_max_tokens: int = Field(64, ge=8, le=512, description="Token cap of one background rewrite (headline + description JSON).")
+    copy_queue_size: int = Field(64, ge=1, description="Pending background rewrites; when full, new misses are dropped (counted).")
+    copy_workers: int = Field(1, ge=1, le=64, description="Concurrent background rewrite calls.")
+    copy_timeout_s: float = Field(20.0, gt=0, description="Deadline of one background rewrite call.")
+    copy_cache_entries: int = Field(10000, ge=1, description="Validated rewrites (and rejections) kept in the copy cache (LRU).")
+    understand_prompt_name: str = Field("understand", description="Template under prompts/ for ad understanding at ingest.")
+    understand_max_tokens: int = Field(192, ge=32, le=2048, description="Token cap of one ad-understanding answer.")
+    understand_concurrency: int = Field(4, ge=1, le=256, description="Concurrent ad-understanding calls at ingest.")
+    understand_batch_size: int = Field(8, ge=1, description="Ads per ingest batch (results appended to the store after each).")
+    understand_timeout_s: float = Field(60.0, gt=0, description="Deadline of one ad-understanding call.")

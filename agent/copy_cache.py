@@ -1,0 +1,277 @@
+"""Copy off the hot path: validated rewrites in a cache, produced by a bounded background queue on a miss.
+
+    copier = BackgroundCopier(rewriter=CopyRewriter.from_settings(settings, copy_llm),
+                              validate=lambda copy, ad: validate_copy(copy, ad).reasons,
+                              cache=CopyCache(max_entries=settings.copy_cache_entries),
+                              queue_size=settings.copy_queue_size, workers=settings.copy_workers)
+    async with copier:                            # starts the workers on the running loop
+        copy = copier.lookup(ad, interest_key(history_ads))   # never waits; None = serve the advertiser's copy
+
+* The cache key is (ad content hash, coarse user-interest key, prompt sha256, model): a new prompt, a
+  new model or an edited ad never serves an old rewrite.
+* On a miss `lookup` enqueues one rewrite and returns None at once. Drop policy: when the queue is
+  full the new miss is dropped (drop-newest, counted in `dropped_full`); nothing queued is evicted and
+  nothing waits. A key already queued or being generated is not queued again (`deduped`).
+* Every rewrite passes the injected `validate(copy, ad) -> reasons` before it is cached; a rejected
+  rewrite is cached as a rejection (the same prompt and model would write it again), so it is not
+  regenerated and never served. An LLM failure is counted by reason and not cached (a later miss retries).
+* The worker enforces the rewrite deadline itself (a hung server cannot hold a worker longer) and
+  survives any exception. `lookup` must be called on the event loop the copier was started on.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from kernel.errors import LLMOutputInvalid, LLMUnavailable, PromptError
+from kernel.types import Ad, Copy
+
+from .ad_content import ad_content_hash
+from .copy_validator import MAX_DESCRIPTION, MAX_HEADLINE
+from .llm import ChatLLMLike
+from .prompts import PromptRegistry, PromptTemplate, neutralise
+
+if TYPE_CHECKING:
+    from kernel.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Validate = Callable[[Copy, Ad], Sequence[str]]
+PROMPT_VARIABLES = frozenset({"title", "text", "interest"})
+INTEREST_ITEMS = 5  # history ads the interest key looks at (the most recent ones)
+COPY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "headline": {"type": "string", "maxLength": MAX_HEADLINE},
+        "description": {"type": "string", "maxLength": MAX_DESCRIPTION},
+    },
+    "required": ["headline", "description"],
+    "additionalProperties": False,
+}
+
+
+def interest_key(history_ads: Sequence[Ad], *, items: int = INTEREST_ITEMS) -> str:
+    """A coarse user interest: the most frequent category among the last `items` history ads (the most
+    recent wins a tie), case-folded; "" when none has a category. Coarse on purpose: many users share it."""
+    recent = [ad.category.strip().casefold() for ad in list(history_ads)[-items:] if ad.category.strip()]
+    if not recent:
+        return ""
+    counts = Counter(recent)
+    best = max(counts.values())
+    return next(c for c in reversed(recent) if counts[c] == best)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyKey:
+    ad_hash: str
+    interest: str
+    prompt_sha256: str
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A rewrite the validator refused: cached so it is not regenerated, never served."""
+
+    reasons: tuple[str, ...]
+
+
+class CopyCache:
+    """An in-memory LRU of validated rewrites and rejections by CopyKey."""
+
+    def __init__(self, *, max_entries: int = 10000):
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self._items: OrderedDict[CopyKey, Copy | Rejected] = OrderedDict()
+
+    def get(self, key: CopyKey) -> Copy | Rejected | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: CopyKey, item: Copy | Rejected) -> None:
+        self._items[key] = item
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _RewriteOut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    headline: str
+    description: str
+
+
+class CopyRewriter:
+    """One short rewrite of one ad for one interest: prompt → chat call (the client's max_tokens is the cap) → Copy."""
+
+    def __init__(self, llm: ChatLLMLike, prompt: PromptTemplate, *, timeout_s: float = 20.0, max_text_chars: int = 300):
+        if set(prompt.variables) != PROMPT_VARIABLES:
+            raise PromptError(f"prompt {prompt.name!r} declares {sorted(prompt.variables)}; the rewriter fills {sorted(PROMPT_VARIABLES)}")
+        self.llm, self.prompt, self.timeout_s, self.max_text_chars = llm, prompt, timeout_s, max_text_chars
+
+    @classmethod
+    def from_settings(cls, settings: Settings, llm: ChatLLMLike, *, registry: PromptRegistry | None = None) -> CopyRewriter:
+        """`llm` should be a client built with max_tokens=settings.copy_max_tokens (the token cap of a rewrite)."""
+        registry = registry or PromptRegistry(settings.prompts_dir)
+        return cls(llm, registry.get(settings.copy_prompt_name), timeout_s=settings.copy_timeout_s)
+
+    def key(self, ad: Ad, interest: str) -> CopyKey:
+        return CopyKey(ad_hash=ad_content_hash(ad), interest=interest, prompt_sha256=self.prompt.sha256, model=self.llm.model)
+
+    async def rewrite(self, ad: Ad, interest: str) -> Copy:
+        """Raises LLMUnavailable (including "timeout" at `timeout_s`) or LLMOutputInvalid."""
+        messages = self.prompt.render(
+            title=neutralise(ad.title, 120), text=neutralise(ad.text, self.max_text_chars), interest=neutralise(interest, 60)
+        )
+        try:
+            completion = await asyncio.wait_for(
+                self.llm.acomplete(messages, schema=COPY_SCHEMA, timeout_s=self.timeout_s), timeout=self.timeout_s
+            )
+        except TimeoutError as e:
+            raise LLMUnavailable("timeout", "background rewrite") from e
+        try:
+            out = _RewriteOut.model_validate(json.loads(completion.text))
+        except (ValueError, ValidationError) as e:
+            reason = "truncated" if completion.finish_reason == "length" else "malformed_json"
+            raise LLMOutputInvalid(reason, raw=completion.text, detail=type(e).__name__) from None
+        return Copy(headline=out.headline.strip(), description=out.description.strip())
+
+
+@dataclass
+class CopyStats:
+    lookups: int = 0
+    hits: int = 0  # a validated rewrite was returned
+    rejected_hits: int = 0  # the key holds a rejection: the advertiser's copy is served, nothing queued
+    misses: int = 0
+    enqueued: int = 0
+    deduped: int = 0  # the key was already queued or being generated
+    dropped_full: int = 0  # the queue was full: the miss was dropped (drop-newest)
+    dropped_stopped: int = 0  # no worker running (before start / after close)
+    generated: int = 0  # rewrites that passed the validator and were cached
+    rejected: int = 0  # rewrites the validator refused (cached as rejections)
+    failed: Counter[str] = field(default_factory=Counter)  # LLM failures by reason (not cached)
+
+    def as_dict(self) -> dict[str, Any]:
+        """For /metrics and eval reports: counts, the hit rate and the share of lookups served a rewrite."""
+        out: dict[str, Any] = {k: v for k, v in self.__dict__.items() if k != "failed"}
+        out["failed"] = dict(self.failed)
+        out["hit_rate"] = self.hits / self.lookups if self.lookups else 0.0
+        return out
+
+
+class BackgroundCopier:
+    """Cache lookups on the hot path; rewrites for misses on a bounded queue served by background workers."""
+
+    def __init__(
+        self, *, rewriter: CopyRewriter, validate: Validate, cache: CopyCache | None = None, queue_size: int = 64, workers: int = 1
+    ):
+        if queue_size < 1 or workers < 1:
+            raise ValueError("queue_size and workers must be >= 1")
+        self.rewriter, self.validate = rewriter, validate
+        self.cache = cache if cache is not None else CopyCache()
+        self.queue_size, self.workers = queue_size, workers
+        self.stats = CopyStats()
+        self._queue: asyncio.Queue[tuple[CopyKey, Ad, str]] | None = None
+        self._pending: set[CopyKey] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, rewriter: CopyRewriter, validate: Validate) -> BackgroundCopier:
+        return cls(
+            rewriter=rewriter, validate=validate, cache=CopyCache(max_entries=settings.copy_cache_entries),
+            queue_size=settings.copy_queue_size, workers=settings.copy_workers,
+        )  # fmt: skip
+
+    def lookup(self, ad: Ad, interest: str) -> Copy | None:
+        """The cached validated rewrite, else None (and a rewrite is queued unless full/duplicate). Never waits."""
+        self.stats.lookups += 1
+        key = self.rewriter.key(ad, interest)
+        item = self.cache.get(key)
+        if isinstance(item, Copy):
+            self.stats.hits += 1
+            return item
+        if isinstance(item, Rejected):
+            self.stats.rejected_hits += 1
+            return None
+        self.stats.misses += 1
+        if key in self._pending:
+            self.stats.deduped += 1
+        elif self._queue is None:
+            self.stats.dropped_stopped += 1
+        else:
+            try:
+                self._queue.put_nowait((key, ad, interest))
+            except asyncio.QueueFull:
+                self.stats.dropped_full += 1
+                logger.info("copy queue full: miss dropped", extra={"queue_size": self.queue_size})
+            else:
+                self._pending.add(key)
+                self.stats.enqueued += 1
+        return None
+
+    async def start(self) -> None:
+        if self._queue is not None:
+            return
+        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._tasks = [asyncio.create_task(self._work(), name=f"copy-worker-{i}") for i in range(self.workers)]
+
+    async def drain(self) -> None:
+        """Wait until every queued rewrite is done (each is bounded by the rewrite deadline)."""
+        if self._queue is not None:
+            await self._queue.join()
+
+    async def aclose(self) -> None:
+        """Stop the workers; queued rewrites are abandoned."""
+        tasks, self._tasks, self._queue = self._tasks, [], None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._pending.clear()
+
+    async def __aenter__(self) -> BackgroundCopier:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _work(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        while True:
+            key, ad, interest = await queue.get()
+            try:
+                copy = await self.rewriter.rewrite(ad, interest)
+                reasons = list(self.validate(copy, ad))
+                if reasons:
+                    self.cache.put(key, Rejected(tuple(reasons)))
+                    self.stats.rejected += 1
+                    logger.info("background rewrite rejected", extra={"ad_id": ad.ad_id, "reasons": reasons})
+                else:
+                    self.cache.put(key, copy)
+                    self.stats.generated += 1
+            except (LLMUnavailable, LLMOutputInvalid) as e:
+                self.stats.failed[e.reason] += 1
+                logger.info("background rewrite failed", extra={"ad_id": ad.ad_id, "reason": e.reason})
+            except Exception:  # noqa: BLE001 - a worker must outlive any bug in one rewrite
+                self.stats.failed["error"] += 1
+                logger.exception("background rewrite crashed", extra={"ad_id": ad.ad_id})
+            finally:
+                self._pending.discard(key)
+                queue.task_done()

@@ -35,7 +35,7 @@ from kernel.errors import LLMOutputInvalid, LLMUnavailable, PromptError
 from kernel.types import Ad, Copy
 
 from .ad_content import ad_content_hash
-from .copy_validator import MAX_DESCRIPTION, MAX_HEADLINE
+from .schema import DESCRIPTION_MAX, HEADLINE_MAX
 from .llm import ChatLLMLike
 from .prompts import PromptRegistry, PromptTemplate, neutralise
 
@@ -50,8 +50,8 @@ INTEREST_ITEMS = 5  # history ads the interest key looks at (the most recent one
 COPY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "headline": {"type": "string", "maxLength": MAX_HEADLINE},
-        "description": {"type": "string", "maxLength": MAX_DESCRIPTION},
+        "headline": {"type": "string", "maxLength": HEADLINE_MAX},
+        "description": {"type": "string", "maxLength": DESCRIPTION_MAX},
     },
     "required": ["headline", "description"],
     "additionalProperties": False,

@@ -46,13 +46,16 @@ def services_with(
     breaker_failures: int = 5,
     breaker_reset_s: float = 30.0,
     llm_concurrency: int = 4,
+    max_deadline_ms: int | None = None,
     **selector_changes,
 ) -> Services:
-    """`services` with its own selector: the given reranker, a fresh breaker and LLM limiter, other fields replaced."""
+    """`services` with its own selector: the given reranker, a fresh breaker and LLM limiter (and deadline cap),
+    other fields replaced."""
     admission = dataclasses.replace(
         services.selector.admission,
         breaker=CircuitBreaker(breaker_failures, breaker_reset_s),
         limiter=ConcurrencyLimiter(llm_concurrency),
+        max_deadline_ms=max_deadline_ms if max_deadline_ms is not None else services.selector.admission.max_deadline_ms,
     )
     selector = dataclasses.replace(services.selector, reranker=reranker, admission=admission, **selector_changes)
     return dataclasses.replace(services, selector=selector)

@@ -21,7 +21,7 @@ from kernel.settings import REPO_ROOT, Settings
 from selection.caps import open_cap_store
 
 MAX_PER_AD, MAX_PER_ADVERTISER = 2, 5
-WRITES = 4000  # bounded: the killed writer is stopped long before, the other one finishes
+WRITES = 4000  # the writer that is not killed finishes these
 
 WRITER = textwrap.dedent(
     """
@@ -29,10 +29,14 @@ WRITER = textwrap.dedent(
     from kernel.settings import Settings
     from selection.caps import open_cap_store
 
+    import time
     data_dir, n = sys.argv[1], int(sys.argv[2])
     store = open_cap_store(Settings(_env_file=None, data_dir=data_dir, redis_url=None, cap_max_per_ad={ad}, cap_max_per_advertiser={adv}))
+    stop = time.monotonic() + 120  # bounded either way
     for i in range(n):
-        user, ad, adv = f"u{{i % 50}}", f"ad{{i % 7}}", f"adv{{i % 3}}"
+        if time.monotonic() > stop:
+            break
+        user, ad, adv = f"u{{i % 5000}}", f"ad{{i % 7}}", f"adv{{i % 3}}"  # enough users that reservations keep succeeding
         if store.try_reserve(user, ad, adv):
             print(f"{{user}} {{ad}} {{adv}}", flush=True)
     store.close()
@@ -40,16 +44,16 @@ WRITER = textwrap.dedent(
 ).format(ad=MAX_PER_AD, adv=MAX_PER_ADVERTISER)
 
 
-def _writer(data_dir: Path) -> subprocess.Popen:
+def _writer(data_dir: Path, n: int) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_")}
     return subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(data_dir), str(WRITES)],
+        [sys.executable, "-c", WRITER, str(data_dir), str(n)],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
 def test_cap_store_survives_a_writer_killed_mid_writes(tmp_path: Path) -> None:
-    killed, other = _writer(tmp_path), _writer(tmp_path)
+    killed, other = _writer(tmp_path, 10**7), _writer(tmp_path, WRITES)  # the first runs until it is killed
     confirmed: list[tuple[str, str, str]] = []
     deadline = time.monotonic() + 60
     while len(confirmed) < 40 and time.monotonic() < deadline:  # the killed writer is in the middle of its writes

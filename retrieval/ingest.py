@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -210,6 +211,8 @@ def learn_sequence(
     """The next-item sequence model from the same histories as the behaviour tables (never `clicked`),
     saved in `behaviour_dir/sequence`; reused when histories, catalog rows, config and vectors are unchanged."""
     histories = [h for p in history_paths for h in iter_histories(p)]
+    # The vectors are named by the documents they embed: Chroma's read-back floats vary in the last bits.
+    docs = hashlib.sha256("\n".join(f"{a}\t{document_hash(ad)}" for a, ad in zip(index.ids, index.ads)).encode()).hexdigest()
     return train_or_load(
         histories=histories,
         ids=index.ids,
@@ -218,4 +221,5 @@ def learn_sequence(
         text_vectors=index.vectors if config.text_init else None,
         show_progress=show_progress,
         threads=threads,
+        vectors_key=f"documents:{docs}",
     )

@@ -99,8 +99,8 @@ def ingest(
     force: bool = typer.Option(False, "--force", help="Re-embed even when the catalog is unchanged."),
 ) -> None:
     """Load a catalog into Chroma (upsert by ad_id) and learn co-visitation/popularity from histories."""
-    from selection.services import behaviour_dir, make_embedder, make_store
-    from retrieval.ingest import ingest_catalog, learn_behaviour
+    from selection.services import behaviour_dir, make_embedder, make_store, sequence_config
+    from retrieval.ingest import ingest_catalog, learn_behaviour, learn_sequence
 
     s = _settings(data_dir)
     try:
@@ -108,12 +108,19 @@ def ingest(
         rep = ingest_catalog(ads_path=ads, store=store, embedder=lambda: make_embedder(s), show_progress=True, force=force)
         typer.echo(f"{rep.summary()} (collection {s.collection!r})")
         if history:
-            ids = store.load_index().ids
+            index = store.load_index()
             stats = learn_behaviour(
-                history_paths=history, catalog_ids=ids, out_dir=behaviour_dir(s),
+                history_paths=history, catalog_ids=index.ids, out_dir=behaviour_dir(s),
                 window=s.covisit_window, decay=s.recency_decay, cf_dims=s.cf_dims,
             )
             typer.echo(f"behaviour: {stats.n_histories} histories, {stats.forward.nnz} co-visit pairs -> {behaviour_dir(s)}")
+            if s.sequence_enabled:
+                model = learn_sequence(
+                    history_paths=history, index=index, behaviour_dir=behaviour_dir(s), config=sequence_config(s),
+                    show_progress=True, threads=s.sequence_threads,
+                )
+                how = "reused" if model.meta.get("reused") else f"trained in {model.meta.get('train', {}).get('seconds')}s"
+                typer.echo(f"sequence model: {how} -> {behaviour_dir(s)}")
     except AdSelectError as e:
         _fail(e)
 

@@ -65,6 +65,7 @@ class Resources:
     use_chroma: bool
     recency_decay: float
     exclude_history: bool
+    sequence: Any | None = None  # retrieval.sequence.SequenceModel (the generator's), None: no `sequence` system
     tiebreak: np.ndarray = field(init=False)  # tie key per catalog row
     popular_order: np.ndarray = field(init=False)  # whole catalog, most popular first
     canonical_rows: np.ndarray = field(init=False)  # catalog rows in tie-key order (not file order)
@@ -178,6 +179,13 @@ def dense_full(r: Resources, v: FullView) -> list[str]:
 def covisit_full(r: Resources, v: FullView) -> list[str]:
     sc = covisit_scores(r.behaviour, v.profile(r))
     return [r.index.ids[x] for x in r.top(sc, v.exclude, r.n_retrieve, positive=True)]
+
+
+def sequence_full(r: Resources, v: FullView) -> list[str]:
+    """The sequence model's top next items after the history (the `sequence` source, ties by tie key)."""
+    if r.sequence is None or not v.hist_rows:
+        return []
+    return [r.index.ids[x] for x in r.top(r.sequence.scores(v.hist_rows), v.exclude, r.n_retrieve)]
 
 
 def bm25_full(r: Resources, v: FullView) -> list[str]:

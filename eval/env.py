@@ -7,6 +7,9 @@ Everything is keyed by content so a re-run reuses what an earlier run built unde
 - behaviour tables (co-visitation, popularity, collaborative vectors) are learned from the histories
   of the training impression files (never their `clicked`) into
   `data_dir/eval/behaviour/<sha256 of the train files + learning parameters + catalog hash>`;
+- the next-item sequence model is trained from the same histories into `<behaviour dir>/sequence`
+  (retrieval.sequence.train_or_load: reused when histories, catalog rows, config and vectors match);
+  off with ADSELECT_SEQUENCE_ENABLED=false;
 - the Selector comes from `selection.services.build_services`, the constructor the server uses, with
   the LLM reranker passed in (or none for the fast path).
 """
@@ -20,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.provenance import file_sha256
-from selection.services import Services, behaviour_dir, build_services, make_embedder, make_store
+from selection.services import Services, behaviour_dir, build_services, make_embedder, make_store, sequence_config
 from kernel.settings import Settings
-from retrieval.ingest import ingest_catalog, learn_behaviour
+from retrieval.ingest import ingest_catalog, learn_behaviour, learn_sequence
 from retrieval.records import read_ads
 from retrieval.store import catalog_hash
 
@@ -111,23 +114,31 @@ def prepare_env(
     # point its data_dir at the train-keyed folder so the constructor stays the server's.
     s_build = s.model_copy(update={"data_dir": Path(settings.data_dir) / "eval" / "behaviour" / key})
     bdir = behaviour_dir(s_build)
+    index = store.load_index()
     if (bdir / "behaviour.json").exists():
         reused["behaviour"] = True
     else:
-        ids = store.collection.get(include=[])["ids"]
         learn_behaviour(
-            history_paths=list(train_paths), catalog_ids=list(ids), out_dir=bdir,
+            history_paths=list(train_paths), catalog_ids=list(index.ids), out_dir=bdir,
             window=s.covisit_window, decay=s.recency_decay, cf_dims=s.cf_dims,
         )  # fmt: skip
         (bdir / "train.json").write_text(json.dumps({"train": train, "key": key}, indent=2))
         reused["behaviour"] = False
     timings["behaviour_s"] = time.perf_counter() - t
+    if s.sequence_enabled:
+        t = time.perf_counter()
+        model = learn_sequence(
+            history_paths=list(train_paths), index=index, behaviour_dir=bdir, config=sequence_config(s),
+            show_progress=show_progress, threads=s.sequence_threads,
+        )  # fmt: skip
+        reused["sequence"] = bool(model.meta.get("reused"))
+        timings["sequence_s"] = time.perf_counter() - t
 
     resolved_weights = weights_path if weights_path is not None else settings.resolved_weights_path()
     s_build = s_build.model_copy(update={"weights_path": resolved_weights})
     t = time.perf_counter()
     # serving=False: offline replay, as the endpoint minus live-traffic state (no caps, no eligibility rules, no audit)
-    services = build_services(s_build, store=store, embedder=embedder, reranker=reranker, serving=False)  # type: ignore[arg-type]
+    services = build_services(s_build, store=store, embedder=embedder, reranker=reranker, serving=False, index=index)  # type: ignore[arg-type]
     timings["load_s"] = time.perf_counter() - t
     return EvalEnv(
         services=services,

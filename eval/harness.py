@@ -316,6 +316,9 @@ def _run(
     metrics_of = metrics_by_protocol([m for m in names if not m.startswith("recall@")], names)
 
     fast_systems = [s for s in systems if s in FAST_SYSTEMS]
+    if "sequence" in fast_systems and selector.generator.sequence is None:  # disabled (ADSELECT_SEQUENCE_ENABLED) or untrained
+        fast_systems.remove("sequence")
+        not_run = {**not_run, "sequence": "no_sequence_model"}
     t = time.perf_counter()
     bm25 = BM25Index(env.services.index.ads) if "bm25" in fast_systems else None
     bm25_s = time.perf_counter() - t

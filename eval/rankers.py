@@ -47,12 +47,13 @@ class FastRankers:
     ):
         self.selector = selector
         self.index = selector.index
-        self.systems = [s for s in systems if s != "bm25" or bm25 is not None]
+        sequence = selector.generator.sequence
+        self.systems = [s for s in systems if (s != "bm25" or bm25 is not None) and (s != "sequence" or sequence is not None)]
         self.seed = seed
         self.res = Resources(
             index=selector.index, behaviour=selector.generator.behaviour, store=selector.generator.store, bm25=bm25,
             seed=seed, n_retrieve=n_retrieve, use_chroma=use_chroma,
-            recency_decay=selector.recency_decay, exclude_history=selector.exclude_history,
+            recency_decay=selector.recency_decay, exclude_history=selector.exclude_history, sequence=sequence,
         )  # fmt: skip
         self._keys = {a: int(k) for a, k in zip(self.index.ids, self.res.tiebreak.tolist())}
 

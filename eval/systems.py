@@ -43,6 +43,10 @@ SYSTEMS: dict[str, System] = {
             b.prior_feature_logged("covisit"), b.covisit_full,
         ),  # fmt: skip
         System(
+            "sequence", False, "the trained next-item sequence model (SASRec-style) alone (the `sequence` prior and source)",
+            b.prior_feature_logged("sequence"), b.sequence_full,
+        ),  # fmt: skip
+        System(
             "default", False, "the pipeline's prior ranking with the LLM off (Decision.ranking of the fast path)",
             b.default_logged, b.default_full,
         ),  # fmt: skip

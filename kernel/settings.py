@@ -32,6 +32,16 @@ class Settings(BaseSettings):
     n_popular: int = Field(30, ge=0, le=1000, description="Popular ads added to the candidate pool.")
     n_cf: int = Field(100, ge=0, le=1000, description="Collaborative-vector neighbours per impression.")
     cf_dims: int = Field(64, ge=2, le=512, description="Dimensions of the collaborative item vectors.")
+    n_sequence: int = Field(100, ge=0, le=1000, description="Top next-item rows of the sequence model per impression (0: not a source).")
+    sequence_enabled: bool = Field(
+        True, description="Train (at ingest, from the behaviour histories) and serve the next-item sequence model: the `sequence` prior and source."
+    )
+    sequence_text_init: bool = Field(True, description="Sequence model item vectors start from the MiniLM ad vectors.")
+    sequence_max_epochs: int = Field(30, ge=1, le=1000, description="Sequence model training epochs at most (early stopping usually ends sooner).")
+    sequence_max_train_s: float | None = Field(
+        540.0, gt=0, description="Sequence model training stops after the epoch that crosses this many seconds (None: epochs only)."
+    )
+    sequence_threads: int | None = Field(None, ge=1, description="torch threads for sequence model training; default: torch's own.")
     recency_decay: float = Field(0.8, gt=0, le=1, description="History weight multiplier per step back in time.")
     covisit_window: int = Field(10, ge=1, le=50, description="How many later items a history item co-occurs with.")
     exclude_history: bool = True

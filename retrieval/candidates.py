@@ -1,4 +1,5 @@
-"""Candidate generation: Chroma nearest neighbours ∪ co-visitation ∪ collaborative neighbours ∪ popular ads.
+"""Candidate generation: Chroma nearest neighbours ∪ co-visitation ∪ collaborative neighbours ∪ popular ads
+∪ the sequence model's top next items.
 
 Logged candidates (the request names what may be shown) skip generation and are scored by the same
 prior features. Returns catalog rows plus the feature matrix; fusion happens in the pipeline.
@@ -11,6 +12,7 @@ import numpy as np
 
 from retrieval.behaviour import BehaviourStats
 from retrieval.features import UserProfile, cf_profile, compute_features, covisit_scores
+from retrieval.sequence import SequenceModel
 from retrieval.store import AdStore, CatalogIndex
 
 
@@ -31,6 +33,21 @@ class CandidateGenerator:
     n_popular: int = 30
     n_cf: int = 100
     use_chroma: bool = True  # False: exact numpy top-k over the in-memory matrix (eval's bulk path)
+    sequence: SequenceModel | None = None  # next-item model: the `sequence` feature and source (None: both off)
+    n_sequence: int = 100
+
+    def sequence_scores(self, profile: UserProfile) -> np.ndarray | None:
+        """The model's (n_items,) next-item scores after this history: one forward pass per request."""
+        if self.sequence is None or len(profile.rows) == 0:
+            return None
+        return self.sequence.scores(profile.rows)
+
+    def _top(self, scores: np.ndarray | None, n: int) -> list[int]:
+        if scores is None or n <= 0:
+            return []
+        k = min(n, len(scores))
+        top = np.argpartition(-scores, k - 1)[:k]
+        return top[np.argsort(-scores[top], kind="stable")].tolist()
 
     def _dense(self, profile: UserProfile, n: int, where: dict | None) -> list[int]:
         if profile.vector is None or n <= 0:
@@ -72,20 +89,24 @@ class CandidateGenerator:
         """`where` prefilters Chroma's neighbours; the pipeline re-checks eligibility on every source's rows."""
         exclude = exclude or set()
         covisit = covisit_scores(self.behaviour, profile)
+        seq = self.sequence_scores(profile)
         sources: dict[int, list[str]] = {}
         for name, rows in (
             ("dense", self._dense(profile, self.n_dense + len(exclude), where)),
             ("covisit", self._covisit(covisit, self.n_covisit + len(exclude))),
             ("cf", self._cf(profile, self.n_cf + len(exclude))),
             ("popular", self.behaviour.top_popular(self.n_popular + len(exclude)).tolist()),
+            ("sequence", self._top(seq, self.n_sequence + len(exclude))),
         ):
             for r in rows:
                 if r in exclude:
                     continue
                 sources.setdefault(r, []).append(name)
         rows = np.fromiter(sources.keys(), dtype=np.int64, count=len(sources))
-        return CandidateSet(rows, compute_features(self.index, self.behaviour, profile, rows, covisit=covisit), sources)
+        feats = compute_features(self.index, self.behaviour, profile, rows, covisit=covisit, sequence=seq)
+        return CandidateSet(rows, feats, sources)
 
     def score_logged(self, profile: UserProfile, rows: list[int]) -> CandidateSet:
         r = np.asarray(rows, dtype=np.int64)
-        return CandidateSet(r, compute_features(self.index, self.behaviour, profile, r), {int(x): ["logged"] for x in r})
+        feats = compute_features(self.index, self.behaviour, profile, r, sequence=self.sequence_scores(profile))
+        return CandidateSet(r, feats, {int(x): ["logged"] for x in r})

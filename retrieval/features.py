@@ -1,4 +1,4 @@
-"""Prior features of (user, candidate) pairs: dense similarity, co-visitation, popularity.
+"""Prior features of (user, candidate) pairs: dense similarity, co-visitation, popularity, next-item score.
 
 Every feature is computed for any list of catalog rows with a few matrix products, so the same code
 scores retrieved candidates (full catalog) and logged candidates (rank what was shown).
@@ -23,7 +23,9 @@ FEATURES: tuple[str, ...] = (
     "cf",  # cosine(recency-weighted collaborative profile, ad's collaborative vector)
     "cf_max",  # max collaborative cosine over history items
     "covisit_cos",  # log1p(100 * sum_h w_h * co-visits(h, ad) / sqrt(pop(h) * pop(ad)))
+    "sequence",  # the sequence model's next-item logit for the ad after the history (0 without a model or history)
 )
+SEQUENCE = FEATURES.index("sequence")
 
 
 @dataclass
@@ -93,10 +95,12 @@ def compute_features(
     cand_rows: np.ndarray,
     *,
     covisit: np.ndarray | None = None,
+    sequence: np.ndarray | None = None,
 ) -> np.ndarray:
     """(len(cand_rows), len(FEATURES)) float32 matrix, columns in FEATURES order.
 
-    `covisit` is covisit_scores() when the caller already has it (candidate generation computes it)."""
+    `covisit` is covisit_scores() when the caller already has it (candidate generation computes it);
+    `sequence` is the sequence model's (n_items,) next-item scores for this history (None: column 0)."""
     c = np.asarray(cand_rows, dtype=np.int64)
     out = np.zeros((len(c), len(FEATURES)), dtype=np.float32)
     if len(c) == 0:
@@ -132,4 +136,6 @@ def compute_features(
         out[:, 1] = sims[:, -1]
         out[:, 2] = sims.max(axis=1)
     out[:, 6] = np.log1p(behaviour.popularity[c])
+    if sequence is not None:
+        out[:, SEQUENCE] = sequence[c]
     return out

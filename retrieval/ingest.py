@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,8 @@ from kernel.types import Ad
 from retrieval.behaviour import BehaviourStats
 from retrieval.embedder import Embedder
 from retrieval.records import iter_histories, read_ads
-from retrieval.store import AdStore, ad_content_hash, catalog_hash, document_hash
+from retrieval.sequence import SequenceConfig, SequenceModel, train_or_load
+from retrieval.store import AdStore, CatalogIndex, ad_content_hash, catalog_hash, document_hash
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +194,32 @@ def learn_behaviour(
     stats = BehaviourStats.learn(histories(), catalog_ids, window=window, decay=decay, cf_dims=cf_dims)
     stats.save(out_dir)
     return stats
+
+
+SEQUENCE_DIR = "sequence"  # the sequence model's folder inside the behaviour dir
+
+
+def learn_sequence(
+    *,
+    history_paths: list[Path],
+    index: CatalogIndex,
+    behaviour_dir: Path,
+    config: SequenceConfig,
+    show_progress: bool | None = None,
+    threads: int | None = None,
+) -> SequenceModel:
+    """The next-item sequence model from the same histories as the behaviour tables (never `clicked`),
+    saved in `behaviour_dir/sequence`; reused when histories, catalog rows, config and vectors are unchanged."""
+    histories = [h for p in history_paths for h in iter_histories(p)]
+    # The vectors are named by the documents they embed: Chroma's read-back floats vary in the last bits.
+    docs = hashlib.sha256("\n".join(f"{a}\t{document_hash(ad)}" for a, ad in zip(index.ids, index.ads)).encode()).hexdigest()
+    return train_or_load(
+        histories=histories,
+        ids=index.ids,
+        directory=Path(behaviour_dir) / SEQUENCE_DIR,
+        config=config,
+        text_vectors=index.vectors if config.text_init else None,
+        show_progress=show_progress,
+        threads=threads,
+        vectors_key=f"documents:{docs}",
+    )

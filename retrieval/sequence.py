@@ -226,14 +226,18 @@ def train_or_load(
     text_vectors: np.ndarray | None = None,
     show_progress: bool | None = None,
     threads: int | None = None,
+    vectors_key: str | None = None,
 ) -> SequenceModel:
     """The model saved in `directory` if it was trained on these histories, catalog rows, config and text
-    vectors; otherwise train one (torch) and save it there. `meta["reused"]` says which happened."""
+    vectors; otherwise train one (torch) and save it there. `meta["reused"]` says which happened.
+
+    `vectors_key` names the text vectors stably (what they were embedded from); default: their bytes'
+    sha256 (vectors read back from a store can differ in the last bits between reads)."""
     key = {
         "ids_hash": ids_digest(ids),
         "histories_hash": histories_digest(histories),
         "config_hash": config.digest(),
-        "vectors_hash": vectors_digest(text_vectors) if config.text_init else None,
+        "vectors_hash": (vectors_key or vectors_digest(text_vectors)) if config.text_init else None,
     }
     state = SequenceModel.saved_state(directory)
     if state is not None and state["ids_hash"] == key["ids_hash"] and all(

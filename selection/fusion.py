@@ -7,6 +7,7 @@ term enters only through its learned coefficient, so its say in the ranking is e
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from kernel.errors import ConfigError
 from retrieval.features import FEATURES
+
+log = logging.getLogger(__name__)
 
 SHIPPED_WEIGHTS = Path(__file__).with_name("default_weights.json")
 
@@ -93,17 +96,34 @@ class FusionModel:
 
     @classmethod
     def from_json(cls, d: dict) -> "FusionModel":
-        if list(d["features"]) != list(FEATURES):
-            raise ValueError(f"weights were fitted on features {d['features']}, this build computes {list(FEATURES)}")
+        """Weights fitted before a feature existed load with weight 0 for it (their scores are unchanged;
+        `meta["missing_features"]` names them); a feature this build does not compute is a ValueError."""
+        fitted = list(d["features"])
+        unknown = [f for f in fitted if f not in FEATURES]
+        if unknown or len(set(fitted)) != len(fitted):
+            raise ValueError(f"weights were fitted on features {fitted}, this build computes {list(FEATURES)}")
+        at = [FEATURES.index(f) for f in fitted]  # fitted column -> this build's column
+        n_base = len(fitted)
+        mean, scale = np.zeros(len(FEATURES)), np.ones(len(FEATURES))
+        mean[at] = np.asarray(d["mean"], dtype=np.float64)
+        scale[at] = np.asarray(d["scale"], dtype=np.float64)
+        coef_in = np.asarray(d["coef"], dtype=np.float64)
+        coef = np.concatenate([np.zeros(len(FEATURES)), coef_in[n_base:]])
+        coef[at] = coef_in[:n_base]
+        meta = dict(d.get("meta", {}))
+        missing = [f for f in FEATURES if f not in fitted]
+        if missing:
+            meta["missing_features"] = missing
+            log.warning("fusion weights were fitted without %s: weight 0 (refit with `adselect eval tune`)", missing)
         return cls(
-            features=list(d["features"]),
-            mean=np.asarray(d["mean"], dtype=np.float64),
-            scale=np.asarray(d["scale"], dtype=np.float64),
-            coef=np.asarray(d["coef"], dtype=np.float64),
+            features=list(FEATURES),
+            mean=mean,
+            scale=scale,
+            coef=coef,
             intercept=float(d.get("intercept", 0.0)),
-            interactions=[tuple(p) for p in d.get("interactions", [])],
+            interactions=[(at[i], at[j]) for i, j in d.get("interactions", [])],
             llm_coef=float(d.get("llm_coef", 0.0)),
-            meta=dict(d.get("meta", {})),
+            meta=meta,
             calibration=dict(d.get("calibration") or {"method": "platt", "a": 1.0, "b": 0.0}),
         )
 

@@ -17,6 +17,8 @@ from retrieval.behaviour import BehaviourStats
 from retrieval.candidates import CandidateGenerator
 from retrieval.chroma import make_chroma_client
 from retrieval.embedder import Embedder
+from retrieval.ingest import SEQUENCE_DIR
+from retrieval.sequence import SequenceConfig, SequenceModel
 from retrieval.store import AdStore, CatalogIndex
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,25 @@ def load_behaviour(settings: Settings, index: CatalogIndex) -> BehaviourStats:
         log.warning("no behaviour tables under %s: co-visitation and popularity priors are zero", behaviour_dir(settings))
         return BehaviourStats.empty(index.ids, window=settings.covisit_window, decay=settings.recency_decay)
     return stats
+
+
+def sequence_config(settings: Settings) -> SequenceConfig:
+    return SequenceConfig(
+        text_init=settings.sequence_text_init,
+        max_epochs=settings.sequence_max_epochs,
+        max_train_seconds=settings.sequence_max_train_s,
+    )
+
+
+def load_sequence(settings: Settings, index: CatalogIndex) -> SequenceModel | None:
+    """The saved next-item model (None when disabled or never trained: the `sequence` prior is 0 and the
+    source empty); SequenceModelMismatch when it was trained for other catalog rows."""
+    if not settings.sequence_enabled:
+        return None
+    model = SequenceModel.load(behaviour_dir(settings) / SEQUENCE_DIR, index.ids)
+    if model is None:
+        log.warning("no sequence model under %s: the sequence prior is zero", behaviour_dir(settings) / SEQUENCE_DIR)
+    return model
 
 
 def make_reranker(settings: Settings, *, llm_url: str) -> Reranker:
@@ -86,8 +107,10 @@ def build_services(
     serving: bool = True,
     caps=None,
     audit: AuditSink | None = None,
+    index: CatalogIndex | None = None,
 ) -> Services:
-    """`llm_url` None and no `reranker`: the LLM stage is off (fast path only).
+    """`llm_url` None and no `reranker`: the LLM stage is off (fast path only). `index`: the store's
+    catalog index when the caller has already loaded it.
 
     serving=True adds what only live traffic needs: eligibility rules, frequency caps (SQLite under the
     data dir, or Redis), the breaker and concurrency limit, the audit log. Offline replay passes False."""
@@ -96,7 +119,7 @@ def build_services(
 
         threadpool_limits(limits=settings.blas_threads, user_api="blas")
     store = store or make_store(settings)
-    index = store.load_index()
+    index = index if index is not None else store.load_index()
     behaviour = load_behaviour(settings, index)
     fusion = FusionModel.load(settings.resolved_weights_path())
     embedder = embedder or make_embedder(settings)
@@ -110,6 +133,8 @@ def build_services(
         n_covisit=settings.n_covisit,
         n_popular=settings.n_popular,
         n_cf=settings.n_cf,
+        sequence=load_sequence(settings, index),
+        n_sequence=settings.n_sequence,
     )
     safety: dict = {}
     admission = LLMAdmission(margin_ms=settings.llm_margin_ms, max_deadline_ms=settings.max_deadline_ms)

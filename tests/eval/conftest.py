@@ -34,9 +34,21 @@ def eval_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("eval-data")
 
 
+# The eval tests' sequence model trains for one epoch (the real CLI reads it from the environment too).
+SEQUENCE_TEST_EPOCHS = {"ADSELECT_SEQUENCE_MAX_EPOCHS": "1"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_epoch_sequence_model():
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in SEQUENCE_TEST_EPOCHS.items():
+            mp.setenv(k, v)
+        yield
+
+
 @pytest.fixture(scope="session")
 def eval_settings(eval_data_dir: Path) -> Settings:
-    return Settings(_env_file=None, data_dir=eval_data_dir)
+    return Settings(_env_file=None, data_dir=eval_data_dir, sequence_max_epochs=1)
 
 
 @pytest.fixture(scope="session")

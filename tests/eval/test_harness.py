@@ -55,6 +55,7 @@ def test_games_slice_report_shape_and_default_beats_random(games_report) -> None
     assert m["default"]["ndcg@10"] > m["random"]["ndcg@10"] + 0.1
     assert m["default"]["auc"] > 0.6 and 0.4 < m["random"]["auc"] < 0.6
     assert m["llm"]["ndcg@10"] is None and report["not_run"] == {"llm": "no_llm", "default+llm": "no_llm"}
+    assert m["sequence"]["ndcg@10"] > m["random"]["ndcg@10"] and report["n"]["sequence"] == 100  # the trained model alone
     lo, hi = report["ci"]["default"]["ndcg@10"]
     assert lo <= m["default"]["ndcg@10"] <= hi
     diff = report["paired_vs_default"]["random"]["ndcg@10"]
@@ -76,7 +77,7 @@ def test_mind_report_covers_every_system(mind_report) -> None:
 def test_rerun_reuses_the_catalog_and_behaviour(mind_report, eval_settings, tmp_path: Path) -> None:
     doc = {"data": {"ads": str(MIND / "ads.jsonl"), "impressions": str(MIND / "impressions_dev.jsonl")}, "no_llm": True}
     again = run_task(doc, settings=eval_settings, out=tmp_path)
-    assert again["speed"]["setup"]["reused"] == {"catalog": True, "behaviour": True}
+    assert again["speed"]["setup"]["reused"] == {"catalog": True, "behaviour": True, "sequence": True}
     assert again["metrics"] == mind_report[0]["metrics"]
 
 

@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     impression_log_queue_size: int = Field(
         10000, ge=1, description="Records waiting for the writer thread; when full a record is dropped and counted, the request never blocks."
     )
+    impression_log_sync: bool = Field(
+        False,
+        description="Answer a decision only once its impression-log record is written (a killed process then never "
+        "loses the record of an acknowledged decision). Off: the record is a queue put and the writer thread "
+        "writes it within ~50 ms; a SIGKILL loses what was still queued.",
+    )
     feedback_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL",
         description="SQLite synchronous level for feedback events (WAL): FULL = an acknowledged event survives power "

@@ -232,3 +232,64 @@ def build_services(
         settings, store, index, behaviour, fusion, embedder, selector,
         impressions=log_writer, feedback=feedback, served=served, experiment=experiment, llm_url=llm_url,
     )  # fmt: skip
+
+
+def reload_services(svc: Services) -> Services:
+    """New services with the weights (and calibration), behaviour tables, experiment and prompts read again.
+
+    Everything is loaded and checked first; any bad file raises `ReloadRefused` naming what failed and nothing
+    changes. The caller swaps the returned object in (one reference assignment): requests in flight finish on
+    the old one. Writers (impression log, feedback) and the safety stack are shared, not reopened."""
+    from kernel.errors import ReloadRefused
+
+    settings = svc.settings
+    old = svc.selector
+
+    def load(component: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # every failure of a file is a refusal; the message names it for the operator
+            log.error("reload refused", extra={"component": component, "error": f"{type(e).__name__}: {e}"})
+            raise ReloadRefused(component, f"{type(e).__name__}: {e}") from e
+
+    fusion = load("weights", lambda: FusionModel.load(settings.resolved_weights_path()))
+    behaviour = load("behaviour", lambda: _load_behaviour_strict(settings, svc.index))
+    prompt_names = None
+    if settings.prompts_dir.is_dir():
+        prompt_names = {p.stem for p in settings.prompts_dir.iterdir() if p.suffix in (".yaml", ".yml", ".json")}
+    experiment = load("experiment", lambda: experiment_from_settings(settings, prompt_names=prompt_names))
+    reranker = old.reranker
+    if reranker is not None and svc.llm_url and settings.llm_enabled:
+        reranker = load("prompts", lambda: make_reranker(settings, llm_url=svc.llm_url))
+    generator = replace(old.generator, behaviour=behaviour)
+    selector = replace(
+        old,
+        fusion=fusion,
+        generator=generator,
+        reranker=reranker,
+        experiment=experiment,
+        arm_policies={},
+        versions={
+            "weights": weights_version(fusion),
+            "experiment": file_version(settings.experiment_path),
+            "behaviour": file_version(behaviour_dir(settings) / "behaviour.json"),
+        },
+    )
+    selector.arm_policies = load(
+        "experiment",
+        lambda: arm_policies(selector, experiment, settings=settings, llm_url=svc.llm_url, reranker_injected=svc.llm_url is None),
+    )
+    log.info("reloaded", extra={"versions": selector.versions})
+    return replace(svc, selector=selector, fusion=fusion, behaviour=behaviour, experiment=experiment)
+
+
+def _load_behaviour_strict(settings: Settings, index: CatalogIndex) -> BehaviourStats:
+    """Like load_behaviour, but a manifest that is there and unreadable is an error (a reload must not
+    silently swap working tables for empty ones)."""
+    manifest = behaviour_dir(settings) / "behaviour.json"
+    stats = BehaviourStats.load(behaviour_dir(settings), index.ids)
+    if stats is None:
+        if manifest.exists():
+            raise ValueError(f"{manifest}: behaviour tables unreadable")
+        return load_behaviour(settings, index)
+    return stats

@@ -7,6 +7,8 @@
     adselect eval tune --ads A --impressions TRAIN [--exclude EVAL | --exclude-task TASK] [--n-random 19] [--n-hard N] --out W
     adselect eval sample-logged --ads A --impressions FULL [--exclude EVAL | --exclude-task TASK] [--skip N] --n 40 --out F
     adselect eval import-mind --behaviors B.tsv --news N.tsv --out DIR [--max-impressions N]
+    adselect eval ope --log DIR --feedback PATH --target NAME=SPEC... [--k 1] [--reward click] [--clip C] --out DIR
+    adselect eval import-log --log DIR --feedback PATH --out FILE.jsonl   (then: eval run --impressions FILE.jsonl)
 
 The old form `adselect eval --config … --out …` (options straight after `eval`) still runs, as
 `adselect eval run …`, with a deprecation warning on stderr; it goes away in the next release.
@@ -293,3 +295,69 @@ def import_mind_cmd(
     except (AdSelectError, OSError) as e:
         _fail(e)
     typer.echo(json.dumps({"ads": n_ads, "impressions": n_imp, "out": str(out)}))
+
+
+def _target_option(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, spec = v.partition("=")
+        if not sep or not name or not spec:
+            raise typer.BadParameter(f"{v!r}: use NAME=SPEC (SPEC: logged | feature:<name> | weights.json, optionally @relevance/@expected_value)")
+        out[name] = spec
+    return out
+
+
+@app.command("ope")
+def ope_cmd(
+    log: Path = typer.Option(..., "--log", help="Impression-log directory (data_dir/impressions)."),
+    feedback: Path = typer.Option(..., "--feedback", help="Feedback store (data_dir/feedback.sqlite)."),
+    target: list[str] = typer.Option(
+        ..., "--target", help="NAME=SPEC, repeatable. SPEC: logged | feature:<name> | weights.json, optionally @relevance or @expected_value."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory: DIR/report.json."),
+    k: int = typer.Option(1, "--k", min=1, help="Positions evaluated (k > 1: cascade IPS / DR over the first k served ads)."),
+    reward: str = typer.Option("click", "--reward", help="click (CTR) or revenue (bid × click)."),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Clip importance weights from above at this value (biased, lower variance)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    arm: Optional[str] = typer.Option(None, "--arm", help="Only records logged by this arm (default: every record)."),
+    rank_by: str = typer.Option("expected_value", "--rank-by", help="Default ordering of weights/logged targets: expected_value or relevance."),
+) -> None:
+    """Off-policy estimates (IPS, SNIPS, DR with bootstrap CIs, n, ESS) of target variants from the log + feedback."""
+    from eval.ope_run import run_ope
+
+    if reward not in ("click", "revenue"):
+        _fail(UserError(f"--reward must be click or revenue, not {reward!r}"))
+    if rank_by not in ("expected_value", "relevance"):
+        _fail(UserError(f"--rank-by must be expected_value or relevance, not {rank_by!r}"))
+    targets = _target_option(target)
+    try:
+        report = run_ope(
+            log_dir=log, feedback=feedback, targets=targets, k=k, reward=reward, clip=clip,  # type: ignore[arg-type]
+            n_bootstrap=bootstrap, seed=seed, arm=arm, default_rank_by=rank_by,  # type: ignore[arg-type]
+        )  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    except (AdSelectError, OSError) as e:
+        _fail(e)
+    for name, r in report["targets"].items():
+        cells = "  ".join(f"{e} {r[e]['value']:.4f} [{r[e]['ci'][0]:.4f}, {r[e]['ci'][1]:.4f}]" for e in ("ips", "snips", "dr") if e in r)
+        typer.echo(f"{name}: n={r['n']} ess={r['ess']:.0f}  {cells}")
+    typer.echo(f"wrote {out / 'report.json'}")
+
+
+@app.command("import-log")
+def import_log_cmd(
+    log: Path = typer.Option(..., "--log", help="Impression-log directory (data_dir/impressions)."),
+    feedback: Path = typer.Option(..., "--feedback", help="Feedback store (data_dir/feedback.sqlite)."),
+    out: Path = typer.Option(..., "--out", help="Canonical impressions JSONL to write (clicked filled from feedback)."),
+    arm: Optional[str] = typer.Option(None, "--arm", help="Only records logged by this arm."),
+) -> None:
+    """The service's own log + feedback as canonical impressions, for `adselect eval run --impressions FILE`."""
+    from eval.ope_run import materialise_log
+
+    try:
+        counts = materialise_log(log, feedback, out, arm=arm)
+    except (AdSelectError, OSError) as e:
+        _fail(e)
+    typer.echo(json.dumps({**counts, "out": str(out)}))

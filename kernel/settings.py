@@ -168,6 +168,7 @@ class Settings(BaseSettings):
         description="SQLite synchronous level for feedback events (WAL): FULL = an acknowledged event survives power "
         "loss; NORMAL = it survives a killed process only. Served-decision rows are always written with NORMAL.",
     )
+    feedback_path: Path | None = Field(None, description="SQLite file of served decisions and their events; default data_dir/feedback.sqlite.")
     feedback_window_s: int = Field(7 * 86400, ge=1, description="How long a served decision accepts events; older request ids are unknown.")
     cap_count: Literal["decisions", "rendered"] = Field(
         "decisions",

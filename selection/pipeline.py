@@ -373,6 +373,8 @@ class Selector:
             degraded_reason=d.degraded_reason,
             personalized=d.personalized,
         )
+        for entry, c in zip(record["scored"], stage.candidates):  # the bid of every scored ad: a target ranking by bid × pCTR is replayable
+            entry["bid"] = c.ad.bid
         record["versions"] = d.versions
         root.impressions.write(record)
         if root.log_sync:

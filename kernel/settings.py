@@ -159,9 +159,9 @@ class Settings(BaseSettings):
     )
     impression_log_sync: bool = Field(
         False,
-        description="Answer a decision only once its impression-log record is written (a killed process then never "
-        "loses the record of an acknowledged decision). Off: the record is a queue put and the writer thread "
-        "writes it within ~50 ms; a SIGKILL loses what was still queued.",
+        description="Answer a decision only once its impression-log record and its served rows (feedback store) are "
+        "written: a killed process then never loses the record of an acknowledged decision (costs a hand-off to the "
+        "writer threads per request). Off: both are queue puts written within ~50 ms; a SIGKILL loses what was queued.",
     )
     feedback_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL",

@@ -95,6 +95,8 @@ class ServedSink(Protocol):
 
     def put(self, *, request_id: str, user_key: str, ads: Sequence[ServedAdRow], arm: str, now: float) -> bool: ...
 
+    def flush(self, timeout_s: float = 5.0) -> bool: ...
+
 
 @dataclass(frozen=True)
 class ArmPolicy:
@@ -377,11 +379,13 @@ class Selector:
             entry["bid"] = c.ad.bid
         record["versions"] = d.versions
         root.impressions.write(record)
-        if root.log_sync:
-            root.impressions.flush(5.0)
         if root.served_sink is not None:
             rows = [ServedAdRow(a.ad.ad_id, a.ad.advertiser, a.ad.bid) for a in d.ads]
             root.served_sink.put(request_id=d.request_id, user_key=turn.user_key, ads=rows, arm=d.arm, now=time.time())
+        if root.log_sync:  # durable before acknowledged: the record and the served rows are written before the answer
+            root.impressions.flush(5.0)
+            if root.served_sink is not None:
+                root.served_sink.flush(5.0)
 
     def _audit_failure(self, request_id: str, *, user_key: str, candidates: list[str], error: BaseException, released: int) -> None:
         if self.audit is None:

@@ -8,6 +8,7 @@ import json
 import uuid
 from collections import Counter
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +133,7 @@ def test_arms_follow_the_keyed_user_hash(demo_services, tmp_path):
 
 def test_without_consent_no_history_no_events_and_none_logged(demo_services, tmp_path):
     sel, log, *_ = loop_selector(demo_services, tmp_path, Experiment.single())
-    now = RequestContext(now=__import__("datetime").datetime(2024, 5, 1), consent=False)
+    now = RequestContext(now=datetime(2024, 5, 1), consent=False)
     d = select(sel, k=3, context=now, events=["searched: trail shoes"])
     anon = select(sel, k=3, history=[], context=RequestContext(now=now.now))
     assert d.personalized is False and anon.personalized is True

@@ -100,3 +100,26 @@ def test_sigkill_mid_traffic_loses_nothing_acknowledged(demo_settings, tmp_path)
         assert set(after) <= set(audit_ids(proc))
     finally:
         proc.kill()
+
+
+def test_sighup_reloads_the_experiment_of_a_running_service(demo_settings, tmp_path):
+    import signal
+
+    proc = ServiceProcess(demo_settings.data_dir, tmp_path / "svc").start()
+    try:
+        with httpx.Client(base_url=proc.base_url, headers={"X-API-Key": proc.api_key}, timeout=30) as c:
+            body = {"user_id": "u-hup", "history": HISTORY, "k": 1, "use_llm": False}
+            assert c.post("/v1/select", json=body).json()["arm"] == "default"
+            proc.experiment_path.write_text(json.dumps({"name": "hup", "arms": [{"name": "after-hup", "share": 1.0}]}))
+            proc.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 20
+            while c.post("/v1/select", json=body).json()["arm"] != "after-hup":
+                assert time.monotonic() < deadline, "SIGHUP did not reload the experiment"
+                time.sleep(0.1)
+            proc.experiment_path.write_text("{not json")
+            proc.proc.send_signal(signal.SIGHUP)
+            time.sleep(1.0)
+            assert proc.proc.poll() is None  # a bad file is refused; the service keeps running the previous version
+            assert c.post("/v1/select", json=body).json()["arm"] == "after-hup"
+    finally:
+        proc.stop()

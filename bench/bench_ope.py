@@ -179,6 +179,19 @@ def main() -> None:
             )
             print(f"  {name:11s} on-policy {v['on_policy_ctr']:.4f}  {cells}  ess={v['ess']:.0f}")
     if proc is not None:
+        from eval.log_calibration import refit_calibration
+        from eval.ope_run import joined_records
+        from selection.fusion import FusionModel
+        from selection.services import weights_version
+
+        served_weights = FusionModel.load(None)  # what the bench's data dir serves: the shipped weights
+        logged, _ = joined_records(proc.log_dir, proc.feedback_path)
+        _, cal = refit_calibration(logged, served_weights, weights_version=weights_version(served_weights))
+        extra["calibration_refit"] = cal
+        for part in ("holdout_before", "holdout_after"):
+            c = cal[part]
+            print(f"calibration {part}: rows {c['rows']} logloss {c['logloss']:.4f} NE {c['normalized_entropy']:.3f} "
+                  f"sum_p/sum_y {c['sum_p_over_sum_y']:.3f} ECE {c['ece']:.4f}")  # fmt: skip
         lat_users = load_users(rows, n=args.latency, seed=10_000)
         HttpService(proc, arms=arms).use_arm("default")
         on = latency(proc, lat_users, args.latency)

@@ -9,6 +9,7 @@
     adselect eval import-mind --behaviors B.tsv --news N.tsv --out DIR [--max-impressions N]
     adselect eval ope --log DIR --feedback PATH --target NAME=SPEC... [--k 1] [--reward click] [--clip C] --out DIR
     adselect eval import-log --log DIR --feedback PATH --out FILE.jsonl   (then: eval run --impressions FILE.jsonl)
+    adselect eval calibrate --log DIR --feedback PATH --weights W --out W2 [--holdout 0.3] [--report R.json]
 
 The old form `adselect eval --config … --out …` (options straight after `eval`) still runs, as
 `adselect eval run …`, with a deprecation warning on stderr; it goes away in the next release.
@@ -361,3 +362,35 @@ def import_log_cmd(
     except (AdSelectError, OSError) as e:
         _fail(e)
     typer.echo(json.dumps({**counts, "out": str(out)}))
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    log: Path = typer.Option(..., "--log", help="Impression-log directory (data_dir/impressions)."),
+    feedback: Path = typer.Option(..., "--feedback", help="Feedback store (data_dir/feedback.sqlite)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Fusion weights the log was served with (default: the service's)."),
+    out: Path = typer.Option(..., "--out", help="Weights JSON to write: the same fusion with the refit calibration."),
+    holdout: float = typer.Option(0.3, "--holdout", min=0.05, max=0.95, help="Share of impressions held out to judge the fit."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Calibration report JSON (default: next to --out, .calibration.json)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR (for the default weights)."),
+) -> None:
+    """Refit pCTR calibration on the log's real feedback; report log loss, NE, sum p / sum y, ECE, reliability on held-out rows."""
+    from eval.log_calibration import refit_calibration
+    from eval.ope_run import joined_records
+    from selection.fusion import FusionModel
+    from selection.services import weights_version
+
+    try:
+        fusion = FusionModel.load(weights if weights is not None else _settings(data_dir).resolved_weights_path())
+        records, _ = joined_records(log, feedback)
+        refit, rep = refit_calibration(records, fusion, weights_version=weights_version(fusion), holdout=holdout)
+        refit.save(out)
+        rpath = report or out.with_suffix(".calibration.json")
+        rpath.write_text(json.dumps(rep, indent=2))
+    except (AdSelectError, OSError) as e:
+        _fail(e)
+    for part in ("holdout_before", "holdout_after"):
+        r = rep[part]
+        typer.echo(f"{part}: rows {r['rows']} logloss {r['logloss']:.4f} NE {r['normalized_entropy']:.3f} "
+                   f"sum_p/sum_y {r['sum_p_over_sum_y']:.3f} ECE {r['ece']:.4f}")  # fmt: skip
+    typer.echo(f"wrote {out} and {rpath}")

@@ -125,3 +125,19 @@ def test_eval_run_replays_the_services_own_log(sim, demo_settings, tmp_path):
 
     assert set(FAST_SYSTEMS) <= set(report["metrics"])
     assert report["n_impressions"] == counts["with_click"]
+
+
+def test_eval_calibrate_refits_pctr_on_the_logged_feedback(sim, demo_settings, tmp_path):
+    _, _, proc, _ = sim
+    out = tmp_path / "refit.json"
+    res = CliRunner().invoke(app, [
+        "eval", "calibrate", "--log", str(proc.log_dir), "--feedback", str(proc.feedback_path),
+        "--data-dir", str(demo_settings.data_dir), "--out", str(out),
+    ])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.with_suffix(".calibration.json").read_text())
+    before, after = rep["holdout_before"], rep["holdout_after"]
+    assert before["rows"] == after["rows"] > 50 and rep["fit_rows"] > before["rows"]
+    assert abs(after["sum_p_over_sum_y"] - 1) < abs(before["sum_p_over_sum_y"] - 1)
+    assert after["ece"] < before["ece"] and after["logloss"] < before["logloss"]
+    assert FusionModel.load(out).calibration["a"] == rep["calibration"]["a"]

@@ -152,9 +152,8 @@ class HttpService:
         return Served([a["ad_id"] for a in d["ads"]], [a["propensity"] for a in d["ads"]], d["arm"])
 
     def click(self, *, request_id: str, ad_id: str, event_id: str) -> None:
-        r = self.client.post(
-            "/v1/events", json={"event_id": event_id, "request_id": self.ids[request_id], "ad_id": ad_id, "type": "click"}
-        )
+        rid = self.ids[request_id]  # event ids are global to the service: scope the simulation's to its decision
+        r = self.client.post("/v1/events", json={"event_id": f"{rid}:{event_id}", "request_id": rid, "ad_id": ad_id, "type": "click"})
         r.raise_for_status()
 
     def records(self, *, timeout_s: float = 30.0) -> list[dict[str, Any]]:

@@ -323,6 +323,7 @@ def ope_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     arm: Optional[str] = typer.Option(None, "--arm", help="Only records logged by this arm (default: every record)."),
     rank_by: str = typer.Option("expected_value", "--rank-by", help="Default ordering of weights/logged targets: expected_value or relevance."),
+    ads: Optional[Path] = typer.Option(None, "--ads", help="Ad catalog (ads.jsonl): adds each target's exposure by advertiser/category (Gini) and coverage."),
 ) -> None:
     """Off-policy estimates (IPS, SNIPS, DR with bootstrap CIs, n, ESS) of target variants from the log + feedback."""
     from eval.ope_run import run_ope
@@ -333,9 +334,12 @@ def ope_cmd(
         _fail(UserError(f"--rank-by must be expected_value or relevance, not {rank_by!r}"))
     targets = _target_option(target)
     try:
+        from eval.exposure import read_catalog
+
+        catalog = read_catalog(ads) if ads is not None else None
         report = run_ope(
             log_dir=log, feedback=feedback, targets=targets, k=k, reward=reward, clip=clip,  # type: ignore[arg-type]
-            n_bootstrap=bootstrap, seed=seed, arm=arm, default_rank_by=rank_by,  # type: ignore[arg-type]
+            n_bootstrap=bootstrap, seed=seed, arm=arm, default_rank_by=rank_by, catalog=catalog,  # type: ignore[arg-type]
         )  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=2))

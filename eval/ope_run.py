@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from eval.exposure import exposure
 from eval.ope import ESTIMATORS, Target, evaluate_records
 from kernel.errors import UserError
 from retrieval.features import FEATURES
@@ -113,8 +114,10 @@ def run_ope(
     seed: int = 0,
     arm: str | None = None,
     default_rank_by: RankBy = "expected_value",
+    catalog: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """report.json: per target variant `ips`, `snips`, `dr` ({value, ci}), `n`, `ess` (eval.ope)."""
+    """report.json: per target variant `ips`, `snips`, `dr` ({value, ci}), `n`, `ess` (eval.ope); with a
+    `catalog`, also each target's (and the logged policy's) exposure by advertiser and category and its coverage."""
     fns = {name: target_from_spec(spec, default_rank_by=default_rank_by) for name, spec in targets.items()}
     records, stats = joined_records(log_dir, feedback, arm=arm)
     if not records:
@@ -135,6 +138,10 @@ def run_ope(
         except ValueError as e:
             raise UserError(f"target {name!r}: {e}") from None
         out["targets"][name] = {"spec": targets[name], **res.to_json()}
+        if catalog is not None:
+            out["targets"][name]["exposure"] = exposure([fn(r)[:k] for r in records], catalog)
+    if catalog is not None:
+        out["logged"]["exposure"] = exposure([(r.get("served") or [])[:k] for r in records], catalog)
     return out
 
 

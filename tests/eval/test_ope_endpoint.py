@@ -93,7 +93,7 @@ def test_eval_ope_cli_reads_the_services_log_and_feedback(sim, tmp_path):
     res = runner.invoke(app, [
         "eval", "ope", "--log", str(proc.log_dir), "--feedback", str(proc.feedback_path), "--arm", "default_explore",
         "--target", f"popularity={arms['popularity']['weights']}", "--target", "logged=logged", "--bootstrap", "200",
-        "--out", str(tmp_path),
+        "--ads", str(DEMO_DIR / "ads.jsonl"), "--out", str(tmp_path),
     ])  # fmt: skip
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "report.json").read_text())
@@ -101,6 +101,10 @@ def test_eval_ope_cli_reads_the_services_log_and_feedback(sim, tmp_path):
         t = rep["targets"][name]
         assert {"ips", "snips", "dr", "n", "ess"} <= set(t) and t["n"] == N_USERS
         assert set(t["snips"]) == {"value", "ci"} and t["snips"]["ci"][0] <= t["snips"]["value"] <= t["snips"]["ci"][1]
+        ex = t["exposure"]
+        assert ex["impressions"] == N_USERS and 0 < ex["coverage"] <= 1 and 0 <= ex["by_advertiser"]["gini"] < 1
+    # one feature (popularity) concentrates exposure more than the logging arm's exploration does
+    assert rep["targets"]["popularity"]["exposure"]["coverage"] < rep["logged"]["exposure"]["coverage"]
     bad = runner.invoke(app, ["eval", "ope", "--log", str(tmp_path / "nope"), "--feedback", str(proc.feedback_path),
                               "--target", "x=logged", "--out", str(tmp_path / "o")])  # fmt: skip
     assert bad.exit_code == 2

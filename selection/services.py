@@ -199,7 +199,8 @@ def build_services(
             log_writer = impressions
         elif settings.impression_log_enabled:
             log_writer = JsonlImpressionLog.from_settings(settings)
-        feedback = FeedbackStore.from_settings(settings)
+        cap_store = safety["caps"]
+        feedback = FeedbackStore.from_settings(settings, on_rendered=cap_store if settings.cap_count == "rendered" else None)
         served = ServedQueue(feedback)
         loop = dict(
             impressions=log_writer,

@@ -62,9 +62,9 @@ def games_data_dir(source: Path, work: Path) -> tuple[Path, str]:
     layout data_dir/eval/behaviour/<key>/behaviour/<collection> to the serving one data_dir/behaviour/<collection>)."""
     import shutil
 
-    tables = sorted(source.glob("eval/behaviour/*/behaviour/*/behaviour.json"))
+    tables = sorted(source.glob("behaviour/*/behaviour.json")) or sorted(source.glob("eval/behaviour/*/behaviour/*/behaviour.json"))
     if not (source / "chroma").is_dir() or not tables:
-        raise SystemExit(f"{source} holds no Games catalog + behaviour tables: run `adselect eval run --config games_sampled` first")
+        raise SystemExit(f"{source} holds no Games catalog + behaviour tables: `adselect ingest` (or `adselect eval run`) into it first")
     collection = tables[0].parent.name
     data = work / "data"
     shutil.copytree(source / "chroma", data / "chroma")

@@ -180,7 +180,8 @@ def serve(
         s = s.model_copy(update={"llm_enabled": False})
     s.resolved_weights_path()  # a configured weights file that is not there stops here, before the port opens
     # log_config=None: uvicorn's own records (access log included) go to the JSON handler set up in main()
-    uvicorn.run(create_app(s), host=host, port=port, log_level="info", log_config=None)
+    # SIGHUP reloads weights, behaviour tables, experiment and prompts (as POST /admin/reload does)
+    uvicorn.run(create_app(s, reload_on_sighup=True), host=host, port=port, log_level="info", log_config=None)
 
 
 @app.command("settings")

@@ -14,11 +14,16 @@ gives each estimator's coverage and mean absolute error. The figures go to stdou
     python bench/bench_ope.py --out /tmp/ope            # 5,000 users, k = 1, 5 seeds (a few minutes)
     python bench/bench_ope.py --k 3 --decay 0.7 --out /tmp/ope_slate
 
-Today it runs against `eval.ope_sim.StandInService` (stand-in policies from popularity and co-visitation,
-the real impression log writer, feedback store and exploration). SEAM for the running endpoint: pass
-`--endpoint URL` once `HttpService` below is written: a class with `serve` (POST /v1/select with the
-arm forced for the simulation, reading each ad's `propensity` and the `arm`), `click` (POST /v1/events)
-and `records` (the service's impression log joined with its feedback store, read from its data dir).
+`--service stand-in` (the default) runs against `eval.ope_sim.StandInService` (stand-in policies from
+popularity and co-visitation, the real impression log writer, feedback store and exploration).
+`--service http` runs it through a RUNNING `adselect serve` (eval.ope_http: a subprocess on loopback over a
+data dir holding the Games catalog and its behaviour tables, copied from --games-data-dir): the logging arm
+`default_explore` (the service's weights + softmax exploration), targets `popularity` and `covisit`
+(one-feature weights files) and `default` (no exploration), each switched in by POST /admin/reload; clicks
+through POST /v1/events; the records read from the service's impression log + feedback store. It also
+measures the log's write cost: p50/p99 of /v1/select with the impression log on vs off (`--latency N`).
+
+    python bench/bench_ope.py --service http --users 2000 --seeds 1 --out /tmp/ope_http
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from common import SHARED_DATA  # puts the repository on sys.path
+from selection.impression_log import iter_log_records  # noqa: E402
 from eval.ope_sim import (  # noqa: E402
     BehaviourTables,
     DirectModel,
@@ -48,13 +54,55 @@ DEV = SHARED_DATA / "amazon_games_6k" / "impressions_sampled_dev.jsonl"
 ESTIMATORS = ("ips", "snips", "dr")
 
 
-class HttpService:
-    """SEAM: the running endpoint behind the simulation's `Service` protocol (to be written with the server)."""
+GAMES_VAR = Path("/tmp/games_var_eval")  # a data dir `adselect eval` already filled with the Games catalog
 
-    def __init__(self, base_url: str, *, api_key: str | None, data_dir: Path):
-        raise NotImplementedError(
-            "wire POST /v1/select (arm forced, per-ad propensity), POST /v1/events and the data dir's log + feedback"
-        )
+
+def games_data_dir(source: Path, work: Path) -> tuple[Path, str]:
+    """A serving data dir with the Games catalog (Chroma, copied) and behaviour tables (copied from the eval
+    layout data_dir/eval/behaviour/<key>/behaviour/<collection> to the serving one data_dir/behaviour/<collection>)."""
+    import shutil
+
+    tables = sorted(source.glob("behaviour/*/behaviour.json")) or sorted(source.glob("eval/behaviour/*/behaviour/*/behaviour.json"))
+    if not (source / "chroma").is_dir() or not tables:
+        raise SystemExit(f"{source} holds no Games catalog + behaviour tables: `adselect ingest` (or `adselect eval run`) into it first")
+    collection = tables[0].parent.name
+    data = work / "data"
+    shutil.copytree(source / "chroma", data / "chroma")
+    shutil.copytree(tables[0].parent, data / "behaviour" / collection)
+    return data, collection
+
+
+def one_feature_weights(path: Path, feature: str) -> str:
+    from retrieval.features import FEATURES
+    from selection.fusion import FusionModel
+
+    m = FusionModel.hand_tuned()
+    m.coef = np.array([1.0 if f == feature else 0.0 for f in FEATURES])
+    m.save(path)
+    return str(path)
+
+
+def http_arms(work: Path, *, temperature: float, top_m: int) -> dict:
+    return {
+        "default_explore": {"exploration": {"method": "softmax", "temperature": temperature, "top_m": top_m}},
+        "popularity": {"weights": one_feature_weights(work / "popularity.json", "popularity")},
+        "covisit": {"weights": one_feature_weights(work / "covisit.json", "covisit")},
+        "default": {},
+    }
+
+
+def latency(proc, users, n: int) -> dict:
+    """p50/p99 ms of POST /v1/select (k=1, 20 logged candidates) as the client sees it."""
+    import httpx
+
+    times = []
+    with httpx.Client(base_url=proc.base_url, headers={"X-API-Key": proc.api_key}, timeout=60) as c:
+        for u in users[:n]:
+            body = {"user_id": u.user_id, "history": u.history, "candidates": u.candidates, "k": 1, "use_llm": False}
+            t = time.perf_counter()
+            c.post("/v1/select", json=body).raise_for_status()
+            times.append((time.perf_counter() - t) * 1000)
+    return {"n": len(times), "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
 
 
 def summarise(runs: list[SimResult]) -> dict:
@@ -86,7 +134,9 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=None, help="clip importance weights from above")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--seeds", type=int, default=5, help="independent runs (user order, exploration, clicks)")
-    ap.add_argument("--endpoint", default=None, help="SEAM: base URL of a running service (not wired yet)")
+    ap.add_argument("--service", choices=("stand-in", "http"), default="stand-in", help="stand-in policies, or a running adselect serve")
+    ap.add_argument("--games-data-dir", type=Path, default=GAMES_VAR, help="http: data dir holding the ingested Games catalog + behaviour")
+    ap.add_argument("--latency", type=int, default=300, help="http: requests timed with the impression log on and off")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
@@ -94,13 +144,24 @@ def main() -> None:
     tables = BehaviourTables.from_rows(rows)
     runs: list[SimResult] = []
     t0 = time.perf_counter()
+    extra: dict = {}
+    proc = None
+    work = Path(tempfile.mkdtemp(prefix="bench_ope_"))
+    if args.service == "http":
+        from eval.ope_http import HttpService, ServiceProcess
+
+        data, collection = games_data_dir(args.games_data_dir, work)
+        arms = http_arms(work, temperature=args.temperature, top_m=args.top_m)
+        env = {"ADSELECT_COLLECTION": collection}
+        proc = ServiceProcess(data, work / "service", env=env).start()
+        print(f"adselect serve on {proc.base_url} over {data} (collection {collection}); log {proc.log_dir}")
     for seed in range(args.seeds):
         fit = load_users(rows, n=args.fit_users, seed=seed)
         users = load_users(rows, n=args.users, seed=seed, offset=args.fit_users)
         direct = DirectModel.fit(fit, tables)
         with tempfile.TemporaryDirectory() as tmp:
-            if args.endpoint:
-                service = HttpService(args.endpoint, api_key=None, data_dir=Path(tmp))
+            if proc is not None:
+                service = HttpService(proc, arms=arms)
             else:
                 service = StandInService(
                     variants=stand_in_variants(temperature=args.temperature, top_m=args.top_m),
@@ -117,6 +178,32 @@ def main() -> None:
                 f"{e}={v[e]['value']:.4f} [{v[e]['ci'][0]:.4f}, {v[e]['ci'][1]:.4f}]" for e in ESTIMATORS if e in v
             )
             print(f"  {name:11s} on-policy {v['on_policy_ctr']:.4f}  {cells}  ess={v['ess']:.0f}")
+    if proc is not None:
+        from eval.log_calibration import refit_calibration
+        from eval.ope_run import joined_records
+        from selection.fusion import FusionModel
+        from selection.services import weights_version
+
+        served_weights = FusionModel.load(None)  # what the bench's data dir serves: the shipped weights
+        logged, _ = joined_records(proc.log_dir, proc.feedback_path)
+        _, cal = refit_calibration(logged, served_weights, weights_version=weights_version(served_weights))
+        extra["calibration_refit"] = cal
+        for part in ("holdout_before", "holdout_after"):
+            c = cal[part]
+            print(f"calibration {part}: rows {c['rows']} logloss {c['logloss']:.4f} NE {c['normalized_entropy']:.3f} "
+                  f"sum_p/sum_y {c['sum_p_over_sum_y']:.3f} ECE {c['ece']:.4f}")  # fmt: skip
+        lat_users = load_users(rows, n=args.latency, seed=10_000)
+        HttpService(proc, arms=arms).use_arm("default")
+        on = latency(proc, lat_users, args.latency)
+        written = sum(1 for _ in iter_log_records(proc.log_dir))
+        proc.stop()
+        off_proc = ServiceProcess(data, work / "service_nolog", env={**env, "ADSELECT_IMPRESSION_LOG_ENABLED": "false"}).start()
+        off = latency(off_proc, lat_users, args.latency)
+        off_proc.stop()
+        extra["log_write_cost"] = {"log_on": on, "log_off": off, "records_written": written,
+                                   "added_p50_ms": on["p50_ms"] - off["p50_ms"], "added_p99_ms": on["p99_ms"] - off["p99_ms"]}  # fmt: skip
+        print(f"write cost: p50 {on['p50_ms']:.2f} vs {off['p50_ms']:.2f} ms, p99 {on['p99_ms']:.2f} vs {off['p99_ms']:.2f} ms "
+              f"(log on vs off, {args.latency} requests each, one run)")  # fmt: skip
     summary = summarise(runs)
     print(f"\n{args.seeds} seeds x {args.users} users, k={args.k}, decay={args.decay}, T={args.temperature}, "
           f"clip={args.clip}: coverage of the 95% CI / mean |error| / mean CI width")  # fmt: skip
@@ -131,6 +218,7 @@ def main() -> None:
         "variants": runs[0].variants,
         "seeds": [r.to_json() for r in runs],
         "summary": summary,
+        **extra,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     (args.out / "ope_sim.json").write_text(json.dumps(report, indent=2))

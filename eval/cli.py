@@ -7,6 +7,9 @@
     adselect eval tune --ads A --impressions TRAIN [--exclude EVAL | --exclude-task TASK] [--n-random 19] [--n-hard N] --out W
     adselect eval sample-logged --ads A --impressions FULL [--exclude EVAL | --exclude-task TASK] [--skip N] --n 40 --out F
     adselect eval import-mind --behaviors B.tsv --news N.tsv --out DIR [--max-impressions N]
+    adselect eval ope --log DIR --feedback PATH --target NAME=SPEC... [--k 1] [--reward click] [--clip C] --out DIR
+    adselect eval import-log --log DIR --feedback PATH --out FILE.jsonl   (then: eval run --impressions FILE.jsonl)
+    adselect eval calibrate --log DIR --feedback PATH --weights W --out W2 [--holdout 0.3] [--report R.json]
 
 The old form `adselect eval --config … --out …` (options straight after `eval`) still runs, as
 `adselect eval run …`, with a deprecation warning on stderr; it goes away in the next release.
@@ -293,3 +296,105 @@ def import_mind_cmd(
     except (AdSelectError, OSError) as e:
         _fail(e)
     typer.echo(json.dumps({"ads": n_ads, "impressions": n_imp, "out": str(out)}))
+
+
+def _target_option(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, spec = v.partition("=")
+        if not sep or not name or not spec:
+            raise typer.BadParameter(f"{v!r}: use NAME=SPEC (SPEC: logged | feature:<name> | weights.json, optionally @relevance/@expected_value)")
+        out[name] = spec
+    return out
+
+
+@app.command("ope")
+def ope_cmd(
+    log: Path = typer.Option(..., "--log", help="Impression-log directory (data_dir/impressions)."),
+    feedback: Path = typer.Option(..., "--feedback", help="Feedback store (data_dir/feedback.sqlite)."),
+    target: list[str] = typer.Option(
+        ..., "--target", help="NAME=SPEC, repeatable. SPEC: logged | feature:<name> | weights.json, optionally @relevance or @expected_value."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output directory: DIR/report.json."),
+    k: int = typer.Option(1, "--k", min=1, help="Positions evaluated (k > 1: cascade IPS / DR over the first k served ads)."),
+    reward: str = typer.Option("click", "--reward", help="click (CTR) or revenue (bid × click)."),
+    clip: Optional[float] = typer.Option(None, "--clip", help="Clip importance weights from above at this value (biased, lower variance)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=10, help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    arm: Optional[str] = typer.Option(None, "--arm", help="Only records logged by this arm (default: every record)."),
+    rank_by: str = typer.Option("expected_value", "--rank-by", help="Default ordering of weights/logged targets: expected_value or relevance."),
+    ads: Optional[Path] = typer.Option(None, "--ads", help="Ad catalog (ads.jsonl): adds each target's exposure by advertiser/category (Gini) and coverage."),
+) -> None:
+    """Off-policy estimates (IPS, SNIPS, DR with bootstrap CIs, n, ESS) of target variants from the log + feedback."""
+    from eval.ope_run import run_ope
+
+    if reward not in ("click", "revenue"):
+        _fail(UserError(f"--reward must be click or revenue, not {reward!r}"))
+    if rank_by not in ("expected_value", "relevance"):
+        _fail(UserError(f"--rank-by must be expected_value or relevance, not {rank_by!r}"))
+    targets = _target_option(target)
+    try:
+        from eval.exposure import read_catalog
+
+        catalog = read_catalog(ads) if ads is not None else None
+        report = run_ope(
+            log_dir=log, feedback=feedback, targets=targets, k=k, reward=reward, clip=clip,  # type: ignore[arg-type]
+            n_bootstrap=bootstrap, seed=seed, arm=arm, default_rank_by=rank_by, catalog=catalog,  # type: ignore[arg-type]
+        )  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+    except (AdSelectError, OSError) as e:
+        _fail(e)
+    for name, r in report["targets"].items():
+        cells = "  ".join(f"{e} {r[e]['value']:.4f} [{r[e]['ci'][0]:.4f}, {r[e]['ci'][1]:.4f}]" for e in ("ips", "snips", "dr") if e in r)
+        typer.echo(f"{name}: n={r['n']} ess={r['ess']:.0f}  {cells}")
+    typer.echo(f"wrote {out / 'report.json'}")
+
+
+@app.command("import-log")
+def import_log_cmd(
+    log: Path = typer.Option(..., "--log", help="Impression-log directory (data_dir/impressions)."),
+    feedback: Path = typer.Option(..., "--feedback", help="Feedback store (data_dir/feedback.sqlite)."),
+    out: Path = typer.Option(..., "--out", help="Canonical impressions JSONL to write (clicked filled from feedback)."),
+    arm: Optional[str] = typer.Option(None, "--arm", help="Only records logged by this arm."),
+) -> None:
+    """The service's own log + feedback as canonical impressions, for `adselect eval run --impressions FILE`."""
+    from eval.ope_run import materialise_log
+
+    try:
+        counts = materialise_log(log, feedback, out, arm=arm)
+    except (AdSelectError, OSError) as e:
+        _fail(e)
+    typer.echo(json.dumps({**counts, "out": str(out)}))
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    log: Path = typer.Option(..., "--log", help="Impression-log directory (data_dir/impressions)."),
+    feedback: Path = typer.Option(..., "--feedback", help="Feedback store (data_dir/feedback.sqlite)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Fusion weights the log was served with (default: the service's)."),
+    out: Path = typer.Option(..., "--out", help="Weights JSON to write: the same fusion with the refit calibration."),
+    holdout: float = typer.Option(0.3, "--holdout", min=0.05, max=0.95, help="Share of impressions held out to judge the fit."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Calibration report JSON (default: next to --out, .calibration.json)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR (for the default weights)."),
+) -> None:
+    """Refit pCTR calibration on the log's real feedback; report log loss, NE, sum p / sum y, ECE, reliability on held-out rows."""
+    from eval.log_calibration import refit_calibration
+    from eval.ope_run import joined_records
+    from selection.fusion import FusionModel
+    from selection.services import weights_version
+
+    try:
+        fusion = FusionModel.load(weights if weights is not None else _settings(data_dir).resolved_weights_path())
+        records, _ = joined_records(log, feedback)
+        refit, rep = refit_calibration(records, fusion, weights_version=weights_version(fusion), holdout=holdout)
+        refit.save(out)
+        rpath = report or out.with_suffix(".calibration.json")
+        rpath.write_text(json.dumps(rep, indent=2))
+    except (AdSelectError, OSError) as e:
+        _fail(e)
+    for part in ("holdout_before", "holdout_after"):
+        r = rep[part]
+        typer.echo(f"{part}: rows {r['rows']} logloss {r['logloss']:.4f} NE {r['normalized_entropy']:.3f} "
+                   f"sum_p/sum_y {r['sum_p_over_sum_y']:.3f} ECE {r['ece']:.4f}")  # fmt: skip
+    typer.echo(f"wrote {out} and {rpath}")

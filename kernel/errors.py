@@ -179,6 +179,21 @@ class ExperimentError(UserError):
         return f"experiment file invalid: {self.reason}"
 
 
+class ReloadRefused(UserError):
+    """A hot reload found a bad file (weights, behaviour tables, experiment, prompts): nothing was swapped,
+    the previous version keeps serving."""
+
+    code = "reload_refused"
+
+    def __init__(self, component: str, reason: str):
+        self.component, self.reason = component, reason
+        super().__init__(f"reload refused, {component}: {reason}")
+
+    @property
+    def public_message(self) -> str:
+        return f"reload refused: the {self.component} file is invalid; the previous version keeps serving"
+
+
 USAGE_EXIT = 2  # Click's convention: the command line or its input is wrong
 RUNTIME_EXIT = 1  # the command was right and something failed while running it
 

@@ -167,11 +167,18 @@ class Settings(BaseSettings):
     impression_log_queue_size: int = Field(
         10000, ge=1, description="Records waiting for the writer thread; when full a record is dropped and counted, the request never blocks."
     )
+    impression_log_sync: bool = Field(
+        False,
+        description="Answer a decision only once its impression-log record and its served rows (feedback store) are "
+        "written: a killed process then never loses the record of an acknowledged decision (costs a hand-off to the "
+        "writer threads per request). Off: both are queue puts written within ~50 ms; a SIGKILL loses what was queued.",
+    )
     feedback_synchronous: Literal["FULL", "NORMAL"] = Field(
         "FULL",
         description="SQLite synchronous level for feedback events (WAL): FULL = an acknowledged event survives power "
         "loss; NORMAL = it survives a killed process only. Served-decision rows are always written with NORMAL.",
     )
+    feedback_path: Path | None = Field(None, description="SQLite file of served decisions and their events; default data_dir/feedback.sqlite.")
     feedback_window_s: int = Field(7 * 86400, ge=1, description="How long a served decision accepts events; older request ids are unknown.")
     cap_count: Literal["decisions", "rendered"] = Field(
         "decisions",

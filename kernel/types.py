@@ -50,6 +50,7 @@ class RequestContext:
     publisher_id: str | None = None
     blocked_categories: frozenset[str] = frozenset()
     blocked_advertisers: frozenset[str] = frozenset()
+    consent: bool | None = None  # False: the user refused personalisation (no history, no events, none logged)
 
 
 @dataclass(slots=True)
@@ -91,6 +92,7 @@ class RankedAd:
     original: Copy
     pctr: float | None = None  # calibrated click probability of the fused score
     expected_value: float | None = None  # bid × pCTR
+    propensity: float = 1.0  # P(this ad at this position | the ads above it) under the arm's policy
 
 
 @dataclass(slots=True)
@@ -112,3 +114,6 @@ class Decision:
     # ads whose frequency cap could not be checked (the cap store failed): not served (caps_on_error=closed)
     # or served unrecorded (open)
     caps_unknown: list[str] = field(default_factory=list)
+    arm: str = "default"  # the experiment arm (variant) that served it
+    personalized: bool = True  # False: selected without history or events (no consent)
+    versions: dict[str, str | None] = field(default_factory=dict)  # weights, experiment, behaviour, prompt

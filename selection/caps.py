@@ -49,6 +49,10 @@ class CapConfig:
     max_per_ad: int | None = 3  # None: no per-ad cap
     max_per_advertiser: int | None = 10  # None: no per-advertiser cap
     window_s: float = 86_400.0
+    # cap_count=rendered: a reservation is pending until its ad is reported rendered (confirm_render); a pending
+    # one counts only while younger than render_grace_s, so a decision never rendered gives its slot back then
+    count_rendered: bool = False
+    render_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
         for name in ("max_per_ad", "max_per_advertiser"):
@@ -65,6 +69,8 @@ class CapConfig:
             max_per_ad=settings.cap_max_per_ad or None,
             max_per_advertiser=settings.cap_max_per_advertiser or None,
             window_s=float(settings.cap_window_s),
+            count_rendered=settings.cap_count == "rendered",
+            render_grace_s=float(settings.cap_render_grace_s),
         )
 
 
@@ -136,6 +142,14 @@ class SQLiteCapStore:
         with self._lock:
             conn = self._connection()
             conn.executescript(_SCHEMA)
+            if "pending" not in {row[1] for row in conn.execute("PRAGMA table_info(impressions)")}:
+                conn.execute("ALTER TABLE impressions ADD COLUMN pending INTEGER NOT NULL DEFAULT 0")
+
+    # an impression counts while in the window, and — when still pending a render — within the grace time
+    _COUNTS = "ts>? AND (pending=0 OR ts>?)"
+
+    def _since(self, now: float) -> tuple[float, float]:
+        return now - self.config.window_s, now - self.config.render_grace_s
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
@@ -180,21 +194,21 @@ class SQLiteCapStore:
                     allowed = True
                     if cfg.max_per_ad is not None:
                         (n,) = conn.execute(
-                            "SELECT count(*) FROM impressions WHERE user_key=? AND ad_id=? AND ts>?",
-                            (user_key, ad_id, cutoff),
+                            f"SELECT count(*) FROM impressions WHERE user_key=? AND ad_id=? AND {self._COUNTS}",
+                            (user_key, ad_id, *self._since(now)),
                         ).fetchone()
                         allowed = n < cfg.max_per_ad
                     if allowed and advertiser and cfg.max_per_advertiser is not None:
                         (n,) = conn.execute(
-                            "SELECT count(*) FROM impressions WHERE user_key=? AND advertiser=? AND ts>?",
-                            (user_key, advertiser, cutoff),
+                            f"SELECT count(*) FROM impressions WHERE user_key=? AND advertiser=? AND {self._COUNTS}",
+                            (user_key, advertiser, *self._since(now)),
                         ).fetchone()
                         allowed = n < cfg.max_per_advertiser
                     if allowed:
                         conn.execute("DELETE FROM impressions WHERE user_key=? AND ts<=?", (user_key, cutoff))
                         row_id = conn.execute(
-                            "INSERT INTO impressions (user_key, ad_id, advertiser, ts) VALUES (?, ?, ?, ?)",
-                            (user_key, ad_id, advertiser, now),
+                            "INSERT INTO impressions (user_key, ad_id, advertiser, ts, pending) VALUES (?, ?, ?, ?, ?)",
+                            (user_key, ad_id, advertiser, now, int(cfg.count_rendered)),
                         ).lastrowid
                     conn.execute("COMMIT")
                 except BaseException:
@@ -228,12 +242,25 @@ class SQLiteCapStore:
         try:
             with self._lock:
                 (n,) = self._connection().execute(
-                    f"SELECT count(*) FROM impressions WHERE user_key=? AND {column}=? AND ts>?",
-                    (user_key, value, now - self.config.window_s),
+                    f"SELECT count(*) FROM impressions WHERE user_key=? AND {column}=? AND {self._COUNTS}",
+                    (user_key, value, *self._since(now)),
                 ).fetchone()
         except sqlite3.Error as e:
             raise CapStoreError(f"cap store {self.path}: {e}") from e
         return int(n)
+
+    def confirm_render(self, *, user_key: str, ad_id: str, advertiser: str, reservation_id: str, reserved_at: float) -> None:
+        """cap_count=rendered: the ad was rendered; its oldest pending reservation becomes a counted impression
+        (selection.feedback.RenderHook; called once per rendered (request, ad))."""
+        try:
+            with self._lock:
+                self._connection().execute(
+                    "UPDATE impressions SET pending=0 WHERE rowid=(SELECT rowid FROM impressions"
+                    " WHERE user_key=? AND ad_id=? AND pending=1 ORDER BY ts LIMIT 1)",
+                    (user_key, ad_id),
+                )
+        except sqlite3.Error as e:
+            raise CapStoreError(f"cap store {self.path}: {e}") from e
 
     def prune(self, *, now: float | None = None) -> int:
         """Delete all expired impressions; returns how many."""
@@ -388,6 +415,10 @@ class RedisCapStore:
 def open_cap_store(settings, *, redis_client: Any | None = None) -> CapStore:
     """Redis when ADSELECT_REDIS_URL is set (or a client is injected), else SQLite under data_dir."""
     config = CapConfig.from_settings(settings)
+    if (redis_client is not None or settings.redis_url) and config.count_rendered:
+        from kernel.errors import ConfigError
+
+        raise ConfigError("ADSELECT_CAP_COUNT", "rendered needs the SQLite cap store (not implemented for Redis)")
     if redis_client is not None or settings.redis_url:
         if redis_client is None:
             import redis

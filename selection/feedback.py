@@ -142,7 +142,7 @@ class FeedbackStore:
     @classmethod
     def from_settings(cls, settings, *, on_rendered: RenderHook | None = None) -> "FeedbackStore":
         return cls(
-            Path(settings.data_dir) / "feedback.sqlite",
+            settings.feedback_path or Path(settings.data_dir) / "feedback.sqlite",
             synchronous=settings.feedback_synchronous,
             window_s=settings.feedback_window_s,
             on_rendered=on_rendered,

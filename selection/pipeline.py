@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Literal, Protocol
 
@@ -38,7 +38,11 @@ from retrieval.features import FEATURES, build_profile
 from retrieval.store import CatalogIndex
 from selection.admission import Breaker, LLMAdmission, Limiter
 from selection.caps import CapStore, CapStoreError, Reservation
+from selection.experiments import Experiment
+from selection.exploration import OFF, ExplorationConfig, explore
+from selection.feedback import ServedAdRow
 from selection.fusion import FusionModel
+from selection.impression_log import ImpressionLogWriter, NullImpressionLog, ScoredEntry, ServedEntry, build_record
 from selection.rules import EligibilityPolicy, chroma_where, is_eligible
 
 log = logging.getLogger(__name__)
@@ -86,6 +90,34 @@ class EventEncoder(Protocol):
     def encode_cached(self, texts: list[str]) -> np.ndarray: ...
 
 
+class ServedSink(Protocol):
+    """Told what each decision served (selection.served_queue.ServedQueue: a queue put)."""
+
+    def put(self, *, request_id: str, user_key: str, ads: Sequence[ServedAdRow], arm: str, now: float) -> bool: ...
+
+    def flush(self, timeout_s: float = 5.0) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ArmPolicy:
+    """An experiment arm at serving time: its own selector (fusion weights, reranker), LLM switch, exploration."""
+
+    name: str
+    exploration: ExplorationConfig = OFF
+    llm: bool | None = None  # False: this arm never calls the LLM (not a degradation)
+    selector: "Selector | None" = None  # None: the root selector serves it as it is
+
+
+@dataclass(frozen=True)
+class Turn:
+    """Per-request facts decided before the stages: the arm, consent, the keyed user."""
+
+    arm: ArmPolicy
+    personalized: bool
+    user_key: str
+    root: "Selector"
+
+
 def original_copy(ad: Ad) -> Copy:
     return Copy(headline=ad.title, description=ad.text)
 
@@ -129,6 +161,14 @@ class Selector:
     recency_decay: float = 0.8
     exclude_history: bool = True
     llm_max_candidates: int = 20
+    # ---- the closed loop (selection/services.py builds these; the defaults log nothing, one arm) ----
+    experiment: Experiment = field(default_factory=Experiment.single)
+    arm_policies: dict[str, ArmPolicy] = field(default_factory=dict)
+    impressions: ImpressionLogWriter = field(default_factory=NullImpressionLog)
+    served_sink: ServedSink | None = None
+    hash_events: Callable[[Sequence[str]], list[str]] = lambda events: []
+    versions: dict[str, str | None] = field(default_factory=dict)  # weights, experiment, behaviour, prompt
+    log_sync: bool = False  # wait for the impression log writer before answering (durable before acknowledged)
 
     @property
     def breaker(self) -> Breaker | None:
@@ -143,12 +183,33 @@ class Selector:
         """Choose the ads for one request.
 
         `stage`: this request's prior stage, already computed by the caller (eval reuses the one it
-        ranked the baselines with); the deadline then counts from this call."""
+        ranked the baselines with); the deadline then counts from this call.
+
+        The arm is assigned first (keyed user hash); it serves with its own selector (fusion weights,
+        reranker), LLM switch and exploration. Without consent the request loses its history and events."""
         started = time.perf_counter()
+        turn = self.turn(req)
+        req = self.apply_turn(req, turn)
+        sel = turn.arm.selector or self
         if stage is None:
-            stage = await asyncio.to_thread(self.prior_stage, req)
-        llm, reason = await self._llm_stage(req, stage, started)
-        return await asyncio.to_thread(self._finish, req, stage, llm, reason, started)
+            stage = await asyncio.to_thread(sel.prior_stage, req)
+        llm, reason = await sel._llm_stage(req, stage, started)
+        return await asyncio.to_thread(sel._finish, req, stage, llm, reason, started, turn)
+
+    def turn(self, req: SelectRequest) -> Turn:
+        ukey = self.user_key(req.user_id)
+        arm = self.experiment.assign(ukey)
+        policy = self.arm_policies.get(arm.name) or ArmPolicy(arm.name, arm.variant.exploration, arm.variant.llm)
+        personalized = not (req.context is not None and req.context.consent is False)
+        return Turn(arm=policy, personalized=personalized, user_key=ukey, root=self)
+
+    @staticmethod
+    def apply_turn(req: SelectRequest, turn: Turn) -> SelectRequest:
+        if not turn.personalized:
+            req = replace(req, history=[], events=[])
+        if turn.arm.llm is False:
+            req = replace(req, use_llm=False)
+        return req
 
     # ---- stage 1: priors -------------------------------------------------------------------
     def _context(self, req: SelectRequest) -> RequestContext:
@@ -243,30 +304,88 @@ class Selector:
 
     # ---- stage 3: fuse, order, serve (rules, caps, copy), decide -----------------------------
     def _finish(
-        self, req: SelectRequest, stage: PriorStage, llm: LLMResult | None, reason: str | None, started: float
+        self,
+        req: SelectRequest,
+        stage: PriorStage,
+        llm: LLMResult | None,
+        reason: str | None,
+        started: float,
+        turn: Turn | None = None,
     ) -> Decision:
         t = time.perf_counter()
+        turn = turn or self.turn(req)
         cands = stage.candidates
         llm_rank: dict[str, int] = {a: i for i, a in enumerate(llm.ranking)} if llm else {}
         prior = np.array([c.prior_score for c in cands], dtype=np.float64)
         scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands]) if llm else prior
         order = self._order(scores, cands)
-        ukey = self.user_key(req.user_id)
+        ukey = turn.user_key
         request_id = req.request_id or uuid.uuid4().hex
         candidate_ids = [c.ad.ad_id for c in cands]
         served = Served()
         try:
-            self._serve(req, stage, llm, scores=scores, order=order, llm_rank=llm_rank, ukey=ukey, out=served)
+            serve_args = dict(scores=scores, order=order, llm_rank=llm_rank, ukey=ukey, out=served)
+            if turn.arm.exploration.randomised:
+                self._serve_explored(req, stage, llm, **serve_args, config=turn.arm.exploration, seed_key=f"{turn.arm.name}:{request_id}")
+            else:
+                self._serve(req, stage, llm, **serve_args)
             stage.timings_ms["finalize"] = _ms(t)
             stage.timings_ms["total"] = _ms(started)
             decision = self._decision(req, stage, llm, reason, request_id=request_id, order=order, served=served)
+            decision.arm = turn.arm.name
+            decision.personalized = turn.personalized
+            decision.versions = {**turn.root.versions, **self.versions}
+            if decision.prompt:
+                decision.versions["prompt"] = decision.prompt.get("sha256")
             if self.audit is not None:
                 self.audit(audit_record(decision, user_key=ukey, candidates=candidate_ids))
+            self._log_decision(req, stage, decision, scores=scores, turn=turn)
         except BaseException as exc:  # nothing is served: give the reservations back, say so in the audit log
             self._give_back(served.reservations)
             self._audit_failure(request_id, user_key=ukey, candidates=candidate_ids, error=exc, released=len(served.reservations))
             raise
         return decision
+
+    def _log_decision(self, req: SelectRequest, stage: PriorStage, d: Decision, *, scores: np.ndarray, turn: Turn) -> None:
+        """One impression-log record and the served rows for feedback: queue puts only (unless log_sync)."""
+        root = turn.root
+        if isinstance(root.impressions, NullImpressionLog) and root.served_sink is None:
+            return
+        ctx = self._context(req)
+        pctr = self.fusion.pctr(scores)
+        scored = [
+            ScoredEntry(c.ad.ad_id, c.priors, score=round(float(scores[i]), 6), pctr=round(float(pctr[i]), 6))
+            for i, c in enumerate(stage.candidates)
+        ]
+        served = [ServedEntry(a.ad.ad_id, propensity=a.propensity, pctr=a.pctr, bid=a.ad.bid, score=a.score) for a in d.ads]
+        record = build_record(
+            request_id=d.request_id,
+            user_key=turn.user_key,
+            now=ctx.now,
+            history=req.history,
+            event_hashes=root.hash_events(req.events),
+            scored=scored,
+            served=served,
+            arm=d.arm,
+            exploration=turn.arm.exploration.model_dump() if turn.arm.exploration.randomised else None,
+            weights_version=d.versions.get("weights"),
+            prompt_sha256=(d.prompt or {}).get("sha256"),
+            model=d.model,
+            llm_used=d.llm_used,
+            degraded_reason=d.degraded_reason,
+            personalized=d.personalized,
+        )
+        for entry, c in zip(record["scored"], stage.candidates):  # the bid of every scored ad: a target ranking by bid × pCTR is replayable
+            entry["bid"] = c.ad.bid
+        record["versions"] = d.versions
+        root.impressions.write(record)
+        if root.served_sink is not None:
+            rows = [ServedAdRow(a.ad.ad_id, a.ad.advertiser, a.ad.bid) for a in d.ads]
+            root.served_sink.put(request_id=d.request_id, user_key=turn.user_key, ads=rows, arm=d.arm, now=time.time())
+        if root.log_sync:  # durable before acknowledged: the record and the served rows are written before the answer
+            root.impressions.flush(5.0)
+            if root.served_sink is not None:
+                root.served_sink.flush(5.0)
 
     def _audit_failure(self, request_id: str, *, user_key: str, candidates: list[str], error: BaseException, released: int) -> None:
         if self.audit is None:
@@ -324,6 +443,94 @@ class Selector:
                     original=original_copy(c.ad),
                     pctr=round(p, 6),
                     expected_value=round(p * c.ad.bid, 6),
+                )
+            )
+
+    def _serve_explored(
+        self,
+        req: SelectRequest,
+        stage: PriorStage,
+        llm: LLMResult | None,
+        *,
+        scores: np.ndarray,
+        order: np.ndarray,
+        llm_rank: dict[str, int],
+        ukey: str,
+        out: Served,
+        config: ExplorationConfig,
+        seed_key: str,
+    ) -> None:
+        """Draw the slate with exact propensities (selection.exploration) among admissible candidates.
+
+        Admissible = eligible now, and both frequency caps still open *read* from the cap store (counts,
+        no reservation); an advertiser's ads already drawn above count against its cap. Only the drawn
+        ads are reserved. A reservation refused by a parallel request's race is skipped (listed in capped)."""
+        pctr = self.fusion.pctr(scores)
+        ctx = self._context(req)
+        cands = stage.candidates
+        state = {"store_down": False}
+        ok: dict[int, bool] = {}
+        adv_used: dict[str, int] = {}
+
+        def open_for(i: int) -> bool:
+            if i in ok:
+                return ok[i]
+            ad = cands[i].ad
+            good = True
+            if self.policy is not None:
+                fine, why = is_eligible(ad, ctx, self.policy)
+                if not fine:
+                    stage.ineligible[ad.ad_id] = why or "ineligible"
+                    good = False
+            if good and self.caps is not None and not state["store_down"]:
+                try:
+                    cfg = self.caps.config
+                    if cfg.max_per_ad is not None and self.caps.count(ukey, ad_id=ad.ad_id) >= cfg.max_per_ad:
+                        out.capped.append(ad.ad_id)
+                        good = False
+                    elif ad.advertiser and cfg.max_per_advertiser is not None:
+                        adv_used.setdefault(ad.advertiser, self.caps.count(ukey, advertiser=ad.advertiser))
+                except CapStoreError as e:
+                    log.warning("cap store failed", extra={"error": str(e), "caps_on_error": self.caps_on_error})
+                    state["store_down"] = True
+            if good and self.caps is not None and state["store_down"]:
+                out.caps_unknown.append(ad.ad_id)
+                good = self.caps_on_error == "open"
+            ok[i] = good
+            return good
+
+        def admissible(i: int, prefix: tuple[int, ...]) -> bool:
+            if not open_for(i):
+                return False
+            ad = cands[i].ad
+            cfg = self.caps.config if self.caps is not None else None
+            if cfg is None or cfg.max_per_advertiser is None or not ad.advertiser or ad.advertiser not in adv_used:
+                return True
+            above = sum(1 for j in prefix if cands[j].ad.advertiser == ad.advertiser)
+            return adv_used[ad.advertiser] + above < cfg.max_per_advertiser
+
+        drawn = explore(order=[int(i) for i in order], scores=scores.tolist(), k=req.k, config=config, seed_key=seed_key, admissible=admissible)
+        for i, p in zip(drawn.served, drawn.propensities):
+            c = cands[i]
+            if self.caps is not None and not state["store_down"]:
+                verdict, _ = self._reserve(ukey, c.ad, out, store_down=False)
+                if verdict != "reserved":
+                    out.capped.append(c.ad.ad_id)
+                    continue
+            copy, justification = self._choose_copy(c, llm, req, stage, out.copy_rejections)
+            pi = float(pctr[i])
+            out.ads.append(
+                RankedAd(
+                    ad=c.ad,
+                    score=round(float(scores[i]), 6),
+                    priors=c.priors,
+                    llm_rank=llm_rank.get(c.ad.ad_id),
+                    justification=justification,
+                    copy=copy,
+                    original=original_copy(c.ad),
+                    pctr=round(pi, 6),
+                    expected_value=round(pi * c.ad.bid, 6),
+                    propensity=p,
                 )
             )
 
@@ -406,6 +613,10 @@ def audit_record(d: Decision, *, user_key: str, candidates: list[str]) -> dict:
         "event": "impression",
         "request_id": d.request_id,
         "user": user_key,
+        "arm": d.arm,
+        "personalized": d.personalized,
+        "propensities": [a.propensity for a in d.ads],
+        "versions": d.versions,
         "candidates": candidates,
         "chosen": [a.ad.ad_id for a in d.ads],
         "scores": [a.score for a in d.ads],

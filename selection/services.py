@@ -4,13 +4,19 @@ Everything is constructed here and passed in: nothing reaches for a global.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from selection.fusion import FusionModel
 from selection.admission import LLMAdmission
-from selection.pipeline import AuditSink, Reranker, Selector
+from selection.experiments import Experiment, experiment_from_settings
+from selection.impression_log import ImpressionLogWriter, JsonlImpressionLog, NullImpressionLog, event_hashes
+from selection.feedback import FeedbackStore
+from selection.pipeline import ArmPolicy, AuditSink, Reranker, Selector
+from selection.served_queue import ServedQueue
 from kernel.settings import Settings
 from agent.review import ModelTextReviewer
 from retrieval.behaviour import BehaviourStats
@@ -83,6 +89,55 @@ class Services:
     fusion: FusionModel
     embedder: Embedder
     selector: Selector
+    impressions: ImpressionLogWriter = field(default_factory=NullImpressionLog)
+    feedback: FeedbackStore | None = None
+    served: ServedQueue | None = None
+    experiment: Experiment = field(default_factory=Experiment.single)
+    llm_url: str | None = None
+
+    @property
+    def versions(self) -> dict[str, str | None]:
+        return dict(self.selector.versions)
+
+    def close(self) -> None:
+        """Drain the impression log and the served rows (server shutdown)."""
+        self.impressions.close(5.0)
+        if self.served is not None:
+            self.served.close()
+        if self.feedback is not None:
+            self.feedback.close()
+
+
+def weights_version(fusion: FusionModel) -> str:
+    """The content hash of fusion weights (and calibration): sha256 of their canonical JSON, 12 hex."""
+    text = json.dumps(fusion.to_json() | {"meta": {}}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def file_version(path: Path | None) -> str | None:
+    """sha256 (12 hex) of a file's bytes; None when there is no such file."""
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def arm_policies(
+    root: Selector, experiment: Experiment, *, settings: Settings, llm_url: str | None, reranker_injected: bool
+) -> dict[str, ArmPolicy]:
+    """Each arm's serving policy; an arm with its own weights or prompt gets its own selector, loaded
+    here once (a bad weights file raises ConfigError/ValueError: start-up or reload refuses it)."""
+    out: dict[str, ArmPolicy] = {}
+    for arm in experiment.arms:
+        v = arm.variant
+        changes: dict = {}
+        if v.weights is not None:
+            fusion = FusionModel.load(v.weights)
+            changes.update(fusion=fusion, versions={"weights": weights_version(fusion)})
+        if v.prompt is not None and llm_url and settings.llm_enabled and not reranker_injected:
+            changes["reranker"] = make_reranker(settings.model_copy(update={"prompt_name": v.prompt}), llm_url=llm_url)
+        sel = replace(root, arm_policies={}, **changes) if changes else None
+        out[arm.name] = ArmPolicy(arm.name, exploration=v.exploration, llm=v.llm, selector=sel)
+    return out
 
 
 def audit_logger() -> AuditSink:
@@ -108,12 +163,14 @@ def build_services(
     caps=None,
     audit: AuditSink | None = None,
     index: CatalogIndex | None = None,
+    impressions: ImpressionLogWriter | None = None,
 ) -> Services:
     """`llm_url` None and no `reranker`: the LLM stage is off (fast path only). `index`: the store's
     catalog index when the caller has already loaded it.
 
     serving=True adds what only live traffic needs: eligibility rules, frequency caps (SQLite under the
-    data dir, or Redis), the breaker and concurrency limit, the audit log. Offline replay passes False."""
+    data dir, or Redis), the breaker and concurrency limit, the audit log, the impression log and the
+    feedback store, and the experiment's arms. Offline replay passes False."""
     if settings.blas_threads:
         from threadpoolctl import threadpool_limits
 
@@ -122,6 +179,11 @@ def build_services(
     index = index if index is not None else store.load_index()
     behaviour = load_behaviour(settings, index)
     fusion = FusionModel.load(settings.resolved_weights_path())
+    prompt_names = None
+    if settings.prompts_dir.is_dir():
+        prompt_names = {p.stem for p in settings.prompts_dir.iterdir() if p.suffix in (".yaml", ".yml", ".json")}
+    experiment = experiment_from_settings(settings, prompt_names=prompt_names)
+    reranker_injected = reranker is not None
     embedder = embedder or make_embedder(settings)
     if reranker is None and llm_url and settings.llm_enabled:
         reranker = make_reranker(settings, llm_url=llm_url)
@@ -137,6 +199,9 @@ def build_services(
         n_sequence=settings.n_sequence,
     )
     safety: dict = {}
+    loop: dict = {}
+    feedback = served = None
+    log_writer: ImpressionLogWriter = NullImpressionLog()
     admission = LLMAdmission(margin_ms=settings.llm_margin_ms, max_deadline_ms=settings.max_deadline_ms)
     if serving:
         from selection.caps import open_cap_store
@@ -155,6 +220,19 @@ def build_services(
             audit=audit or audit_logger(),
             rank_by=settings.rank_by,
         )
+        if impressions is not None:
+            log_writer = impressions
+        elif settings.impression_log_enabled:
+            log_writer = JsonlImpressionLog.from_settings(settings)
+        cap_store = safety["caps"]
+        feedback = FeedbackStore.from_settings(settings, on_rendered=cap_store if settings.cap_count == "rendered" else None)
+        served = ServedQueue(feedback)
+        loop = dict(
+            impressions=log_writer,
+            served_sink=served,
+            hash_events=lambda events: event_hashes(events, secret=secret),
+            log_sync=settings.impression_log_sync,
+        )
     selector = Selector(
         index=index,
         generator=generator,
@@ -166,6 +244,79 @@ def build_services(
         exclude_history=settings.exclude_history,
         llm_max_candidates=settings.llm_max_candidates,
         reviewer=ModelTextReviewer.from_settings(settings),
+        experiment=experiment,
+        versions={
+            "weights": weights_version(fusion),
+            "experiment": file_version(settings.experiment_path),
+            "behaviour": file_version(behaviour_dir(settings) / "behaviour.json"),
+        },
         **safety,
+        **loop,
     )
-    return Services(settings, store, index, behaviour, fusion, embedder, selector)
+    selector.arm_policies = arm_policies(selector, experiment, settings=settings, llm_url=llm_url, reranker_injected=reranker_injected)
+    return Services(
+        settings, store, index, behaviour, fusion, embedder, selector,
+        impressions=log_writer, feedback=feedback, served=served, experiment=experiment, llm_url=llm_url,
+    )  # fmt: skip
+
+
+def reload_services(svc: Services) -> Services:
+    """New services with the weights (and calibration), behaviour tables, experiment and prompts read again.
+
+    Everything is loaded and checked first; any bad file raises `ReloadRefused` naming what failed and nothing
+    changes. The caller swaps the returned object in (one reference assignment): requests in flight finish on
+    the old one. Writers (impression log, feedback) and the safety stack are shared, not reopened."""
+    from kernel.errors import ReloadRefused
+
+    settings = svc.settings
+    old = svc.selector
+
+    def load(component: str, fn):
+        try:
+            return fn()
+        except Exception as e:  # every failure of a file is a refusal; the message names it for the operator
+            log.error("reload refused", extra={"component": component, "error": f"{type(e).__name__}: {e}"})
+            raise ReloadRefused(component, f"{type(e).__name__}: {e}") from e
+
+    fusion = load("weights", lambda: FusionModel.load(settings.resolved_weights_path()))
+    behaviour = load("behaviour", lambda: _load_behaviour_strict(settings, svc.index))
+    prompt_names = None
+    if settings.prompts_dir.is_dir():
+        prompt_names = {p.stem for p in settings.prompts_dir.iterdir() if p.suffix in (".yaml", ".yml", ".json")}
+    experiment = load("experiment", lambda: experiment_from_settings(settings, prompt_names=prompt_names))
+    reranker = old.reranker
+    if reranker is not None and svc.llm_url and settings.llm_enabled:
+        reranker = load("prompts", lambda: make_reranker(settings, llm_url=svc.llm_url))
+    sequence = load("sequence", lambda: load_sequence(settings, svc.index))  # behaviour state too
+    generator = replace(old.generator, behaviour=behaviour, sequence=sequence)
+    selector = replace(
+        old,
+        fusion=fusion,
+        generator=generator,
+        reranker=reranker,
+        experiment=experiment,
+        arm_policies={},
+        versions={
+            "weights": weights_version(fusion),
+            "experiment": file_version(settings.experiment_path),
+            "behaviour": file_version(behaviour_dir(settings) / "behaviour.json"),
+        },
+    )
+    selector.arm_policies = load(
+        "experiment",
+        lambda: arm_policies(selector, experiment, settings=settings, llm_url=svc.llm_url, reranker_injected=svc.llm_url is None),
+    )
+    log.info("reloaded", extra={"versions": selector.versions})
+    return replace(svc, selector=selector, fusion=fusion, behaviour=behaviour, experiment=experiment)
+
+
+def _load_behaviour_strict(settings: Settings, index: CatalogIndex) -> BehaviourStats:
+    """Like load_behaviour, but a manifest that is there and unreadable is an error (a reload must not
+    silently swap working tables for empty ones)."""
+    manifest = behaviour_dir(settings) / "behaviour.json"
+    stats = BehaviourStats.load(behaviour_dir(settings), index.ids)
+    if stats is None:
+        if manifest.exists():
+            raise ValueError(f"{manifest}: behaviour tables unreadable")
+        return load_behaviour(settings, index)
+    return stats

@@ -1,8 +1,10 @@
 """The app factory. `create_app(settings)` builds nothing at import time; tests pass their own services."""
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from selection.services import Services, build_services
+from selection.services import Services, build_services, reload_services
 from kernel.settings import Settings
 from server.errors import install_error_handlers
 from server.guard import PUBLIC_PATHS, Guard, arrival
@@ -19,7 +21,19 @@ from server.limits import InFlightGate, Tally, TokenBuckets
 from server.metrics import Metrics
 from server.readiness import readiness
 from server.convert import to_core, to_wire
-from server.protocol import ErrorResponse, HealthResponse, ReadyResponse, ReadyStatus, SelectRequestBody, SelectResponseBody
+from server.loop_metrics import LoopState
+from server.protocol import (
+    ErrorResponse,
+    EventBody,
+    EventResponse,
+    HealthResponse,
+    ReadyResponse,
+    ReadyStatus,
+    ReloadResponse,
+    SelectRequestBody,
+    SelectResponseBody,
+)
+from kernel.errors import RuntimeFault
 from server.security import ApiKeys
 
 log = logging.getLogger(__name__)
@@ -38,13 +52,40 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def create_app(settings: Settings, *, services: Services | None = None, llm_url: str | None = None) -> FastAPI:
+class FeedbackOff(RuntimeFault):
+    """This service was built without a feedback store (offline services)."""
+
+    code = "feedback_unavailable"
+    public = "this service does not take feedback events"
+
+
+def create_app(
+    settings: Settings, *, services: Services | None = None, llm_url: str | None = None, reload_on_sighup: bool = False
+) -> FastAPI:
     """`services` given: use them as they are (tests). Else build them at start-up; with no LLM URL in
-    settings (and the LLM enabled), start the bundled local model and stop it at shutdown."""
+    settings (and the LLM enabled), start the bundled local model and stop it at shutdown.
+    `reload_on_sighup`: SIGHUP reloads weights, behaviour tables, experiment and prompts (`adselect serve`)."""
+    reload_lock = asyncio.Lock()
+
+    async def do_reload(app: FastAPI) -> Services:
+        async with reload_lock:  # one reload at a time; requests keep being served by the old services meanwhile
+            new = await asyncio.to_thread(reload_services, app.state.services)
+            app.state.services = new
+            return new
+
+    def on_sighup(app: FastAPI) -> None:
+        async def run() -> None:
+            try:
+                await do_reload(app)
+            except Exception:
+                log.exception("SIGHUP reload refused: the previous version keeps serving")
+
+        asyncio.get_running_loop().create_task(run())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         local = None
+        built = False
         if services is not None:
             app.state.services = services
             app.state.llm_url = llm_url
@@ -61,14 +102,21 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
                 effective = settings.model_copy(update={"llm_max_candidates": settings.llm_candidates(bundled_model=True)})
             app.state.services = build_services(effective, llm_url=url)
             app.state.llm_url = url
+            built = True
             # What was just built (models, catalog, Chroma) lives as long as the process: out of the cyclic
             # collector's reach, a full collection under load scans only per-request objects. Measured with
             # bench/bench_load.py: shed-answer p99 217 ms -> 9 ms (the tail was gen-2 collections).
             gc.collect()
             gc.freeze()
+        if reload_on_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup, app)
         try:
             yield
         finally:
+            if reload_on_sighup:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            if built:
+                app.state.services.close()  # drain the impression log and the served rows
             if local is not None:
                 local.stop()
 
@@ -102,6 +150,7 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
         services=lambda: getattr(app.state, "services", None), inflight=lambda: gate.in_flight if gate else 0, reading=lambda: reading.n
     )
     app.state.metrics = metrics
+    metrics.registry.register(LoopState(lambda: getattr(app.state, "services", None)))
     app.add_middleware(
         Guard,
         keys=keys,
@@ -123,6 +172,29 @@ def create_app(settings: Settings, *, services: Services | None = None, llm_url:
         decision = await svc.selector.aselect(to_core(body, svc.settings, spent_ms=spent_ms))
         metrics.observe_decision(decision)
         return to_wire(decision)
+
+    @app.post(
+        "/v1/events",
+        response_model=EventResponse,
+        responses={404: {"model": ErrorResponse, "description": "Unknown request_id (or older than the feedback window)."},
+                   409: {"model": ErrorResponse, "description": "event_id already recorded with a different payload."}},
+    )  # fmt: skip
+    async def events(body: EventBody, svc: ServicesDep) -> EventResponse:
+        """Report that a served ad was rendered, clicked or converted. Idempotent by event_id: a retry answers
+        200 again and is not counted twice. 400 when the request did not serve that ad."""
+        if svc.served is None:
+            raise FeedbackOff("no feedback store")
+        status = await asyncio.to_thread(
+            svc.served.record_event, event_id=body.event_id, request_id=body.request_id, ad_id=body.ad_id, type=body.type, value=body.value
+        )
+        return EventResponse(status=status)
+
+    @app.post("/admin/reload", response_model=ReloadResponse)
+    async def admin_reload(request: Request) -> ReloadResponse:
+        """Reload weights (and calibration), behaviour tables, experiment and prompts without a restart. A bad
+        file is refused (400 reload_refused) and the previous version keeps serving."""
+        new = await do_reload(request.app)
+        return ReloadResponse(status="reloaded", versions=new.versions)
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz(svc: ServicesDep) -> HealthResponse:

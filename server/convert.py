@@ -22,6 +22,7 @@ def to_context(body: RequestContextBody | None, now: datetime) -> RequestContext
         publisher_id=body.publisher_id,
         blocked_categories=frozenset(body.blocked_categories),
         blocked_advertisers=frozenset(body.blocked_advertisers),
+        consent=body.consent,
     )
 
 
@@ -59,6 +60,7 @@ def to_wire(d: Decision) -> SelectResponseBody:
                 expected_value=a.expected_value,
                 copy=CopyOut(headline=a.copy.headline, description=a.copy.description),
                 original=CopyOut(headline=a.original.headline, description=a.original.description),
+                propensity=a.propensity,
             )
             for a in d.ads
         ],
@@ -70,4 +72,7 @@ def to_wire(d: Decision) -> SelectResponseBody:
         timings_ms=d.timings_ms,
         unknown_ids=d.unknown_ids,
         caps_unknown=d.caps_unknown,
+        arm=d.arm,
+        personalized=d.personalized,
+        versions=d.versions,
     )

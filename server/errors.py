@@ -11,13 +11,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kernel.errors import AdSelectError, CatalogError, LLMUnavailable, RuntimeFault, UserError
+from kernel.errors import AdSelectError, CatalogError, EventIdConflict, LLMUnavailable, RuntimeFault, UnknownRequest, UserError
 
 log = logging.getLogger(__name__)
 
 
 def status_for(exc: Exception) -> int:
     match exc:
+        case UnknownRequest():
+            return 404
+        case EventIdConflict():
+            return 409
         case UserError():
             return 400
         case CatalogError() | LLMUnavailable():

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -34,6 +34,10 @@ class RequestContextBody(BaseModel):
     publisher_id: str | None = Field(None, min_length=1, max_length=128, description="Publisher whose configured blocklists apply.")
     blocked_categories: list[Label] = Field(default_factory=list, max_length=MAX_BLOCKED, description="Categories or subcategories never to serve.")
     blocked_advertisers: list[Label] = Field(default_factory=list, max_length=MAX_BLOCKED, description="Advertisers never to serve.")
+    consent: bool | None = Field(
+        None, description="false: the user did not consent to personalisation; the ads are chosen without history or events "
+        "(contextual and popularity signals only), no history is logged, and the response says personalized: false.",
+    )  # fmt: skip
 
 
 class SelectRequestBody(BaseModel):
@@ -80,6 +84,9 @@ class AdOut(BaseModel):
     expected_value: float | None = Field(None, description="bid × pCTR (the ranking key unless the server ranks by relevance).")
     copy_: CopyOut = Field(alias="copy", serialization_alias="copy")
     original: CopyOut
+    propensity: float = Field(
+        1.0, description="Probability that this ad was served at this position given the ads above it (1.0 when nothing was randomised)."
+    )
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -109,6 +116,37 @@ class SelectResponseBody(BaseModel):
         description="Ads whose frequency cap could not be checked (the cap store failed): not served when "
         "caps_on_error=closed, served unrecorded when open.",
     )
+    arm: str = Field(description="The experiment arm (variant) that served this decision; 'default' without experiments.")
+    personalized: bool = Field(description="false: chosen without history or events (the request's context.consent was false).")
+    versions: dict[str, str | None] = Field(
+        description="Content hashes of what served it: weights, behaviour, experiment, prompt (as in the impression log)."
+    )
+
+
+EventType = Literal["rendered", "click", "conversion"]
+
+
+class EventBody(BaseModel):
+    """A rendered / click / conversion event for an ad a decision served. `event_id` makes retries safe."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"event_id": "7f0c…-click", "request_id": "3b1f…", "ad_id": "run-007", "type": "click"}
+    ]})  # fmt: skip
+
+    event_id: str = Field(min_length=1, max_length=128, description="Caller-chosen id; a repeat is accepted once, answered 200 again.")
+    request_id: str = Field(min_length=1, max_length=128, description="The request_id of the /v1/select response.")
+    ad_id: AdId = Field(description="An ad that response served.")
+    type: EventType
+    value: float | None = Field(None, ge=-1e9, le=1e9, description="Conversion value (optional).")
+
+
+class EventResponse(BaseModel):
+    status: Literal["recorded", "duplicate"] = Field(description="duplicate: this event_id was already recorded (not counted twice).")
+
+
+class ReloadResponse(BaseModel):
+    status: Literal["reloaded"]
+    versions: dict[str, str | None]
 
 
 class ErrorBody(BaseModel):

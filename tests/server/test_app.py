@@ -22,10 +22,11 @@ RUN_HISTORY = ["run-001", "run-004", "run-009"]
 TOP_KEYS = {
     "request_id", "ads", "llm_used", "degraded", "degraded_reason", "prompt", "model", "timings_ms", "unknown_ids",
     "caps_unknown",  # ads whose frequency cap could not be checked (docs/SAFETY.md §2)
+    "arm", "personalized", "versions",  # the closed loop (issue 9): experiment arm, consent, content hashes
 }  # fmt: skip
 ISSUE_AD_KEYS = {"ad_id", "score", "priors", "llm_rank", "justification", "copy", "original"}
 # Beyond the issue's list: display fields, and the calibrated click probability behind bid × pCTR ordering.
-EXTRA_AD_KEYS = {"title", "advertiser", "pctr", "expected_value"}
+EXTRA_AD_KEYS = {"title", "advertiser", "pctr", "expected_value", "propensity"}
 COPY_KEYS = {"headline", "description"}
 
 

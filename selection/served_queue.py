@@ -1,0 +1,86 @@
+"""What each decision served, handed to the feedback store off the request path.
+
+`ServedQueue.put(...)` is a queue put (never blocks, never touches SQLite); one thread writes the rows
+with `FeedbackStore.record_served`. An event that arrives before its decision's row is written would look
+"unknown": `record_event` then waits for the queue (`flush`) and tries once more, so a client that posts
+a click right after its response is never refused for being fast.
+
+A full queue drops the row (counted, logged): its events are then refused as unknown, never mis-joined.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from kernel.errors import AdNotServed, UnknownRequest
+from selection.feedback import FeedbackStore, Outcome, ServedAdRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    request_id: str
+    user_key: str
+    ads: tuple[ServedAdRow, ...]
+    arm: str
+    now: float
+
+
+class ServedQueue:
+    def __init__(self, store: FeedbackStore, *, maxsize: int = 10000):
+        self.store = store
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.dropped = 0
+        self.failed = 0
+        self._thread = threading.Thread(target=self._run, name="served-rows", daemon=True)
+        self._thread.start()
+
+    def put(self, *, request_id: str, user_key: str, ads: Sequence[ServedAdRow], arm: str, now: float) -> bool:
+        try:
+            self._q.put_nowait(_Row(request_id, user_key, tuple(ads), arm, now))
+            return True
+        except queue.Full:
+            self.dropped += 1
+            log.warning("served-rows queue full: decision not remembered", extra={"request_id": request_id})
+            return False
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every row queued so far is written (False on timeout)."""
+        done = threading.Event()
+        try:
+            self._q.put(done, timeout=timeout_s)
+        except queue.Full:
+            return False
+        return done.wait(timeout_s)
+
+    def record_event(self, *, event_id: str, request_id: str, ad_id: str, type: str, value: float | None) -> Outcome:
+        """`FeedbackStore.record`, retried once after the queue is written when the request looks unknown."""
+        try:
+            return self.store.record(event_id=event_id, request_id=request_id, ad_id=ad_id, type=type, value=value)
+        except (UnknownRequest, AdNotServed):
+            if not self.flush():
+                raise
+            return self.store.record(event_id=event_id, request_id=request_id, ad_id=ad_id, type=type, value=value)
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if isinstance(item, threading.Event):
+                item.set()
+                continue
+            try:
+                self.store.record_served(request_id=item.request_id, user_key=item.user_key, ads=list(item.ads), arm=item.arm, now=item.now)
+            except Exception:
+                self.failed += 1
+                log.exception("served rows not written", extra={"request_id": item.request_id})
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.flush(timeout_s)
+        self._q.put(None)
+        self._thread.join(timeout_s)

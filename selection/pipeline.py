@@ -39,7 +39,7 @@ from retrieval.store import CatalogIndex
 from selection.admission import Breaker, LLMAdmission, Limiter
 from selection.caps import CapStore, CapStoreError, Reservation
 from selection.fusion import FusionModel
-from selection.rules import EligibilityPolicy, chroma_where, is_eligible
+from selection.rules import EligibilityPolicy, EligibilityTable, chroma_where, is_eligible
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class Selector:
     recency_decay: float = 0.8
     exclude_history: bool = True
     llm_max_candidates: int = 20
+    _eligibility: tuple[CatalogIndex, EligibilityTable] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def breaker(self) -> Breaker | None:
@@ -154,18 +155,22 @@ class Selector:
     def _context(self, req: SelectRequest) -> RequestContext:
         return req.context if req.context is not None else RequestContext(now=datetime.now(timezone.utc).replace(tzinfo=None))
 
+    def _eligibility_table(self) -> EligibilityTable:
+        """Built once per catalog index (a reload that swaps the index builds a new one)."""
+        cached = self._eligibility
+        if cached is None or cached[0] is not self.index:
+            cached = self._eligibility = (self.index, EligibilityTable.from_ads(self.index.ads))
+        return cached[1]
+
     def _eligible(self, cset: CandidateSet, ctx: RequestContext, ineligible: dict[str, str]) -> CandidateSet:
         if self.policy is None:
             return cset
-        keep = np.ones(len(cset.rows), dtype=bool)
-        for i, row in enumerate(cset.rows.tolist()):
-            ok, reason = is_eligible(self.index.ads[row], ctx, self.policy)
-            if not ok:
-                keep[i] = False
-                ineligible[self.index.ids[row]] = reason or "ineligible"
+        keep, reasons = self._eligibility_table().check(cset.rows, self.index.ads, ctx, self.policy)
+        for row, reason in reasons.items():
+            ineligible[self.index.ids[row]] = reason
         if keep.all():
             return cset
-        return CandidateSet(cset.rows[keep], cset.features[keep], cset.sources)
+        return CandidateSet(cset.rows[keep], cset.features[keep], cset.by_source)
 
     def prior_stage(self, req: SelectRequest) -> PriorStage:
         t = time.perf_counter()
@@ -197,12 +202,15 @@ class Selector:
         scores = self.fusion.prior_scores(cset.features)
         order = np.argsort(-scores, kind="stable")
         head = max(req.k, self.llm_max_candidates)
-        cands: list[Candidate] = []
-        for rank, i in enumerate(order[:head]):
-            row = int(cset.rows[i])
-            priors = {f: round(float(v), 6) for f, v in zip(FEATURES, cset.features[i].tolist())}
-            cands.append(Candidate(ad=self.index.ads[row], priors=priors, prior_score=float(scores[i]), prior_rank=rank))
-        tail = [self.index.ids[int(cset.rows[i])] for i in order[head:]]
+        top = order[:head]
+        ads = self.index.ads
+        cands = [
+            Candidate(ad=ads[row], priors={f: round(v, 6) for f, v in zip(FEATURES, feats)}, prior_score=score, prior_rank=rank)
+            for rank, (row, feats, score) in enumerate(
+                zip(cset.rows[top].tolist(), cset.features[top].tolist(), scores[top].tolist())
+            )
+        ]
+        tail = self.index.id_array[cset.rows[order[head:]]].tolist()
         timings["fusion"] = _ms(t)
         history_ads = [self.index.ads[r] for r in hist_rows]
         return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), ineligible, timings)

@@ -110,6 +110,7 @@ def build_services(
         n_covisit=settings.n_covisit,
         n_popular=settings.n_popular,
         n_cf=settings.n_cf,
+        exact_max_ads=settings.exact_search_max_ads,
     )
     safety: dict = {}
     admission = LLMAdmission(margin_ms=settings.llm_margin_ms, max_deadline_ms=settings.max_deadline_ms)

@@ -144,6 +144,14 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Token-bucket refill per API key (per client IP when auth is off) on /v1/*; 0 = no rate limit. Excess: 429."
     )
     rate_limit_burst: int = Field(20, ge=1, description="Token-bucket size: requests a key may send at once.")
+    workers: int = Field(
+        0, ge=0, le=64, description="`adselect serve` worker processes (0: one per CPU). Caps are shared (SQLite/Redis); "
+        "rate limits and the in-flight limit are per worker, each given 1/workers of the configured rate, burst and limit."
+    )
+    worker_start_timeout_s: float = Field(
+        120.0, gt=0, description="`adselect serve` with workers: a worker not answering its supervisor's health check within this is restarted."
+    )
+    log_format: Literal["json", "text"] = Field("json", description="Log lines on stderr (`adselect --log-format` sets it for the workers).")
     max_inflight: int = Field(64, ge=0, description="Server-wide /v1/select requests in progress; excess answered 503 at once (0 = no limit).")
     readiness_timeout_s: float = Field(1.0, gt=0, description="Per-dependency time limit of a /readyz check (Chroma, caps, LLM).")
 

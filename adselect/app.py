@@ -9,10 +9,12 @@ from fastapi import FastAPI
 
 from kernel.settings import Settings
 from server.app import create_app
-from server.logs import configure_logging
+from server.logs import configure_logging, queue_logging
 
 
 def factory() -> FastAPI:
     settings = Settings()
     configure_logging(level=logging.INFO, fmt=settings.log_format)
+    if settings.log_queue_size:
+        queue_logging(size=settings.log_queue_size)
     return create_app(settings)

@@ -176,6 +176,10 @@ def serve(
     n = workers or s.workers or os.cpu_count() or 1
     if n == 1:
         from server.app import create_app
+        from server.logs import queue_logging
+
+        if s.log_queue_size:
+            queue_logging(size=s.log_queue_size)
 
         # log_config=None: uvicorn's own records (access log included) go to the JSON handler set up in main()
         uvicorn.run(create_app(s), host=host, port=port, log_level="info", log_config=None)

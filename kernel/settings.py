@@ -151,6 +151,10 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(
         120.0, gt=0, description="`adselect serve` with workers: a worker not answering its supervisor's health check within this is restarted."
     )
+    log_queue_size: int = Field(
+        10_000, ge=0, description="`adselect serve`: log records (audit lines, access log) wait for the writer thread in a queue "
+        "of this size; a full queue drops the record and counts it (adselect_log_records_dropped), it never blocks a request. 0: written inline."
+    )
     log_format: Literal["json", "text"] = Field("json", description="Log lines on stderr (`adselect --log-format` sets it for the workers).")
     max_inflight: int = Field(64, ge=0, description="Server-wide /v1/select requests in progress; excess answered 503 at once (0 = no limit).")
     readiness_timeout_s: float = Field(1.0, gt=0, description="Per-dependency time limit of a /readyz check (Chroma, caps, LLM).")

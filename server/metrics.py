@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from kernel.reasons import CALL_FAILURES
 from kernel.types import Decision
+from server.logs import dropped_log_records
 
 # Degradations that are the LLM failing (the rest are load or policy: busy, breaker open, off, no time left).
 LLM_ERROR_REASONS = frozenset(str(r) for r in CALL_FAILURES)
@@ -42,6 +43,9 @@ class _LiveState(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("adselect_select_inflight", "/v1/select requests in progress.", value=self._inflight())
+        yield CounterMetricFamily(
+            "adselect_log_records_dropped", "Log records (audit lines included) dropped by a full log queue (this worker).", value=dropped_log_records()
+        )
         yield GaugeMetricFamily("adselect_body_reading", "Requests whose body is still being read (they hold no slot).", value=self._reading())
         svc = self._services()
         if svc is None:

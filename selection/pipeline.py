@@ -37,7 +37,7 @@ from retrieval.candidates import CandidateGenerator, CandidateSet
 from retrieval.features import FEATURES, build_profile
 from retrieval.store import CatalogIndex
 from selection.admission import Breaker, LLMAdmission, Limiter
-from selection.caps import CapStore, CapStoreError, Reservation
+from selection.caps import CapStore, CapStoreError, Reservation, reserve_in_order
 from selection.fusion import FusionModel
 from selection.rules import EligibilityPolicy, EligibilityTable, chroma_where, is_eligible
 
@@ -299,7 +299,7 @@ class Selector:
         """Walk the order until k ads: re-check eligibility, reserve the caps, choose the copy (into `out`)."""
         pctr = self.fusion.pctr(scores)
         ctx = self._context(req)
-        store_down = False
+        verdicts = self._reserve_all(req, stage, order, ctx=ctx, ukey=ukey, out=out) if self.caps is not None else {}
         for i in order:
             skipped_unknown = len(out.caps_unknown) if self.caps_on_error == "closed" else 0
             if len(out.ads) + skipped_unknown >= req.k:  # closed: the ads it would have served are listed, not served
@@ -311,7 +311,7 @@ class Selector:
                     stage.ineligible[c.ad.ad_id] = why or "ineligible"
                     continue
             if self.caps is not None:
-                verdict, store_down = self._reserve(ukey, c.ad, out, store_down=store_down)
+                verdict = verdicts.get(c.ad.ad_id, "unknown")
                 if verdict == "capped":
                     out.capped.append(c.ad.ad_id)
                     continue
@@ -335,20 +335,22 @@ class Selector:
                 )
             )
 
-    def _reserve(self, ukey: str, ad: Ad, out: Served, *, store_down: bool) -> tuple[str, bool]:
-        """("reserved" | "capped" | "unknown", store_down). After one failure the store is not asked again
+    def _reserve_all(
+        self, req: SelectRequest, stage: PriorStage, order: np.ndarray, *, ctx: RequestContext, ukey: str, out: Served
+    ) -> dict[str, str]:
+        """ad_id -> "reserved" | "capped" for the eligible ads in serving order, until k are reserved, in one
+        round trip to the cap store (selection.caps.reserve_in_order). Ads it did not reach, or could not
+        check because the store failed, are absent: "unknown". After a failure the store is not asked again
         in this request (its answer would come late, if at all)."""
-        if store_down:
-            return "unknown", True
-        try:
-            r = self.caps.reserve(ukey, ad.ad_id, ad.advertiser)  # type: ignore[union-attr]
-        except CapStoreError as e:
-            log.warning("cap store failed", extra={"error": str(e), "caps_on_error": self.caps_on_error})
-            return "unknown", True
-        if r is None:
-            return "capped", False
-        out.reservations.append(r)
-        return "reserved", False
+        ads = [stage.candidates[int(i)].ad for i in order]
+        if self.policy is not None:
+            ads = [a for a in ads if is_eligible(a, ctx, self.policy).ok]
+        got, error = reserve_in_order(
+            self.caps, ukey, [(a.ad_id, a.advertiser) for a in ads], limit=req.k, reserved=out.reservations  # type: ignore[arg-type]
+        )
+        if error is not None:
+            log.warning("cap store failed", extra={"error": str(error), "caps_on_error": self.caps_on_error})
+        return {a.ad_id: ("reserved" if r is not None else "capped") for a, r in zip(ads, got)}
 
     def _give_back(self, reservations: list[Reservation]) -> None:
         for r in reservations:

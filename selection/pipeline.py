@@ -146,10 +146,15 @@ class Selector:
         `stage`: this request's prior stage, already computed by the caller (eval reuses the one it
         ranked the baselines with); the deadline then counts from this call."""
         started = time.perf_counter()
+        if stage is None and not req.use_llm:  # the fast path: one hop to the worker thread, not two
+            return await asyncio.to_thread(self._fast_path, req, started)
         if stage is None:
             stage = await asyncio.to_thread(self.prior_stage, req)
         llm, reason = await self._llm_stage(req, stage, started)
         return await asyncio.to_thread(self._finish, req, stage, llm, reason, started)
+
+    def _fast_path(self, req: SelectRequest, started: float) -> Decision:
+        return self._finish(req, self.prior_stage(req), None, None, started)
 
     # ---- stage 1: priors -------------------------------------------------------------------
     def _context(self, req: SelectRequest) -> RequestContext:

@@ -49,11 +49,12 @@ class CandidateGenerator:
     def _dense(self, profile: UserProfile, n: int, where: dict | None) -> list[int]:
         if profile.vector is None or n <= 0:
             return []
-        mask = None
+        mask = None  # None: every row may be returned
         if self.use_chroma and self.store is not None:
-            if len(self.index) <= self.exact_max_ads:
+            exact = len(self.index) <= self.exact_max_ads
+            if exact and where is not None:
                 mask = self.index.columns.mask(where)
-            if mask is None:
+            if not exact or (where is not None and mask is None):
                 hits = self.store.nearest(profile.vector, min(n, len(self.index)), where=where)
                 return [self.index.row[i] for i, _ in hits if i in self.index.row]
         sims = self.index.vectors @ profile.vector

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -88,6 +89,7 @@ def main(
     if log_format not in ("json", "text"):
         raise typer.BadParameter("json or text", param_hint="--log-format")
     _STATE["verbose"] = verbose
+    _STATE["log_format"] = log_format
     configure_logging(level=logging.DEBUG if verbose else logging.INFO, fmt=log_format)  # type: ignore[arg-type]
 
 
@@ -169,19 +171,34 @@ def serve(
     port: int = typer.Option(8000, "--port", help="TCP port to listen on."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     no_llm: bool = typer.Option(False, "--no-llm", help="Fast path only: do not start or call an LLM."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker processes; default ADSELECT_WORKERS, 0 there: one per CPU."),
 ) -> None:
     """Serve POST /v1/select. Without ADSELECT_LLM_URL the bundled local model is started and stopped with it."""
     import uvicorn
-
-    from server.app import create_app
 
     s = _settings(data_dir)
     if no_llm:
         s = s.model_copy(update={"llm_enabled": False})
     s.resolved_weights_path()  # a configured weights file that is not there stops here, before the port opens
-    # log_config=None: uvicorn's own records (access log included) go to the JSON handler set up in main()
-    # SIGHUP reloads weights, behaviour tables, experiment and prompts (as POST /admin/reload does)
-    uvicorn.run(create_app(s, reload_on_sighup=True), host=host, port=port, log_level="info", log_config=None)
+    n = workers or s.workers or os.cpu_count() or 1
+    if n == 1:
+        from server.app import create_app
+        from server.logs import queue_logging
+
+        if s.log_queue_size:
+            queue_logging(size=s.log_queue_size)
+
+        # log_config=None: uvicorn's own records (access log included) go to the JSON handler set up in main()
+        # SIGHUP reloads weights, behaviour tables, experiment and prompts (as POST /admin/reload does)
+        uvicorn.run(create_app(s, reload_on_sighup=True), host=host, port=port, log_level="info", log_config=None)
+        return
+    from server.multiworker import worker_environment
+
+    with worker_environment(s, workers=n, log_format=_STATE.get("log_format", "json")):
+        uvicorn.run(
+            "adselect.app:factory", factory=True, workers=n, host=host, port=port, log_level="info", log_config=None,
+            timeout_worker_healthcheck=int(s.worker_start_timeout_s),
+        )  # fmt: skip
 
 
 @app.command("settings")

@@ -26,11 +26,12 @@ from agent.local_server import free_port
 from retrieval.features import build_profile
 
 
-def floor_ms(data_dir: Path, hists: list[list[str]], *, k: int, decay: float) -> tuple[list[float], int]:
+def floor_ms(data_dir: Path, hists: list[list[str]], *, k: int, decay: float, collection: str | None = None) -> tuple[list[float], int]:
     """Brute-force numpy top-k per request over the same embeddings (single BLAS thread, like the server)."""
     from threadpoolctl import threadpool_limits
 
-    index = make_store(Settings(_env_file=None, data_dir=data_dir)).load_index()
+    s = Settings(_env_file=None, data_dir=data_dir)
+    index = make_store(s.model_copy(update={"collection": collection}) if collection else s).load_index()
     out: list[float] = []
     with threadpool_limits(limits=1, user_api="blas"):
         for h in hists:
@@ -50,7 +51,9 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
     n = args.requests + args.warmup
     hists = histories(CATALOGS[catalog]["impressions"], n, seed=args.seed)
     port = free_port()
-    proc = start_server(data_dir, port, scratch / f"{catalog}_server.log")
+    collection = args.collection if catalog == "games" and args.collection else None
+    env = {"ADSELECT_COLLECTION": collection} if collection else None
+    proc = start_server(data_dir, port, scratch / f"{catalog}_server.log", env_overrides=env, workers=args.workers)
     lat: list[float] = []
     server_total: list[float] = []
     errors = 0
@@ -73,7 +76,7 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
             wall = time.perf_counter() - started
     finally:
         stop(proc)
-    floor, n_ads = floor_ms(data_dir, hists[args.warmup :][: len(lat)], k=args.k, decay=Settings(_env_file=None).recency_decay)
+    floor, n_ads = floor_ms(data_dir, hists[args.warmup :][: len(lat)], k=args.k, decay=Settings(_env_file=None).recency_decay, collection=collection)
     hist_len = np.mean([len(h) for h in hists[args.warmup :][: len(lat)]])
     print(f"\n[{catalog}] {ads} ads served, data dir {data_dir}; {len(lat)} timed requests after {args.warmup} warm-up, "
           f"k={args.k}, mean history {hist_len:.1f}, {errors} non-200")  # fmt: skip
@@ -90,6 +93,8 @@ def main() -> None:
     ap.add_argument("--catalog", action="append", choices=sorted(CATALOGS), help="Repeatable; default: demo and games.")
     ap.add_argument("--demo-data-dir", type=Path, default=None, help="An already-ingested demo data dir.")
     ap.add_argument("--games-data-dir", "--data-dir", type=Path, default=None, help="An already-ingested Games data dir (else ingest: minutes).")
+    ap.add_argument("--collection", default=None, help="Chroma collection of the Games data dir (default: ads).")
+    ap.add_argument("--workers", type=int, default=None, help="adselect serve --workers (default: one per CPU).")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--k", type=int, default=3)

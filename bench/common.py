@@ -69,18 +69,23 @@ def summary(ms: list[float] | np.ndarray) -> str:
     return f"n={len(a)} p50={p50:.2f}ms p90={p90:.2f}ms p99={p99:.2f}ms mean={a.mean():.2f}ms max={a.max():.2f}ms"
 
 
-def start_server(data_dir: Path, port: int, log_path: Path, *, env_overrides: dict[str, str] | None = None) -> subprocess.Popen:
-    """A real `adselect serve --no-llm` process on 127.0.0.1:`port`, returned once /healthz answers."""
+def start_server(
+    data_dir: Path, port: int, log_path: Path, *, env_overrides: dict[str, str] | None = None, workers: int | None = None
+) -> subprocess.Popen:
+    """A real `adselect serve --no-llm` process (this checkout's code, `python -m adselect.cli`) on
+    127.0.0.1:`port`, returned once /healthz answers. `workers` None: the server's default (one per CPU)."""
     import httpx
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env.update(env_overrides or {})
     cmd = [
-        str(Path(sys.executable).with_name("adselect")), "serve", "--no-llm",
+        sys.executable, "-m", "adselect.cli", "serve", "--no-llm",
         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
     ]  # fmt: skip
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while True:
         try:

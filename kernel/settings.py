@@ -28,6 +28,12 @@ class Settings(BaseSettings):
 
     # --- candidates / priors ---------------------------------------------------------------
     n_dense: int = Field(100, ge=0, le=1000, description="Chroma nearest neighbours per impression.")
+    exact_search_max_ads: int = Field(
+        30_000,
+        ge=0,
+        description="Catalogs up to this size: dense neighbours by exact in-memory search (filters evaluated on in-memory metadata) "
+        "instead of a Chroma query; 0: always Chroma. At 16,859 x 384: 1.2 ms exact vs 1.7 ms Chroma HNSW (bench/profile_fast.py).",
+    )
     n_covisit: int = Field(100, ge=0, le=1000, description="Co-visitation neighbours per impression.")
     n_popular: int = Field(30, ge=0, le=1000, description="Popular ads added to the candidate pool.")
     n_cf: int = Field(100, ge=0, le=1000, description="Collaborative-vector neighbours per impression.")
@@ -148,6 +154,18 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Token-bucket refill per API key (per client IP when auth is off) on /v1/*; 0 = no rate limit. Excess: 429."
     )
     rate_limit_burst: int = Field(20, ge=1, description="Token-bucket size: requests a key may send at once.")
+    workers: int = Field(
+        0, ge=0, le=64, description="`adselect serve` worker processes (0: one per CPU). Caps are shared (SQLite/Redis); "
+        "rate limits and the in-flight limit are per worker, each given 1/workers of the configured rate, burst and limit."
+    )
+    worker_start_timeout_s: float = Field(
+        120.0, gt=0, description="`adselect serve` with workers: a worker not answering its supervisor's health check within this is restarted."
+    )
+    log_queue_size: int = Field(
+        10_000, ge=0, description="`adselect serve`: log records (audit lines, access log) wait for the writer thread in a queue "
+        "of this size; a full queue drops the record and counts it (adselect_log_records_dropped), it never blocks a request. 0: written inline."
+    )
+    log_format: Literal["json", "text"] = Field("json", description="Log lines on stderr (`adselect --log-format` sets it for the workers).")
     max_inflight: int = Field(64, ge=0, description="Server-wide /v1/select requests in progress; excess answered 503 at once (0 = no limit).")
     readiness_timeout_s: float = Field(1.0, gt=0, description="Per-dependency time limit of a /readyz check (Chroma, caps, LLM).")
 

@@ -76,8 +76,17 @@ def covisit_scores(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarra
 
 def _row_mix(matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """sum_i weights[i] * matrix[rows[i]] as a dense vector: touches only the non-zeros of those rows."""
-    block = matrix[rows]
-    return np.asarray(block.T @ weights).ravel().astype(np.float32)
+    # The CSR arrays read directly (no sliced sparse matrix per call: scipy's indexing costs more than the sum).
+    indptr = matrix.indptr
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lens = ends - starts
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(matrix.shape[1], dtype=np.float32)
+    offsets = np.cumsum(lens) - lens
+    pos = np.arange(total) + np.repeat(starts - offsets, lens)
+    vals = matrix.data[pos] * np.repeat(np.asarray(weights, dtype=matrix.data.dtype), lens)
+    return np.bincount(matrix.indices[pos], weights=vals, minlength=matrix.shape[1]).astype(np.float32)
 
 
 def cf_profile(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray | None:

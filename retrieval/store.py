@@ -12,11 +12,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from kernel.errors import CatalogError
 from kernel.types import Ad
+from retrieval.metadata_mask import MetadataColumns
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,16 @@ class CatalogIndex:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @cached_property
+    def id_array(self) -> np.ndarray:
+        """`ids` as an object array: ids of many rows in one fancy-indexing step."""
+        return np.array(self.ids, dtype=object)
+
+    @cached_property
+    def columns(self) -> MetadataColumns:
+        """Metadata as arrays, for Chroma `where` filters evaluated in memory (exact search)."""
+        return MetadataColumns.from_ads(self.ads)
 
     def rows(self, ids: Iterable[str]) -> tuple[list[int], list[str]]:
         """Known rows in input order, and the unknown ids."""

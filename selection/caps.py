@@ -5,10 +5,13 @@ requests for one user can never exceed a cap. An impression at time t counts whi
 An ad with an empty advertiser is checked against the per-ad cap only.
 
 Two stores, same semantics:
-- `SQLiteCapStore(path)`: embedded; WAL, one `BEGIN IMMEDIATE` transaction per reservation, so it is
-  safe across threads (one connection behind a lock) and across processes (SQLite's write lock).
+- `SQLiteCapStore(path)`: embedded; WAL (synchronous=NORMAL), one `BEGIN IMMEDIATE` transaction per call,
+  so it is safe across threads (one connection behind a lock) and across processes (SQLite's write lock).
 - `RedisCapStore(client)`: a Lua script over two sorted sets per reservation (score = time), each
   expiring `window_s` after its last write. Keys share a `{user_key}` hash tag (Redis Cluster safe).
+
+`reserve_in_order()` (what the pipeline calls) reserves a request's ads in one round trip: `reserve_many`
+(one SQLite transaction, one Redis script call) on both stores.
 
 `reserve()` returns a `Reservation` that `release()` gives back (the pipeline does when a response fails
 after some ads were reserved); `try_reserve()` is the same check as a bool.
@@ -95,6 +98,10 @@ class CapStore(Protocol):
         """Give back a reservation (the ad was not served after all); releasing twice is harmless."""
         ...
 
+    # Optional: reserve_many(user_key, items, *, limit, now=None) -> list[Reservation | None], the same checks
+    # for (ad_id, advertiser) items in order until `limit` are reserved, in one round trip (all or nothing on
+    # a store failure). reserve_in_order() uses it when the store has it.
+
     def count(
         self, user_key: str, *, ad_id: str | None = None, advertiser: str | None = None, now: float | None = None
     ) -> int:
@@ -102,6 +109,42 @@ class CapStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def reserve_in_order(
+    store: CapStore,
+    user_key: str,
+    items: list[tuple[str, str]],
+    *,
+    limit: int,
+    reserved: list[Reservation],
+    now: float | None = None,
+) -> tuple[list[Reservation | None], CapStoreError | None]:
+    """Verdicts (a Reservation, or None: capped) for (ad_id, advertiser) `items` in order until `limit` are
+    reserved, each reservation also appended to `reserved` as soon as it exists (so a caller that fails later
+    can give it back). A store failure ends the walk: the verdicts so far and the error (the rest unknown).
+
+    One round trip when the store has `reserve_many` (SQLite: one transaction; Redis: one script call)."""
+    many = getattr(store, "reserve_many", None)
+    if many is not None:
+        try:
+            out = many(user_key, items, limit=limit, now=now)
+        except CapStoreError as e:
+            return [], e
+        reserved.extend(r for r in out if r is not None)
+        return out, None
+    out = []
+    for ad_id, advertiser in items:
+        if len(out) - out.count(None) >= limit:
+            break
+        try:
+            r = store.reserve(user_key, ad_id, advertiser, now=now)
+        except CapStoreError as e:
+            return out, e
+        out.append(r)
+        if r is not None:
+            reserved.append(r)
+    return out, None
 
 
 def _one_of(ad_id: str | None, advertiser: str | None) -> None:
@@ -223,6 +266,58 @@ class SQLiteCapStore:
             raise CapStoreError(f"cap store {self.path}: {e}") from e
         return Reservation(user_key, ad_id, advertiser, str(row_id)) if allowed else None
 
+    def reserve_many(
+        self, user_key: str, items: list[tuple[str, str]], *, limit: int, now: float | None = None
+    ) -> list[Reservation | None]:
+        """`reserve()` for each (ad_id, advertiser) in order until `limit` are reserved, in one `BEGIN IMMEDIATE`
+        transaction (WAL, synchronous=NORMAL: durable at the next checkpoint, never corrupt): one write lock
+        per request, and the checks see the reservations made earlier in the same call."""
+        now = time.time() if now is None else now
+        cutoff = now - self.config.window_s
+        cfg = self.config
+        out: list[Reservation | None] = []
+        try:
+            with self._lock:
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.execute("DELETE FROM impressions WHERE user_key=? AND ts<=?", (user_key, cutoff))
+                    n_reserved = 0
+                    for ad_id, advertiser in items:
+                        if n_reserved >= limit:
+                            break
+                        allowed = True
+                        if cfg.max_per_ad is not None:
+                            (n,) = conn.execute(
+                                "SELECT count(*) FROM impressions WHERE user_key=? AND ad_id=? AND ts>?", (user_key, ad_id, cutoff)
+                            ).fetchone()
+                            allowed = n < cfg.max_per_ad
+                        if allowed and advertiser and cfg.max_per_advertiser is not None:
+                            (n,) = conn.execute(
+                                "SELECT count(*) FROM impressions WHERE user_key=? AND advertiser=? AND ts>?", (user_key, advertiser, cutoff)
+                            ).fetchone()
+                            allowed = n < cfg.max_per_advertiser
+                        if not allowed:
+                            out.append(None)
+                            continue
+                        row_id = conn.execute(
+                            "INSERT INTO impressions (user_key, ad_id, advertiser, ts) VALUES (?, ?, ?, ?)", (user_key, ad_id, advertiser, now)
+                        ).lastrowid
+                        out.append(Reservation(user_key, ad_id, advertiser, str(row_id)))
+                        n_reserved += 1
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                self._since_prune += max(1, len(out))
+                if self._since_prune >= self.PRUNE_EVERY:
+                    self._since_prune = 0
+                    conn.execute("DELETE FROM impressions WHERE ts<=?", (cutoff,))
+        except sqlite3.Error as e:
+            raise CapStoreError(f"cap store {self.path}: {e}") from e
+        return out
+
     def release(self, reservation: Reservation) -> None:
         try:
             with self._lock:
@@ -302,6 +397,40 @@ end
 return 1
 """
 
+# Many reservations in order in one call. KEYS: per item its per-ad key, then its per-advertiser key when it has one.
+# ARGV: now, cutoff, max_ad, max_adv, ttl_ms, limit, then per item: key count (1 or 2), member.
+# Returns one 1 (reserved) or 0 (capped) per item examined; stops once `limit` are reserved.
+_RESERVE_MANY_LUA = """
+local now, cutoff = ARGV[1], ARGV[2]
+local max_ad, max_adv = tonumber(ARGV[3]), tonumber(ARGV[4])
+local ttl, limit = tonumber(ARGV[5]), tonumber(ARGV[6])
+local out, k, reserved, a = {}, 1, 0, 7
+while a <= #ARGV do
+  if reserved >= limit then break end
+  local nkeys, member = tonumber(ARGV[a]), ARGV[a + 1]
+  local ok = true
+  redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', cutoff)
+  if max_ad >= 0 and redis.call('ZCARD', KEYS[k]) >= max_ad then ok = false end
+  if ok and nkeys > 1 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 1], '-inf', cutoff)
+    if max_adv >= 0 and redis.call('ZCARD', KEYS[k + 1]) >= max_adv then ok = false end
+  end
+  if ok then
+    for i = k, k + nkeys - 1 do
+      redis.call('ZADD', KEYS[i], now, member)
+      redis.call('PEXPIRE', KEYS[i], ttl)
+    end
+    reserved = reserved + 1
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+  k = k + nkeys
+  a = a + 2
+end
+return out
+"""
+
 
 class RedisCapStore:
     """Caps in Redis sorted sets; pass any `redis.Redis` client (sync).
@@ -319,6 +448,7 @@ class RedisCapStore:
         self.config = config
         self.prefix = prefix
         self._reserve = client.register_script(_RESERVE_LUA)
+        self._reserve_many = client.register_script(_RESERVE_MANY_LUA)
         self._health = CircuitBreaker(1, retry_after_s, name="caps")
         self._unsure: collections.deque[Reservation] = collections.deque(maxlen=100_000)
         self._unsure_lock = threading.Lock()
@@ -391,6 +521,35 @@ class RedisCapStore:
                     self._unsure.append(r)
             raise
         return r if int(ok) else None
+
+    def reserve_many(
+        self, user_key: str, items: list[tuple[str, str]], *, limit: int, now: float | None = None
+    ) -> list[Reservation | None]:
+        """`reserve()` for each (ad_id, advertiser) in order until `limit` are reserved, in one script call."""
+        now = time.time() if now is None else now
+        cfg = self.config
+        pending = [Reservation(user_key, a, adv, f"{now!r}:{uuid.uuid4().hex}") for a, adv in items]
+        keys: list[str] = []
+        args: list[Any] = [
+            repr(float(now)),
+            repr(float(now - cfg.window_s)),
+            -1 if cfg.max_per_ad is None else cfg.max_per_ad,
+            -1 if cfg.max_per_advertiser is None else cfg.max_per_advertiser,
+            max(1, math.ceil(cfg.window_s * 1000)),
+            limit,
+        ]
+        for r in pending:
+            k = self._keys(r)
+            keys += k
+            args += [len(k), r.token]
+        try:
+            got = self._call(lambda: self._reserve_many(keys=keys, args=args))
+        except CapStoreError as e:
+            if isinstance(e.__cause__, Exception):  # the script may have run: give all of it back once Redis answers
+                with self._unsure_lock:
+                    self._unsure.extend(pending)
+            raise
+        return [r if int(ok) else None for r, ok in zip(pending, got)]
 
     def release(self, reservation: Reservation) -> None:
         try:

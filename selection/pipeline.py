@@ -37,13 +37,13 @@ from retrieval.candidates import CandidateGenerator, CandidateSet
 from retrieval.features import FEATURES, build_profile
 from retrieval.store import CatalogIndex
 from selection.admission import Breaker, LLMAdmission, Limiter
-from selection.caps import CapStore, CapStoreError, Reservation
+from selection.caps import CapStore, CapStoreError, Reservation, reserve_in_order
 from selection.experiments import Experiment
 from selection.exploration import OFF, ExplorationConfig, explore
 from selection.feedback import ServedAdRow
 from selection.fusion import FusionModel
 from selection.impression_log import ImpressionLogWriter, NullImpressionLog, ScoredEntry, ServedEntry, build_record
-from selection.rules import EligibilityPolicy, chroma_where, is_eligible
+from selection.rules import EligibilityPolicy, EligibilityTable, chroma_where, is_eligible
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,7 @@ class Selector:
     hash_events: Callable[[Sequence[str]], list[str]] = lambda events: []
     versions: dict[str, str | None] = field(default_factory=dict)  # weights, experiment, behaviour, prompt
     log_sync: bool = False  # wait for the impression log writer before answering (durable before acknowledged)
+    _eligibility: tuple[CatalogIndex, EligibilityTable] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def breaker(self) -> Breaker | None:
@@ -191,6 +192,8 @@ class Selector:
         turn = self.turn(req)
         req = self.apply_turn(req, turn)
         sel = turn.arm.selector or self
+        if stage is None and not req.use_llm:  # the fast path: one hop to the worker thread, not two
+            return await asyncio.to_thread(sel._fast_path, req, started, turn)
         if stage is None:
             stage = await asyncio.to_thread(sel.prior_stage, req)
         llm, reason = await sel._llm_stage(req, stage, started)
@@ -211,22 +214,29 @@ class Selector:
             req = replace(req, use_llm=False)
         return req
 
+    def _fast_path(self, req: SelectRequest, started: float, turn: Turn) -> Decision:
+        return self._finish(req, self.prior_stage(req), None, None, started, turn)
+
     # ---- stage 1: priors -------------------------------------------------------------------
     def _context(self, req: SelectRequest) -> RequestContext:
         return req.context if req.context is not None else RequestContext(now=datetime.now(timezone.utc).replace(tzinfo=None))
 
+    def _eligibility_table(self) -> EligibilityTable:
+        """Built once per catalog index (a reload that swaps the index builds a new one)."""
+        cached = self._eligibility
+        if cached is None or cached[0] is not self.index:
+            cached = self._eligibility = (self.index, EligibilityTable.from_ads(self.index.ads))
+        return cached[1]
+
     def _eligible(self, cset: CandidateSet, ctx: RequestContext, ineligible: dict[str, str]) -> CandidateSet:
         if self.policy is None:
             return cset
-        keep = np.ones(len(cset.rows), dtype=bool)
-        for i, row in enumerate(cset.rows.tolist()):
-            ok, reason = is_eligible(self.index.ads[row], ctx, self.policy)
-            if not ok:
-                keep[i] = False
-                ineligible[self.index.ids[row]] = reason or "ineligible"
+        keep, reasons = self._eligibility_table().check(cset.rows, self.index.ads, ctx, self.policy)
+        for row, reason in reasons.items():
+            ineligible[self.index.ids[row]] = reason
         if keep.all():
             return cset
-        return CandidateSet(cset.rows[keep], cset.features[keep], cset.sources)
+        return CandidateSet(cset.rows[keep], cset.features[keep], cset.by_source)
 
     def prior_stage(self, req: SelectRequest) -> PriorStage:
         t = time.perf_counter()
@@ -258,12 +268,15 @@ class Selector:
         scores = self.fusion.prior_scores(cset.features)
         order = np.argsort(-scores, kind="stable")
         head = max(req.k, self.llm_max_candidates)
-        cands: list[Candidate] = []
-        for rank, i in enumerate(order[:head]):
-            row = int(cset.rows[i])
-            priors = {f: round(float(v), 6) for f, v in zip(FEATURES, cset.features[i].tolist())}
-            cands.append(Candidate(ad=self.index.ads[row], priors=priors, prior_score=float(scores[i]), prior_rank=rank))
-        tail = [self.index.ids[int(cset.rows[i])] for i in order[head:]]
+        top = order[:head]
+        ads = self.index.ads
+        cands = [
+            Candidate(ad=ads[row], priors={f: round(v, 6) for f, v in zip(FEATURES, feats)}, prior_score=score, prior_rank=rank)
+            for rank, (row, feats, score) in enumerate(
+                zip(cset.rows[top].tolist(), cset.features[top].tolist(), scores[top].tolist())
+            )
+        ]
+        tail = self.index.id_array[cset.rows[order[head:]]].tolist()
         timings["fusion"] = _ms(t)
         history_ads = [self.index.ads[r] for r in hist_rows]
         return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), ineligible, timings)
@@ -410,7 +423,7 @@ class Selector:
         """Walk the order until k ads: re-check eligibility, reserve the caps, choose the copy (into `out`)."""
         pctr = self.fusion.pctr(scores)
         ctx = self._context(req)
-        store_down = False
+        verdicts = self._reserve_all(req, stage, order, ctx=ctx, ukey=ukey, out=out) if self.caps is not None else {}
         for i in order:
             skipped_unknown = len(out.caps_unknown) if self.caps_on_error == "closed" else 0
             if len(out.ads) + skipped_unknown >= req.k:  # closed: the ads it would have served are listed, not served
@@ -422,7 +435,7 @@ class Selector:
                     stage.ineligible[c.ad.ad_id] = why or "ineligible"
                     continue
             if self.caps is not None:
-                verdict, store_down = self._reserve(ukey, c.ad, out, store_down=store_down)
+                verdict = verdicts.get(c.ad.ad_id, "unknown")
                 if verdict == "capped":
                     out.capped.append(c.ad.ad_id)
                     continue
@@ -513,8 +526,14 @@ class Selector:
         for i, p in zip(drawn.served, drawn.propensities):
             c = cands[i]
             if self.caps is not None and not state["store_down"]:
-                verdict, _ = self._reserve(ukey, c.ad, out, store_down=False)
-                if verdict != "reserved":
+                got, error = reserve_in_order(self.caps, ukey, [(c.ad.ad_id, c.ad.advertiser)], limit=1, reserved=out.reservations)
+                if error is not None:  # the store failed between the read and the reservation: the policy decides
+                    log.warning("cap store failed", extra={"error": str(error), "caps_on_error": self.caps_on_error})
+                    state["store_down"] = True
+                    out.caps_unknown.append(c.ad.ad_id)
+                    if self.caps_on_error != "open":
+                        continue
+                elif not got or got[0] is None:
                     out.capped.append(c.ad.ad_id)
                     continue
             copy, justification = self._choose_copy(c, llm, req, stage, out.copy_rejections)
@@ -534,20 +553,22 @@ class Selector:
                 )
             )
 
-    def _reserve(self, ukey: str, ad: Ad, out: Served, *, store_down: bool) -> tuple[str, bool]:
-        """("reserved" | "capped" | "unknown", store_down). After one failure the store is not asked again
+    def _reserve_all(
+        self, req: SelectRequest, stage: PriorStage, order: np.ndarray, *, ctx: RequestContext, ukey: str, out: Served
+    ) -> dict[str, str]:
+        """ad_id -> "reserved" | "capped" for the eligible ads in serving order, until k are reserved, in one
+        round trip to the cap store (selection.caps.reserve_in_order). Ads it did not reach, or could not
+        check because the store failed, are absent: "unknown". After a failure the store is not asked again
         in this request (its answer would come late, if at all)."""
-        if store_down:
-            return "unknown", True
-        try:
-            r = self.caps.reserve(ukey, ad.ad_id, ad.advertiser)  # type: ignore[union-attr]
-        except CapStoreError as e:
-            log.warning("cap store failed", extra={"error": str(e), "caps_on_error": self.caps_on_error})
-            return "unknown", True
-        if r is None:
-            return "capped", False
-        out.reservations.append(r)
-        return "reserved", False
+        ads = [stage.candidates[int(i)].ad for i in order]
+        if self.policy is not None:
+            ads = [a for a in ads if is_eligible(a, ctx, self.policy).ok]
+        got, error = reserve_in_order(
+            self.caps, ukey, [(a.ad_id, a.advertiser) for a in ads], limit=req.k, reserved=out.reservations  # type: ignore[arg-type]
+        )
+        if error is not None:
+            log.warning("cap store failed", extra={"error": str(error), "caps_on_error": self.caps_on_error})
+        return {a.ad_id: ("reserved" if r is not None else "capped") for a, r in zip(ads, got)}
 
     def _give_back(self, reservations: list[Reservation]) -> None:
         for r in reservations:

@@ -197,6 +197,7 @@ def build_services(
         n_cf=settings.n_cf,
         sequence=load_sequence(settings, index),
         n_sequence=settings.n_sequence,
+        exact_max_ads=settings.exact_search_max_ads,
     )
     safety: dict = {}
     loop: dict = {}

@@ -166,12 +166,13 @@ def create_app(
     _document_auth(app, enabled=keys.enabled)
 
     @app.post("/v1/select", response_model=SelectResponseBody, response_model_by_alias=True)
-    async def select(body: SelectRequestBody, request: Request, svc: ServicesDep, metrics: MetricsDep) -> SelectResponseBody:
+    async def select(body: SelectRequestBody, request: Request, svc: ServicesDep, metrics: MetricsDep) -> Response:
         since = arrival(request.scope)
         spent_ms = (time.perf_counter() - since) * 1000 if since is not None else 0.0
         decision = await svc.selector.aselect(to_core(body, svc.settings, spent_ms=spent_ms))
         metrics.observe_decision(decision)
-        return to_wire(decision)
+        # Serialised by pydantic-core straight to bytes: FastAPI would validate the model again first.
+        return Response(content=to_wire(decision).model_dump_json(by_alias=True), media_type="application/json")
 
     @app.post(
         "/v1/events",

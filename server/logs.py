@@ -10,7 +10,10 @@ own records (access log included) reach the same root handler.
 """
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 from datetime import datetime, timezone
 from typing import IO, Any, Literal
@@ -44,3 +47,39 @@ def configure_logging(*, level: int = logging.INFO, fmt: LogFormat = "json", str
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+class BoundedQueueHandler(logging.handlers.QueueHandler):
+    """Hands records to a writer thread through a bounded queue, never blocking the caller: when the queue
+    is full the record is dropped and counted (`dropped`, exported as adselect_log_records_dropped)."""
+
+    def __init__(self, size: int):
+        super().__init__(queue.Queue(maxsize=size))
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1  # under the GIL; a lost increment only under-counts drops, never blocks
+
+
+def queue_logging(*, size: int) -> BoundedQueueHandler:
+    """Moves the root's handlers (what configure_logging installed) behind one bounded queue and a writer
+    thread: the request path only enqueues; formatting (JSON) and the write happen on the writer thread.
+    The queue is drained at interpreter exit, so every record accepted is written."""
+    root = logging.getLogger()
+    targets = list(root.handlers)
+    for h in targets:
+        root.removeHandler(h)
+    front = BoundedQueueHandler(size)
+    listener = logging.handlers.QueueListener(front.queue, *targets, respect_handler_level=True)
+    listener.start()
+    atexit.register(listener.stop)  # stop() enqueues a sentinel and joins: what was queued is written first
+    root.addHandler(front)
+    return front
+
+
+def dropped_log_records() -> int:
+    """Records refused by a full log queue since start (0 without queue_logging)."""
+    return sum(h.dropped for h in logging.getLogger().handlers if isinstance(h, BoundedQueueHandler))

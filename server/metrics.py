@@ -8,6 +8,7 @@ time by a collector, so it is never stale and never double-counted.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from prometheus_client.registry import Collector
 
 from kernel.reasons import CALL_FAILURES
 from kernel.types import Decision
+from server.logs import dropped_log_records
 
 # Degradations that are the LLM failing (the rest are load or policy: busy, breaker open, off, no time left).
 LLM_ERROR_REASONS = frozenset(str(r) for r in CALL_FAILURES)
@@ -41,6 +43,9 @@ class _LiveState(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("adselect_select_inflight", "/v1/select requests in progress.", value=self._inflight())
+        yield CounterMetricFamily(
+            "adselect_log_records_dropped", "Log records (audit lines included) dropped by a full log queue (this worker).", value=dropped_log_records()
+        )
         yield GaugeMetricFamily("adselect_body_reading", "Requests whose body is still being read (they hold no slot).", value=self._reading())
         svc = self._services()
         if svc is None:
@@ -95,7 +100,8 @@ class Metrics:
         )  # fmt: skip
         self.ineligible = Counter("adselect_ineligible", "Candidates excluded by an eligibility rule.", ["rule"], registry=r)
         self.ads_served = Counter("adselect_ads_served", "Ads returned.", registry=r)
-        r.register(_LiveState(services, inflight, reading))
+        self._live = _LiveState(services, inflight, reading)
+        r.register(self._live)
 
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -126,4 +132,13 @@ class Metrics:
             self.ineligible.labels(rule).inc()
 
     def render(self) -> tuple[bytes, str]:
+        """This process's registry; with several workers (PROMETHEUS_MULTIPROC_DIR set, server/multiworker.py)
+        the counters and histograms of all of them, summed, plus this worker's live gauges."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            merged.register(self._live)
+            return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

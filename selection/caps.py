@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kernel.errors import RuntimeFault
+from selection.sqlite_wal import connect_wal
 
 log = logging.getLogger(__name__)
 
@@ -196,30 +197,9 @@ class SQLiteCapStore:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
-            conn = sqlite3.connect(
-                str(self.path), timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            self._enable_wal(conn)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn, self._pid = conn, os.getpid()
+            self._conn = connect_wal(self.path, busy_timeout_s=self.busy_timeout_s, synchronous="NORMAL")
+            self._pid = os.getpid()
         return self._conn
-
-    def _enable_wal(self, conn: sqlite3.Connection) -> None:
-        """Switching to WAL needs an exclusive lock and SQLite answers BUSY at once, without the busy
-        handler, when another process opens the same new file at that moment (workers starting together):
-        retry until the busy timeout."""
-        deadline = time.monotonic() + self.busy_timeout_s
-        delay = 0.005
-        while True:
-            try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                return
-            except sqlite3.OperationalError as e:
-                busy = getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-                if not busy or time.monotonic() > deadline:
-                    raise
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
 
     def try_reserve(self, user_key: str, ad_id: str, advertiser: str, *, now: float | None = None) -> bool:
         return self.reserve(user_key, ad_id, advertiser, now=now) is not None

@@ -443,21 +443,35 @@ class Selector:
                     out.caps_unknown.append(c.ad.ad_id)
                     if self.caps_on_error == "closed":
                         continue
-            copy, justification = self._choose_copy(c, llm, req, stage, out.copy_rejections)
-            p = float(pctr[int(i)])
-            out.ads.append(
-                RankedAd(
-                    ad=c.ad,
-                    score=round(float(scores[int(i)]), 6),
-                    priors=c.priors,
-                    llm_rank=llm_rank.get(c.ad.ad_id),
-                    justification=justification,
-                    copy=copy,
-                    original=original_copy(c.ad),
-                    pctr=round(p, 6),
-                    expected_value=round(p * c.ad.bid, 6),
-                )
-            )
+            out.ads.append(self._ranked(c, llm, req, stage, out, score=float(scores[int(i)]), pctr=float(pctr[int(i)]), llm_rank=llm_rank))
+
+    def _ranked(
+        self,
+        c: Candidate,
+        llm: LLMResult | None,
+        req: SelectRequest,
+        stage: PriorStage,
+        out: Served,
+        *,
+        score: float,
+        pctr: float,
+        llm_rank: dict[str, int],
+        propensity: float = 1.0,
+    ) -> RankedAd:
+        """One served ad: its scores, the copy the review lets through, its propensity under the policy."""
+        copy, justification = self._choose_copy(c, llm, req, stage, out.copy_rejections)
+        return RankedAd(
+            ad=c.ad,
+            score=round(score, 6),
+            priors=c.priors,
+            llm_rank=llm_rank.get(c.ad.ad_id),
+            justification=justification,
+            copy=copy,
+            original=original_copy(c.ad),
+            pctr=round(pctr, 6),
+            expected_value=round(pctr * c.ad.bid, 6),
+            propensity=propensity,
+        )
 
     def _serve_explored(
         self,
@@ -536,21 +550,8 @@ class Selector:
                 elif not got or got[0] is None:
                     out.capped.append(c.ad.ad_id)
                     continue
-            copy, justification = self._choose_copy(c, llm, req, stage, out.copy_rejections)
-            pi = float(pctr[i])
             out.ads.append(
-                RankedAd(
-                    ad=c.ad,
-                    score=round(float(scores[i]), 6),
-                    priors=c.priors,
-                    llm_rank=llm_rank.get(c.ad.ad_id),
-                    justification=justification,
-                    copy=copy,
-                    original=original_copy(c.ad),
-                    pctr=round(pi, 6),
-                    expected_value=round(pi * c.ad.bid, 6),
-                    propensity=p,
-                )
+                self._ranked(c, llm, req, stage, out, score=float(scores[i]), pctr=float(pctr[i]), llm_rank=llm_rank, propensity=p)
             )
 
     def _reserve_all(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def two_workers(demo_settings: Settings, tmp_path: Path):
     env["ADSELECT_COLLECTION"] = demo_settings.collection
     log = (tmp_path / "server.log").open("wb")
     cmd = [sys.executable, "-m", "adselect.cli", "serve", "--no-llm", "--workers", "2", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # its own process group: teardown stops the workers too, never leaving them behind as orphans
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -64,12 +66,16 @@ def two_workers(demo_settings: Settings, tmp_path: Path):
             time.sleep(0.2)
         yield f"http://127.0.0.1:{port}", data_dir / "metrics" / f"serve-{proc.pid}"
     finally:
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there (workers included)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
         log.close()
 
 

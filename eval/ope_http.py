@@ -86,7 +86,9 @@ class ServiceProcess:
             "ADSELECT_USER_KEY_SECRET": "ope-simulation-secret-0123456789",
             **self.env,
         }
-        cmd = [sys.executable, "-m", "adselect.cli", "serve", "--no-llm", "--port", str(self.port), "--data-dir", str(self.data_dir)]
+        # one process: /admin/reload (which switches the simulated arms) reaches every request, and a SIGKILL
+        # takes the whole service down (`adselect serve` otherwise starts one worker per CPU)
+        cmd = [sys.executable, "-m", "adselect.cli", "serve", "--no-llm", "--workers", "1", "--port", str(self.port), "--data-dir", str(self.data_dir)]
         out = self.server_log.open("ab")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s

@@ -14,8 +14,11 @@ from tests.security.conftest import reranker_for, services_with
 from tests.security.fakes import answer
 from tests.utils.fakes import FakeQueueLLM
 
-CANDIDATES = ["run-004", "run-002", "run-003", "run-005", "run-006"]
 TOP = "run-004"  # "Stride Lite neutral shoe | Stridewell": "... Free shipping on orders over $75."
+# The copy is written for the ad the service expects to serve (the first of the LLM-free order): TOP, the only
+# running ad and the highest bid among these, for a runner's history, whatever the fusion weights.
+REWRITE_CANDIDATES = [TOP, "pet-002", "cof-009", "pet-007", "kit-012"]
+CANDIDATES = ["run-004", "run-002", "run-003", "run-005", "run-006"]
 
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -50,7 +53,7 @@ def test_violating_rewrite_serves_the_original_and_is_counted(demo_settings, dem
     llm = FakeQueueLLM().enqueue(answer([TOP], justification="You run long distances.", headline=headline, description=description))
     svc = services_with(demo_services, reranker=reranker_for(llm, demo_settings))
     with TestClient(create_app(demo_settings, services=svc)) as client:
-        d = select(client, candidates=CANDIDATES, k=len(CANDIDATES), use_llm=True, deadline_ms=5000)
+        d = select(client, candidates=REWRITE_CANDIDATES, k=len(REWRITE_CANDIDATES), use_llm=True, deadline_ms=5000)
         text = client.get("/metrics").text
     assert d.llm_used and not d.degraded
     top = next(a for a in d.ads if a.ad_id == TOP)
@@ -64,7 +67,7 @@ def test_valid_rewrite_is_served(demo_settings, demo_services):
     llm = FakeQueueLLM().enqueue(answer([TOP], justification="You run long distances.", headline=rewrite[0], description=rewrite[1]))
     svc = services_with(demo_services, reranker=reranker_for(llm, demo_settings))
     with TestClient(create_app(demo_settings, services=svc)) as client:
-        d = select(client, candidates=CANDIDATES, k=len(CANDIDATES), use_llm=True, deadline_ms=5000)
+        d = select(client, candidates=REWRITE_CANDIDATES, k=len(REWRITE_CANDIDATES), use_llm=True, deadline_ms=5000)
         text = client.get("/metrics").text
     top = next(a for a in d.ads if a.ad_id == TOP)
     assert (top.copy_.headline, top.copy_.description) == rewrite

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from selection.caps import (
 )
 from kernel.settings import Settings
 from agent.local_server import free_port
+from tests.utils.redis_server import RedisProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = CapConfig(max_per_ad=3, max_per_advertiser=5, window_s=60.0)
@@ -31,40 +31,9 @@ CONFIG = CapConfig(max_per_ad=3, max_per_advertiser=5, window_s=60.0)
 
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real redis-server on a free loopback port, for this module only (apt package: redis-server)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server binary not found: `apt-get install -y redis-server` (listed in .ci/apt-packages.txt)")
-    import redis
-
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """A real redis-server on a free loopback port, for this module only (tests/utils/redis_server.py)."""
+    with RedisProcess(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -128,6 +128,30 @@ def ingest(
 
 
 @app.command()
+def build(
+    out: Optional[Path] = typer.Option(None, "--out", help="Artifact root; default ADSELECT_ARTIFACT_DIR, else DATA_DIR/artifacts."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
+) -> None:
+    """Package the serving state learned by ingest and eval tune (behaviour tables, fusion weights and calibration,
+    the sequence model) as one content-hashed artifact under OUT/<version>/ (OUT/LATEST names it); replicas load it
+    read-only with ADSELECT_ARTIFACT_DIR. Prints the version and the directory."""
+    from selection.artifact import build_artifact
+    from selection.services import load_serving_state, make_store
+
+    s = _settings(data_dir)
+    root = out or s.artifact_dir or s.data_dir / "artifacts"
+    try:
+        index = make_store(s).load_index()
+        state = load_serving_state(s.model_copy(update={"artifact_dir": None}), index)  # the data dir's files
+        path = build_artifact(
+            root, index=index, fusion=state.fusion, behaviour=state.behaviour, sequence=state.sequence, collection=s.collection
+        )
+    except AdSelectError as e:
+        _fail(e)
+    typer.echo(f"artifact {path.name} -> {path}")
+
+
+@app.command()
 def select(
     user_id: str = typer.Option("cli-user", "--user-id", help="The caller's user id (stored and logged only as a keyed hash)."),
     history: str = typer.Option("", "--history", help="Comma-separated ad ids, oldest first."),

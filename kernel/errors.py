@@ -213,3 +213,37 @@ class SequenceModelMismatch(CatalogError):
     def __init__(self, path: str, *, expected: str, found: str):
         self.path, self.expected, self.found = path, expected, found
         super().__init__(f"{path}: sequence model built for catalog ids {found[:12]}, catalog is {expected[:12]}")
+
+
+# --- serving artifacts (selection/artifact.py) -----------------------------------------------------------
+
+
+class ArtifactError(RuntimeFault):
+    """The serving artifact (ADSELECT_ARTIFACT_DIR) cannot be used; the replica refuses to start on it."""
+
+    code = "artifact_invalid"
+    public = "the serving artifact is invalid"
+
+
+class ArtifactTampered(ArtifactError):
+    """A file of the artifact is missing, extra, or its sha256 differs from the manifest."""
+
+    code = "artifact_tampered"
+
+    def __init__(self, path: str, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"artifact {path}: {reason}; rebuild it with `adselect build`")
+
+
+class ArtifactCatalogMismatch(ArtifactError):
+    """The artifact was built for another catalog (other ads, other content or another row order)."""
+
+    code = "artifact_catalog_mismatch"
+
+    def __init__(self, path: str, *, version: str, built_for: str, built_ads: int | None, catalog: str, catalog_ads: int):
+        self.path, self.version = path, version
+        self.built_for, self.catalog = built_for, catalog
+        super().__init__(
+            f"artifact {version} at {path} was built for catalog {built_for[:12]} ({built_ads} ads); this replica's "
+            f"catalog is {catalog[:12]} ({catalog_ads} ads): rebuild it with `adselect build` against this catalog"
+        )

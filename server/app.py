@@ -17,7 +17,7 @@ from selection.services import Services, build_services, reload_services
 from kernel.settings import Settings
 from server.errors import install_error_handlers
 from server.guard import PUBLIC_PATHS, Guard, arrival
-from server.limits import InFlightGate, Tally, TokenBuckets
+from server.limits import InFlightGate, Tally, rate_limiter
 from server.metrics import Metrics
 from server.readiness import readiness
 from server.convert import to_core, to_wire
@@ -160,7 +160,7 @@ def create_app(
         body_read_timeout_s=settings.body_read_timeout_s,
         max_drain_bytes=settings.max_drain_bytes,
         reading=reading,
-        buckets=TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst) if settings.rate_limit_per_s > 0 else None,
+        buckets=rate_limiter(settings),
         gate=gate,
     )
     _document_auth(app, enabled=keys.enabled)

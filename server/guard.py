@@ -4,7 +4,7 @@ Order per request (each refusal is the one error shape, answered before any work
 
     metrics (every request: route, status, latency)
       └ auth          401  unless the path is public (/healthz) or no keys are configured
-        └ rate limit  429  /v1/* only; one token bucket per key id (per client IP without auth)
+        └ rate limit  429  /v1/* only; per key id (per client IP without auth); in memory, or in Redis (server/limits.py)
           └ body      413  Content-Length over the limit, or more bytes streamed than the limit
                       408  the whole body not in within `body_read_timeout_s` of arrival
             └ shed    503  /v1/select only, when `max_inflight` are already in progress
@@ -29,7 +29,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_response
-from server.limits import BodyTooLarge, ClientGone, InFlightGate, Tally, TokenBuckets, declared_length, drain, read_body, replay
+from server.limits import BodyTooLarge, ClientGone, InFlightGate, RateLimiter, Tally, TokenBuckets, declared_length, drain, read_body, replay
 from server.metrics import (
     REFUSED_BODY_TIMEOUT,
     REFUSED_BODY_TOO_LARGE,
@@ -60,7 +60,7 @@ class Guard:
         max_body_bytes: int,
         body_read_timeout_s: float,
         max_drain_bytes: int,
-        buckets: TokenBuckets | None,
+        buckets: RateLimiter | None,
         gate: InFlightGate | None,
         reading: Tally | None = None,
     ):

@@ -4,6 +4,12 @@ body read time (408).
 - `TokenBuckets`: one bucket per caller (API key id, or client IP when auth is off); `rate` tokens a
   second up to `burst`; a request spends one token or is refused with the seconds until the next one.
   At most `max_callers` buckets are kept (least recently used dropped: a dropped caller starts full).
+  In this process's memory: each worker and replica has its own.
+- `SharedRateLimit`: the same `take()` over Redis, one limit for every worker and replica (the `limits`
+  library's moving window: at most `burst` requests in any `window_s` = burst/rate seconds, whole seconds,
+  at least 1). A Redis that fails or does not answer within its timeout lets the request through (rate
+  limiting is protection, not safety; frequency caps are the safety and fail closed) and skips Redis for
+  `skip_s`; `failures` counts it.
 - `InFlightGate`: at most `limit` requests inside; `try_enter()` never waits.
 - `read_body()`: the whole request body, or `BodyTooLarge` as soon as the declared Content-Length or
   the bytes actually received pass the limit (a chunked body has no Content-Length to trust). The caller
@@ -13,16 +19,20 @@ body read time (408).
   connection: closing a socket with unread bytes in its receive buffer makes the kernel send a TCP RST.
 - `Tally`: how many of something are in progress (bodies being read), for a gauge.
 
-All three run on the server's event loop (one thread), so they hold no locks.
+All of them run on the server's event loop (one thread), so they hold no locks; `SharedRateLimit.take` makes one
+blocking Redis round trip (bounded by its timeout).
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -55,6 +65,57 @@ class TokenBuckets:
     def retry_after(wait_s: float) -> str:
         """Retry-After header value: whole seconds, at least 1."""
         return str(max(1, math.ceil(wait_s)))
+
+
+class RateLimiter(Protocol):
+    def take(self, caller: str) -> float:
+        """0.0 if the request may go, else the seconds until it may."""
+        ...
+
+
+class SharedRateLimit:
+    """A moving-window rate limit in Redis shared by every process that names the same Redis (see the module doc)."""
+
+    KEY_PREFIX = "adselect:rate"
+
+    def __init__(
+        self, *, redis_url: str, rate: float, burst: int, timeout_s: float, skip_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):  # fmt: skip
+        from limits import RateLimitItemPerSecond
+        from limits.storage import RedisStorage
+        from limits.strategies import MovingWindowRateLimiter
+
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self.window_s = max(1, round(burst / rate))
+        self.item = RateLimitItemPerSecond(burst, self.window_s)
+        # wrap_exceptions: every Redis failure surfaces as limits.errors.StorageError
+        self.storage = RedisStorage(
+            redis_url, key_prefix=self.KEY_PREFIX, wrap_exceptions=True,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        )  # fmt: skip
+        self.limiter = MovingWindowRateLimiter(self.storage)
+        self.skip_s = skip_s
+        self._clock = clock
+        self._skip_until = 0.0
+        self.failures = 0
+
+    def take(self, caller: str) -> float:
+        from limits.errors import StorageError
+
+        if self._clock() < self._skip_until:
+            return 0.0
+        try:
+            if self.limiter.hit(self.item, caller):
+                return 0.0
+            reset = self.limiter.get_window_stats(self.item, caller).reset_time
+        except StorageError as e:
+            self.failures += 1
+            self._skip_until = self._clock() + self.skip_s
+            log.warning("rate limit store unreachable: requests pass unlimited", extra={"error": type(e.__cause__ or e).__name__, "skip_s": self.skip_s})
+            return 0.0
+        return max(0.001, reset - time.time())
 
 
 class InFlightGate:
@@ -160,3 +221,14 @@ def replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return _receive
+
+
+def rate_limiter(settings) -> RateLimiter | None:
+    """The /v1/* rate limit the settings ask for: none (rate 0), shared in Redis (redis_url set), else in memory."""
+    if settings.rate_limit_per_s <= 0:
+        return None
+    if settings.redis_url:
+        return SharedRateLimit(
+            redis_url=settings.redis_url, rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst, timeout_s=settings.redis_timeout_s
+        )
+    return TokenBuckets(rate=settings.rate_limit_per_s, burst=settings.rate_limit_burst)

@@ -2,8 +2,8 @@
 from the environment: adselect/app.py).
 
 - Settings the CLI decided (data dir, LLM on/off, log format) go to the workers as ADSELECT_* variables.
-- Limits that live in process memory are split: each worker gets 1/N of the rate limit (refill and
-  burst, rounded up) and of the in-flight limit. Frequency caps need no split: they live in SQLite
+- Limits that live in process memory are split: each worker gets 1/N of the in-flight limit and, without
+  a Redis URL, of the rate limit (refill and burst, rounded up); with one the rate limit is shared in Redis. Frequency caps need no split: they live in SQLite
   (WAL, one write transaction per reservation) or Redis, shared and exact across workers.
 - The bundled LLM, when one is needed, is started once here and shared (its URL goes to the workers).
 - /metrics aggregates every worker: prometheus_client multiprocess mode, its files under
@@ -33,7 +33,7 @@ def worker_overrides(settings: Settings, *, workers: int) -> dict[str, str]:
         "ADSELECT_LLM_ENABLED": "true" if settings.llm_enabled else "false",
         "ADSELECT_LOG_FORMAT": settings.log_format,
     }
-    if settings.rate_limit_per_s > 0:
+    if settings.rate_limit_per_s > 0 and not settings.redis_url:  # in Redis it is one shared limit: no split
         env["ADSELECT_RATE_LIMIT_PER_S"] = repr(settings.rate_limit_per_s / workers)
         env["ADSELECT_RATE_LIMIT_BURST"] = str(max(1, math.ceil(settings.rate_limit_burst / workers)))
     if settings.max_inflight > 0:

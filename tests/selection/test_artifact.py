@@ -139,3 +139,29 @@ def test_an_artifact_built_for_another_catalog_is_refused(data_dir: Settings, de
     with pytest.raises(ArtifactCatalogMismatch):
         load_artifact(path, index=reordered)
     assert load_artifact(path, index=full).version == path.name
+
+
+def test_reload_switches_to_the_version_latest_names_and_refuses_a_tampered_one(data_dir: Settings, embedder, tmp_path: Path):
+    from selection.fusion import FusionModel
+    from selection.services import reload_services
+
+    first = build(data_dir, tmp_path / "artifacts")
+    settings = data_dir.model_copy(update={"artifact_dir": tmp_path / "artifacts"})
+    svc = build_services(settings, embedder=embedder, serving=False)
+    assert svc.versions["artifact"] == first.name
+    store = make_store(data_dir)
+    index = store.load_index()
+    state = load_serving_state(data_dir, index)
+    second = build_artifact(
+        tmp_path / "artifacts", index=index, fusion=FusionModel.hand_tuned(), behaviour=state.behaviour, sequence=state.sequence,
+        collection=data_dir.collection,
+    )  # fmt: skip
+    assert second.name != first.name
+    new = reload_services(svc)
+    assert new.versions["artifact"] == second.name and new.versions["weights"] != svc.versions["weights"]
+    (second / "fusion.json").write_text((second / "fusion.json").read_text() + " ")
+    from kernel.errors import ReloadRefused
+
+    with pytest.raises(ReloadRefused) as err:
+        reload_services(new)
+    assert err.value.component == "artifact"

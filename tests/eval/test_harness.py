@@ -65,6 +65,14 @@ def test_games_slice_report_shape_and_default_beats_random(games_report) -> None
     assert report["speed"]["fast"]["impressions"] == 100
 
 
+def test_a_catalog_without_bids_says_so_instead_of_reporting_zeros(games_report) -> None:
+    report, out = games_report
+    rev = report["revenue"]
+    assert rev["available"] is False and "no ad in the catalog has a bid" in rev["reason"]
+    assert "metrics" not in rev
+    assert "Not reported: no ad in the catalog has a bid" in (out / "report.md").read_text()
+
+
 def test_mind_report_covers_every_system(mind_report) -> None:
     report, out = mind_report
     _check_shape(report, logged_only=True)

@@ -176,7 +176,8 @@ def _rewrites_md(rw: dict) -> list[str]:
 def _revenue_md(rev: dict | None) -> list[str]:
     if not rev:
         return []
-    out = ["## Revenue (the order served: `served` = bid × pCTR" + (")" if rev["served_rank_by"] == "expected_value" else f"; rank_by={rev['served_rank_by']})"), ""]
+    rule = "bid × pCTR" if rev["served_rank_by"] == "expected_value" else f"rank_by={rev['served_rank_by']}"
+    out = [f"## Revenue (each system's top k; `served` is the order the endpoint serves: {rule})", ""]
     if not rev["available"]:
         return out + [f"Not reported: {rev['reason']}.", ""]
     names = rev["metric_names"]

@@ -150,6 +150,9 @@ def test_llm_systems_position_bias_and_cache_with_a_fake_llm(eval_settings, fake
     assert report["llm"]["cache"] == {"hits": 0, "misses": 12, "errors": 0, "hit_rate": 0.0}
     assert len(fake_llm.calls) == 12 and report["llm"]["cache_entries"] == 12 and report["provenance"]["prompt"]["sha256"]
     assert (tmp_path / "a" / "position_bias.png").exists()
+    ex = report["exposure"]  # the LLM systems' exposure over the sample, default on the same sample beside them
+    assert ex["systems"]["llm"]["slates"] == ex["systems"]["default+llm"]["slates"] == ex["sample"]["default"]["slates"] == 4
+    assert ex["systems"]["default"]["slates"] == 54 and "## Exposure" in (tmp_path / "a" / "report.md").read_text()
     again = run_task(doc, settings=eval_settings, out=tmp_path / "b", llm_inner=fake_llm, llm_cache_path=cache)
     assert len(fake_llm.calls) == 12  # identical re-run: every call answered from the disk cache
     assert again["llm"]["cache"] == {"hits": 12, "misses": 0, "errors": 0, "hit_rate": 1.0}

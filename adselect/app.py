@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from kernel.settings import Settings
 from server.app import create_app
 from server.logs import configure_logging, queue_logging
+from server.reload_group import ReloadGroup
 
 
 def factory() -> FastAPI:
@@ -17,4 +18,4 @@ def factory() -> FastAPI:
     configure_logging(level=logging.INFO, fmt=settings.log_format)
     if settings.log_queue_size:
         queue_logging(size=settings.log_queue_size)
-    return create_app(settings)
+    return create_app(settings, group=ReloadGroup.from_env())

@@ -66,6 +66,8 @@ class Resources:
     recency_decay: float
     exclude_history: bool
     sequence: Any | None = None  # retrieval.sequence.SequenceModel (the generator's), None: no `sequence` system
+    pctr: Any | None = None  # the fusion's score -> pCTR (selection.fusion.FusionModel.pctr): the `served` system
+    rank_by: str = "expected_value"  # the service's serving order (settings.rank_by): the `served` system
     tiebreak: np.ndarray = field(init=False)  # tie key per catalog row
     popular_order: np.ndarray = field(init=False)  # whole catalog, most popular first
     canonical_rows: np.ndarray = field(init=False)  # catalog rows in tie-key order (not file order)
@@ -136,6 +138,19 @@ def prior_feature_logged(feature: str):
     return rank
 
 
+def _served(r: Resources, cands) -> list[int]:
+    """The head of the prior stage in the order the endpoint serves it (selection.pipeline.serving_order)."""
+    from selection.pipeline import serving_order
+
+    scores = np.fromiter((c.prior_score for c in cands), dtype=np.float64, count=len(cands))
+    bids = np.fromiter((c.ad.bid for c in cands), dtype=np.float64, count=len(cands))
+    return serving_order(scores, pctr=r.pctr(scores), bids=bids, rank_by=r.rank_by).tolist()  # type: ignore[arg-type, misc]
+
+
+def served_logged(r: Resources, v: LoggedView) -> list[str]:
+    return [v.ids[i] for i in _served(r, v.stage.candidates)]
+
+
 def bm25_logged(r: Resources, v: LoggedView) -> list[str]:
     hist_rows, _ = r.index.rows(v.imp.history)
     s = r.bm25.score_rows(r.bm25.query_vector(hist_rows), v.rows)
@@ -145,6 +160,12 @@ def bm25_logged(r: Resources, v: LoggedView) -> list[str]:
 # ---- retrieve from the whole catalog, then rank --------------------------------------------------
 def default_full(r: Resources, v: FullView) -> list[str]:
     return [c.ad.ad_id for c in v.stage.candidates] + v.stage.tail_ids
+
+
+def served_full(r: Resources, v: FullView) -> list[str]:
+    """The served head (the endpoint serves only from it), then the rest in prior order."""
+    cands = v.stage.candidates
+    return [cands[i].ad.ad_id for i in _served(r, cands)] + v.stage.tail_ids
 
 
 def random_full(r: Resources, v: FullView) -> list[str]:

@@ -106,7 +106,7 @@ class EvalTask(_Strict):
         return hashlib.sha256(json.dumps(self.to_jsonable(), sort_keys=True).encode()).hexdigest()
 
 
-DEFAULT_SYSTEMS = ("random", "popularity", "bm25", "dense", "covisit", "sequence", "default", "llm", "default+llm")
+DEFAULT_SYSTEMS = ("random", "popularity", "bm25", "dense", "covisit", "sequence", "default", "served", "llm", "default+llm")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

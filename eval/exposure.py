@@ -4,14 +4,22 @@ For a list of served slates: each group's share of the served ads, the Gini coef
 *every* group of the catalog (a group never served counts as 0; 0 = perfectly even, → 1 = everything to one
 group), and catalog coverage (distinct ads served / ads in the catalog). A change that starves advertisers or
 categories shows as a higher Gini and a lower coverage before it ships.
+
+`adselect eval run` reports it per system over each impression's top `SLATE_K` (the slate the endpoint
+serves by default); `adselect eval ope` per target variant over its top k.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from kernel.types import SelectRequest
+
+SLATE_K: int = next(f.default for f in dataclasses.fields(SelectRequest) if f.name == "k")  # the endpoint's default k
 
 
 def gini(values: Sequence[float]) -> float:
@@ -41,7 +49,7 @@ def exposure(slates: Iterable[Sequence[str]], catalog: Mapping[str, Mapping[str,
 
 
 def read_catalog(path) -> dict[str, dict[str, Any]]:
-    """ad id -> {advertiser, category} from a canonical ads.jsonl."""
+    """ad id -> {advertiser, category, bid} from a canonical ads.jsonl (bid None when the line has none)."""
     import json
 
     out = {}
@@ -49,5 +57,17 @@ def read_catalog(path) -> dict[str, dict[str, Any]]:
         for line in fh:
             if line.strip():
                 ad = json.loads(line)
-                out[ad["ad_id"]] = {"advertiser": ad.get("advertiser", ""), "category": ad.get("category", "")}
+                out[ad["ad_id"]] = {"advertiser": ad.get("advertiser", ""), "category": ad.get("category", ""), "bid": ad.get("bid")}
+    return out
+
+
+def exposure_by_system(
+    records: Mapping[str, Mapping[str, Any]], order: Sequence[str], systems: Iterable[str], catalog: Mapping[str, Mapping[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """system -> `exposure` of its top slates, one per impression of `order` whose record kept them (`top`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for s in systems:
+        slates = [records[i]["top"][s] for i in order if i in records and s in (records[i].get("top") or {})]
+        if slates:
+            out[s] = exposure(slates, catalog) | {"slates": len(slates), "k": SLATE_K}
     return out

@@ -28,6 +28,7 @@ from kernel.settings import Settings
 from eval.config import EvalTask, TaskError, resolve_path, validate_task
 from eval.data import EvalImpression, load_impressions
 from eval.env import EvalEnv, prepare_env
+from eval.exposure import SLATE_K, read_catalog
 from eval.metrics import metrics_by_protocol
 from eval.provenance import data_hashes, dumps, file_sha256, now_iso, run_fingerprint
 from eval.report import build_report, metric_names
@@ -100,6 +101,7 @@ def fast_record(imp: EvalImpression, rankers, metrics_of) -> dict[str, Any]:
         "impression_id": imp.impression_id,
         "protocol": imp.protocol,
         "metrics": metrics_of(imp, res.rankings, res.pool_size),
+        "top": {s: r[:SLATE_K] for s, r in res.rankings.items()},  # the served slate of each system: exposure
     }
     if res.candidate_set_size is not None:
         rec["cand"] = {"size": res.candidate_set_size, "hit": res.candidate_set_hit}
@@ -217,7 +219,7 @@ def run_eval(
         )
         report = _run(
             task, env, stack=stack, systems=systems, run_llm=run_llm, not_run=not_run, results=results,
-            imp_path=imp_path, show_progress=show_progress,
+            imp_path=imp_path, ads_path=ads_path, show_progress=show_progress,
         )  # fmt: skip
     finally:
         results.close()
@@ -303,6 +305,7 @@ def _run(
     not_run: dict[str, str],
     results: ResultsLog,
     imp_path: Path,
+    ads_path: Path,
     show_progress: bool,
 ) -> dict:
     """task → environment → systems → run (fast phase, LLM phase) → metrics → report (eval.report.build_report)."""
@@ -313,7 +316,10 @@ def _run(
     selector.generator.use_chroma = task.protocol.use_chroma
     loaded = load_impressions(imp_path, catalog=env.services.index.row, limit=task.data.limit)
     names = metric_names(task.protocol.recall_ks)
-    metrics_of = metrics_by_protocol([m for m in names if not m.startswith("recall@")], names)
+    catalog = read_catalog(ads_path)  # advertiser / category for exposure; whether any ad has a bid
+    has_bids = any(meta["bid"] is not None for meta in catalog.values())
+    bids = {a.ad_id: a.bid for a in env.services.index.ads} if has_bids else None  # as served: an ad without a bid bids 1.0
+    metrics_of = metrics_by_protocol([m for m in names if not m.startswith("recall@")], names, bids=bids)
 
     fast_systems = [s for s in systems if s in FAST_SYSTEMS]
     if "sequence" in fast_systems and selector.generator.sequence is None:  # disabled (ADSELECT_SEQUENCE_ENABLED) or untrained
@@ -325,6 +331,7 @@ def _run(
     rankers = FastRankers(
         selector=selector, bm25=bm25, systems=fast_systems,
         n_retrieve=task.protocol.n_retrieve, use_chroma=task.protocol.use_chroma, seed=task.protocol.seed,
+        rank_by=env.settings.rank_by,
     )  # fmt: skip
     items = loaded.items
     for imp in items:  # no system, the LLM's included, ever sees the logged display order
@@ -339,7 +346,7 @@ def _run(
     return build_report(
         task=task, env=env, stack=stack, systems=systems, not_run=not_run, loaded=loaded, names=names,
         fast=results.done["fast"], llm=results.done.get("llm", {}), sample=sample, speed=speed,
-        impressions_sha256=file_sha256(imp_path),
+        impressions_sha256=file_sha256(imp_path), catalog=catalog, bids_available=has_bids, rank_by=env.settings.rank_by,
     )  # fmt: skip
 
 

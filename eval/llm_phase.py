@@ -29,6 +29,7 @@ from selection.pipeline import Selector
 from kernel.types import Decision, SelectRequest
 from eval.config import LLMSpec
 from eval.data import EvalImpression
+from eval.exposure import SLATE_K
 from eval.llm_cache import CachingChatLLM, LLMCache
 from eval.rankers import impression_rng
 
@@ -252,6 +253,7 @@ async def _one(
             "phase": "llm",
             "impression_id": imp.impression_id,
             "metrics": metrics_of(imp, rankings, pool_size),
+            "top": {s: r[:SLATE_K] for s, r in rankings.items()},  # the served slate of each system: exposure
             "llm_used": decision.llm_used,
             "degraded_reason": decision.degraded_reason,
             "sent": prior_ids[: selector.llm_max_candidates],

@@ -14,11 +14,15 @@ A metric reads a system's `ranking` (candidate ids, best first) and the impressi
 
 Per-impression work is plain Python over the clicked positions (a few microseconds). Means and
 intervals over impressions come from eval.bootstrap (`mean_with_ci`, `paired_diff`, re-exported here).
+
+Revenue (`revenue@k`, only when the catalog gives bids): the sum of the bids of the clicked ads in the
+top k, what the slate earned if each click pays its ad's bid (cost per click). It reads ids, not
+positions, so it is computed beside the relevance metrics, not through `Positions`.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +45,9 @@ __all__ = [
     "ndcg_at",
     "paired_diff",
     "recall_at",
+    "REVENUE_KS",
+    "revenue_at",
+    "revenue_names",
 ]
 
 
@@ -190,14 +197,36 @@ def impression_metrics(
     return {m.name: m.of(p) for m in metrics}
 
 
-def metrics_by_protocol(names_logged: Sequence[str], names_full: Sequence[str]):
+REVENUE_KS: tuple[int, ...] = (1, 3, 5)  # 3: the endpoint's default slate (SelectRequest.k)
+
+
+def revenue_names(ks: Sequence[int] = REVENUE_KS) -> list[str]:
+    return [f"revenue@{k}" for k in ks]
+
+
+def revenue_at(ranking: Sequence[str], clicked: AbstractSet[str], bids: Mapping[str, float], *, k: int) -> float:
+    """Σ bid of the clicked ids in the top k (a clicked id without a bid earns 0)."""
+    _check_k(k)
+    return float(sum(bids.get(a, 0.0) for a in ranking[:k] if a in clicked))
+
+
+def metrics_by_protocol(
+    names_logged: Sequence[str],
+    names_full: Sequence[str],
+    *,
+    bids: Mapping[str, float] | None = None,
+    revenue_ks: Sequence[int] = REVENUE_KS,
+):
     """`of(imp, rankings, pool_size)`: every system's named metrics for one impression.
 
     Logged impressions get `names_logged`, full-catalog ones `names_full` (recall@K only applies there);
     positions are located once per ranking. The harness and the LLM phase both score rankings with it.
+    `bids` (ad id -> bid) given: also `revenue@k` for k in `revenue_ks` (None: the catalog has no bids).
     """
     logged = [get_metric(n) for n in names_logged]
     full_metrics = [get_metric(n) for n in names_full]
+    for k in revenue_ks:
+        _check_k(k)
 
     def of(imp, rankings: dict[str, list[str]], pool_size: int | None) -> dict[str, dict[str, float | None]]:
         metrics = full_metrics if imp.candidates is None else logged
@@ -205,6 +234,9 @@ def metrics_by_protocol(names_logged: Sequence[str], names_full: Sequence[str]):
         for s, r in rankings.items():
             p = locate(r, imp.clicked, pool_size=pool_size)
             out[s] = {m.name: m.of(p) for m in metrics}
+            if bids is not None and imp.clicked:
+                for k in revenue_ks:
+                    out[s][f"revenue@{k}"] = revenue_at(r, imp.clicked, bids, k=k)
         return out
 
     return of

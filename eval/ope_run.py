@@ -31,6 +31,7 @@ from retrieval.features import FEATURES
 from selection.feedback import FeedbackStore
 from selection.fusion import FusionModel
 from selection.impression_log import LogReadStats, iter_log_records
+from selection.pipeline import serving_order
 
 log = logging.getLogger(__name__)
 RankBy = Literal["relevance", "expected_value"]
@@ -56,11 +57,7 @@ def _features(rec: Mapping[str, Any]) -> np.ndarray:
 
 
 def _order(ids: Sequence[str], scores: np.ndarray, pctr: np.ndarray, bids: np.ndarray, rank_by: RankBy) -> list[str]:
-    if rank_by == "expected_value":
-        idx = np.lexsort((-scores, -(pctr * bids)))
-    else:
-        idx = np.argsort(-scores, kind="stable")
-    return [ids[int(i)] for i in idx]
+    return [ids[int(i)] for i in serving_order(scores, pctr=pctr, bids=bids, rank_by=rank_by)]  # the endpoint's rule
 
 
 def target_from_spec(spec: str, *, default_rank_by: RankBy = "expected_value") -> Target:

@@ -44,6 +44,7 @@ class FastRankers:
         n_retrieve: int = 100,
         use_chroma: bool = True,
         seed: int = 0,
+        rank_by: str = "expected_value",
     ):
         self.selector = selector
         self.index = selector.index
@@ -54,6 +55,7 @@ class FastRankers:
             index=selector.index, behaviour=selector.generator.behaviour, store=selector.generator.store, bm25=bm25,
             seed=seed, n_retrieve=n_retrieve, use_chroma=use_chroma,
             recency_decay=selector.recency_decay, exclude_history=selector.exclude_history, sequence=sequence,
+            pctr=selector.fusion.pctr, rank_by=rank_by,
         )  # fmt: skip
         self._keys = {a: int(k) for a, k in zip(self.index.ids, self.res.tiebreak.tolist())}
 

@@ -5,6 +5,10 @@ each system is compared with `default` on the same impressions (paired bootstrap
 Metrics that do not apply to a protocol (recall@K on logged candidates) are null, and every
 requested system appears, with null metrics when it was not run.
 
+Revenue (`revenue@k`, when the catalog gives bids; else the report says there are none) and exposure
+(eval.exposure: by advertiser and category, Gini, coverage) are per system, `served` among them: default's
+candidates in the order the endpoint serves them (bid × pCTR).
+
 Calibration (eval.calibration) and provenance (eval.provenance) have their own modules; `build_report`
 assembles report.json from the run's records, and eval.report_md renders report.md. Rewrites: per LLM
 impression with `llm.rewrite` on, whether the top ad was served with rewritten copy, and the share of
@@ -18,8 +22,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from eval.config import BootstrapSpec
-from eval.metrics import mean_with_ci, paired_diff
+from eval.exposure import SLATE_K, exposure_by_system
+from eval.metrics import REVENUE_KS, mean_with_ci, paired_diff, revenue_names
 from eval.systems import BASELINE
+
+NO_BIDS = (
+    "no ad in the catalog has a bid: revenue would only count clicks, and the served order (bid × pCTR, every bid 1.0) "
+    "is the pCTR order, i.e. the relevance order"
+)
 
 BASE_METRICS: tuple[str, ...] = ("auc", "mrr", "ndcg@1", "ndcg@5", "ndcg@10", "ndcg@20", "hit@1", "hit@5", "hit@10")
 
@@ -78,6 +88,51 @@ def aggregate(
                 d, lo, hi = paired_diff(a, b, **kw)
                 paired[s][m] = {"diff": _num(d), "lo": _num(lo), "hi": _num(hi), "n": both}
     return {"metrics": metrics, "ci": ci, "n": n, "paired_vs_default": paired}
+
+
+def revenue_summary(
+    *,
+    order: list[str],
+    sample_ids: list[str] | None,
+    fast: dict[str, dict],
+    llm: dict[str, dict],
+    systems: list[str],
+    llm_systems: set[str],
+    boot: BootstrapSpec,
+    available: bool,
+    rank_by: str,
+) -> dict[str, Any]:
+    """revenue@k per system (mean over impressions, bootstrap CI, paired vs default), beside the relevance metrics.
+
+    `available` False (the catalog has no bids): says so instead of reporting a revenue."""
+    block: dict[str, Any] = {
+        "available": available,
+        "served_rank_by": rank_by,
+        "definition": "revenue@k: Σ bid of the clicked ads in a system's top k, per impression (each click pays its ad's bid)",
+    }
+    if not available:
+        return block | {"reason": NO_BIDS}
+    names = revenue_names(REVENUE_KS)
+    agg = aggregate(order=order, fast=fast, llm=llm, systems=systems, llm_systems=llm_systems, names=names, boot=boot)
+    block |= {"ks": list(REVENUE_KS), "metric_names": names, **agg}
+    if sample_ids is not None:
+        on_sample = [x for x in systems if x in (BASELINE, "served") or x in llm_systems]
+        sub = aggregate(order=sample_ids, fast=fast, llm=llm, systems=on_sample, llm_systems=llm_systems, names=names, boot=boot)
+        block["sample_metrics"] = {"metrics": sub["metrics"], "ci": sub["ci"], "n": sub["n"]}
+    return block
+
+
+def exposure_summary(
+    *, order: list[str], sample_ids: list[str] | None, fast: dict[str, dict], llm: dict[str, dict], systems: list[str], llm_systems: set[str], catalog
+) -> dict[str, Any]:
+    """Per system, exposure of its top SLATE_K (eval.exposure): shares and Gini by advertiser and by category,
+    catalog coverage. The LLM systems over the LLM sample (`default` on the same sample beside them)."""
+    out: dict[str, Any] = {"k": SLATE_K, "catalog_ads": len(catalog)}
+    out["systems"] = exposure_by_system(fast, order, [x for x in systems if x not in llm_systems], catalog)
+    if sample_ids is not None and llm_systems:
+        out["systems"] |= exposure_by_system(llm, sample_ids, [x for x in systems if x in llm_systems], catalog)
+        out["sample"] = exposure_by_system(fast, sample_ids, [x for x in systems if x == BASELINE], catalog)
+    return out
 
 
 def candidate_stage(fast: dict[str, dict], order: list[str], recall_ks: Sequence[int], boot: BootstrapSpec) -> dict | None:
@@ -194,12 +249,18 @@ def build_report(
     sample: list | None,
     speed: dict[str, Any],
     impressions_sha256: str,
+    catalog: dict[str, dict[str, Any]] | None = None,
+    bids_available: bool = False,
+    rank_by: str = "expected_value",
 ) -> dict[str, Any]:
     """report.json from a run's records: metrics over every impression (and over the LLM sample),
-    calibration, candidate stage, LLM summary, position bias, rewrites, provenance, fusion, speed.
+    revenue, exposure, calibration, candidate stage, LLM summary, position bias, rewrites, provenance,
+    fusion, speed.
 
     `task` is the EvalTask, `env` the EvalEnv, `stack` the LLM stack (None without LLM systems),
-    `loaded` the LoadedImpressions, `sample` the LLM sample (None when the LLM systems did not run)."""
+    `loaded` the LoadedImpressions, `sample` the LLM sample (None when the LLM systems did not run),
+    `catalog` ad id -> {advertiser, category, bid} (eval.exposure.read_catalog; None: no exposure),
+    `bids_available` whether the catalog gives bids, `rank_by` the service's serving order (`served`)."""
     from eval.calibration import calibration
     from eval.provenance import fusion_provenance, fusion_separation, git_state, now_iso, runtime
     from eval.systems import LLM_SYSTEMS
@@ -239,6 +300,16 @@ def build_report(
             if same is not None:
                 c["default_on_same_impressions"] = {k: same[k] for k in ("impressions", "rows", "logloss", "logloss_ci", "ece")}
             calib["default+llm"] = c
+    sample_or_none = sample_ids if sample is not None else None
+    revenue = revenue_summary(
+        order=order, sample_ids=sample_or_none, fast=fast, llm=llm, systems=[s for s in systems if s not in not_run],
+        llm_systems=llm_systems, boot=task.bootstrap, available=bids_available, rank_by=rank_by,
+    )  # fmt: skip
+    exposure = None
+    if catalog is not None:
+        exposure = exposure_summary(
+            order=order, sample_ids=sample_or_none, fast=fast, llm=llm, systems=systems, llm_systems=llm_systems, catalog=catalog
+        )
     protocols: dict[str, int] = dict(Counter(i.protocol for i in items))
     weights = fusion_provenance(fusion)
     return {
@@ -272,6 +343,8 @@ def build_report(
         "protocols": protocols,
         "data_warnings": loaded.warnings,
         "not_run": not_run,
+        "revenue": revenue,
+        "exposure": exposure,
         "candidate_stage": candidate_stage(fast, order, task.protocol.recall_ks, task.bootstrap),
         "llm": llm_block,
         "position_bias": position_bias(llm, order) if llm_block else None,

@@ -1,5 +1,6 @@
 """report.md: the numbers of report.json as tables (means with 95% bootstrap CIs, paired differences vs
-default, candidate stage, LLM, calibration, rewrites, position bias, fusion weights, speed, data)."""
+default, revenue, exposure, candidate stage, LLM, calibration, rewrites, position bias, fusion weights,
+speed, data)."""
 from __future__ import annotations
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -54,6 +55,8 @@ def render_markdown(report: dict) -> str:
                 cells.append("—" if d["diff"] is None else f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] n={d['n']}")
             out.append(f"| {s} | " + " | ".join(cells) + " |")
         out.append("")
+    out += _revenue_md(report.get("revenue"))
+    out += _exposure_md(report.get("exposure"))
     cs = report.get("candidate_stage")
     if cs:
         ks = [k for k in cs if k.startswith("recall@") and not k.endswith("_ci")]
@@ -167,4 +170,62 @@ def _rewrites_md(rw: dict) -> list[str]:
         out += ["| reason | impressions | rate |", "|---|---:|---:|"]
         out += [f"| {k} | {rw['violation_counts'][k]} | {_fmt(v, 3)} |" for k, v in rw["violations"].items()]
         out.append("")
+    return out
+
+
+def _revenue_md(rev: dict | None) -> list[str]:
+    if not rev:
+        return []
+    rule = "bid × pCTR" if rev["served_rank_by"] == "expected_value" else f"rank_by={rev['served_rank_by']}"
+    out = [f"## Revenue (each system's top k; `served` is the order the endpoint serves: {rule})", ""]
+    if not rev["available"]:
+        return out + [f"Not reported: {rev['reason']}.", ""]
+    names = rev["metric_names"]
+    out += [f"{rev['definition']}; mean [95% bootstrap CI] over impressions.", ""]
+    out += _table(rev, list(rev["metrics"]), names)
+    if rev.get("paired_vs_default"):
+        out += ["", "Paired difference vs default (diff [95% CI], n):", ""]
+        out += ["| system | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for sys_name, per in rev["paired_vs_default"].items():
+            cells = [
+                "—" if per[m]["diff"] is None else f"{per[m]['diff']:+.4f} [{per[m]['lo']:+.4f}, {per[m]['hi']:+.4f}] n={per[m]['n']}" for m in names
+            ]
+            out.append(f"| {sys_name} | " + " | ".join(cells) + " |")
+    sample = rev.get("sample_metrics")
+    if sample:
+        out += ["", "Same LLM sample, side by side:", ""]
+        out += _table(sample, list(sample["metrics"]), names)
+    out.append("")
+    return out
+
+
+def _exposure_md(exp: dict | None) -> list[str]:
+    if not exp or not exp.get("systems"):
+        return []
+    out = [
+        f"## Exposure (each system's top {exp['k']} per impression; Gini over every group of the catalog, 0 = even; "
+        f"coverage = distinct ads served / {exp['catalog_ads']} in the catalog)",
+        "",
+        "| system | slates | coverage | advertisers | advertiser Gini | top advertiser (share) | categories | category Gini | top category (share) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+
+    def top(block: dict) -> str:
+        shares = block["top_shares"]
+        if not shares:
+            return "—"
+        g, v = next(iter(shares.items()))
+        return f"{g or '(none)'} ({v:.3f})"
+
+    rows = list(exp["systems"].items()) + [(f"{k} (LLM sample)", v) for k, v in (exp.get("sample") or {}).items()]
+    for name, e in rows:
+        a, c = e["by_advertiser"], e["by_category"]
+        out.append(
+            f"| {name} | {e['slates']} | {e['coverage']:.4f} | {a['groups']} | {a['gini']:.4f} | {top(a)} | "
+            f"{c['groups']} | {c['gini']:.4f} | {top(c)} |"
+        )
+    one = [key for key in ("advertiser", "category") if all(e[f"by_{key}"]["groups"] <= 1 for e in exp["systems"].values())]
+    if one:
+        out += ["", f"The catalog names no {' and no '.join(one)} (one group): its Gini is 0 by construction."]
+    out.append("")
     return out

@@ -50,6 +50,11 @@ SYSTEMS: dict[str, System] = {
             "default", False, "the pipeline's prior ranking with the LLM off (Decision.ranking of the fast path)",
             b.default_logged, b.default_full,
         ),  # fmt: skip
+        System(
+            "served", False, "default's candidates in the order the endpoint serves them: bid × pCTR under rank_by=expected_value "
+            "(selection.pipeline.serving_order; the full catalog: the served head, then the prior order)",
+            b.served_logged, b.served_full,
+        ),  # fmt: skip
         System("llm", True, "the LLM's own ranking of the top-N prior candidates, the rest after in prior order"),
         System("default+llm", True, "the full pipeline: prior fused with the LLM's ranking (Decision.ranking)"),
     )

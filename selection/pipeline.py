@@ -48,6 +48,7 @@ from selection.rules import EligibilityPolicy, EligibilityTable, chroma_where, i
 log = logging.getLogger(__name__)
 
 AuditSink = Callable[[dict], None]
+RankBy = Literal["expected_value", "relevance"]
 CapsOnError = Literal["closed", "open"]
 
 
@@ -157,7 +158,7 @@ class Selector:
     caps_on_error: CapsOnError = "closed"  # the cap store failed: serve nothing capped-unknown, or serve it unrecorded
     user_key: Callable[[str], str] = lambda u: u  # keyed hash for caps and logs
     audit: AuditSink | None = None
-    rank_by: Literal["expected_value", "relevance"] = "relevance"
+    rank_by: RankBy = "relevance"
     recency_decay: float = 0.8
     exclude_history: bool = True
     llm_max_candidates: int = 20
@@ -309,11 +310,8 @@ class Selector:
         return dict(history_ads=stage.history_ads, events=req.events, candidates=sent, rewrite=req.rewrite, target_id=target)
 
     def _order(self, scores: np.ndarray, cands: list[Candidate]) -> np.ndarray:
-        """Serving order: bid × pCTR (ties by relevance), or relevance alone."""
-        if self.rank_by == "expected_value":
-            ev = self.fusion.pctr(scores) * np.array([c.ad.bid for c in cands], dtype=np.float64)
-            return np.lexsort((-scores, -ev))
-        return np.argsort(-scores, kind="stable")
+        bids = np.array([c.ad.bid for c in cands], dtype=np.float64)
+        return serving_order(scores, pctr=self.fusion.pctr(scores), bids=bids, rank_by=self.rank_by)
 
     # ---- stage 3: fuse, order, serve (rules, caps, copy), decide -----------------------------
     def _finish(
@@ -627,6 +625,15 @@ class Selector:
             capped=served.capped,
             caps_unknown=served.caps_unknown,
         )
+
+
+def serving_order(scores: np.ndarray, *, pctr: np.ndarray, bids: np.ndarray, rank_by: RankBy) -> np.ndarray:
+    """The serving order of scored candidates (indices, best first): bid × pCTR, ties by relevance, or
+    relevance alone (ties by position). The one rule: the endpoint serves by it, and eval replays it (the
+    `served` system of `adselect eval run`, the targets of `adselect eval ope`)."""
+    if rank_by == "expected_value":
+        return np.lexsort((-scores, -(np.asarray(pctr, dtype=np.float64) * np.asarray(bids, dtype=np.float64))))
+    return np.argsort(-scores, kind="stable")
 
 
 def audit_record(d: Decision, *, user_key: str, candidates: list[str]) -> dict:

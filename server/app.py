@@ -20,6 +20,7 @@ from server.guard import PUBLIC_PATHS, Guard, arrival
 from server.limits import InFlightGate, Tally, rate_limiter
 from server.metrics import Metrics
 from server.readiness import readiness
+from server.reload_group import POLL_S, WAIT_S, ReloadGroup
 from server.convert import to_core, to_wire
 from server.loop_metrics import LoopState
 from server.protocol import (
@@ -40,7 +41,11 @@ log = logging.getLogger(__name__)
 AUDIT_LOGGER = "adselect.audit"  # the pipeline's audit sink (selection.services.audit_logger) writes here
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    """This worker's services, caught up first with a reload another worker of the group made (server.reload_group)."""
+    catch_up = getattr(request.app.state, "catch_up", None)
+    if catch_up is not None:
+        await catch_up(request.app)
     return request.app.state.services
 
 
@@ -60,18 +65,54 @@ class FeedbackOff(RuntimeFault):
 
 
 def create_app(
-    settings: Settings, *, services: Services | None = None, llm_url: str | None = None, reload_on_sighup: bool = False
+    settings: Settings,
+    *,
+    services: Services | None = None,
+    llm_url: str | None = None,
+    reload_on_sighup: bool = False,
+    group: ReloadGroup | None = None,
 ) -> FastAPI:
     """`services` given: use them as they are (tests). Else build them at start-up; with no LLM URL in
     settings (and the LLM enabled), start the bundled local model and stop it at shutdown.
-    `reload_on_sighup`: SIGHUP reloads weights, behaviour tables, experiment and prompts (`adselect serve`)."""
+    `reload_on_sighup`: SIGHUP reloads weights, behaviour tables, experiment and prompts (`adselect serve`).
+    `group`: this process is one worker of `serve --workers N`; a reload reaches every worker (server.reload_group)."""
     reload_lock = asyncio.Lock()
 
     async def do_reload(app: FastAPI) -> Services:
         async with reload_lock:  # one reload at a time; requests keep being served by the old services meanwhile
-            new = await asyncio.to_thread(reload_services, app.state.services)
+            new = await asyncio.to_thread(reload_services, app.state.services)  # ReloadRefused: nothing changes anywhere
             app.state.services = new
+            if group is not None:  # every file checked out here: the other workers follow
+                await asyncio.to_thread(group.bump)
+                group.report(versions=new.versions)
             return new
+
+    async def catch_up(app: FastAPI) -> None:
+        """Another worker of the group reloaded: reload from the same files before serving on."""
+        if group is None or not group.changed():
+            return
+        async with reload_lock:
+            target = group.current()
+            if target <= group.tried:
+                return
+            group.tried = target
+            try:
+                new = await asyncio.to_thread(reload_services, app.state.services)
+            except Exception as e:  # refused here (a file changed since): the previous version keeps serving
+                log.exception("reload of generation %d refused in this worker: the previous version keeps serving", target)
+                group.report(versions=app.state.services.versions, error=f"{type(e).__name__}: {e}")
+                return
+            app.state.services = new
+            group.generation = target
+            group.report(versions=new.versions)
+
+    async def poll(app: FastAPI) -> None:
+        while True:  # an idle worker switches within POLL_S too, so the reload call can report every worker
+            await asyncio.sleep(POLL_S)
+            try:
+                await catch_up(app)
+            except Exception:
+                log.exception("reload generation check failed")
 
     def on_sighup(app: FastAPI) -> None:
         async def run() -> None:
@@ -110,9 +151,18 @@ def create_app(
             gc.freeze()
         if reload_on_sighup:
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_sighup, app)
+        poller = None
+        if group is not None:  # built from the files on disk now: that is the group's current generation
+            group.generation = group.tried = group.current()
+            group.report(versions=app.state.services.versions)
+            app.state.catch_up = catch_up
+            poller = asyncio.get_running_loop().create_task(poll(app))
         try:
             yield
         finally:
+            if poller is not None:
+                poller.cancel()
+                group.leave()  # type: ignore[union-attr]
             if reload_on_sighup:
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
             if built:
@@ -193,9 +243,18 @@ def create_app(
     @app.post("/admin/reload", response_model=ReloadResponse)
     async def admin_reload(request: Request) -> ReloadResponse:
         """Reload weights (and calibration), behaviour tables, experiment and prompts without a restart. A bad
-        file is refused (400 reload_refused) and the previous version keeps serving."""
+        file is refused (400 reload_refused) and the previous version keeps serving. Under `serve --workers N`
+        every worker follows before its next request; the answer comes once all have switched (at most
+        server.reload_group.WAIT_S) and lists each worker's versions."""
         new = await do_reload(request.app)
-        return ReloadResponse(status="reloaded", versions=new.versions)
+        if group is None:
+            return ReloadResponse(status="reloaded", versions=new.versions)
+        generation = group.generation
+        deadline = time.monotonic() + WAIT_S
+        while (pending := await asyncio.to_thread(group.pending, generation)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        workers = await asyncio.to_thread(group.workers)
+        return ReloadResponse(status="reloaded", versions=new.versions, generation=generation, workers=workers, pending=pending)
 
     @app.get("/healthz", response_model=HealthResponse)
     async def healthz(svc: ServicesDep) -> HealthResponse:

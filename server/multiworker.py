@@ -9,6 +9,10 @@ from the environment: adselect/app.py).
 - /metrics aggregates every worker: prometheus_client multiprocess mode, its files under
   data_dir/metrics/serve-<pid> (fresh at start, removed at exit). Gauges read off live objects at
   scrape time (in-flight, breaker) are those of the worker that answers the scrape.
+- Hot reload reaches every worker: a reload generation under data_dir/reload/serve-<pid> (fresh at start,
+  removed at exit; server/reload_group.py). POST /admin/reload on any worker reloads it, bumps the
+  generation, and every other worker reloads from the same files before its next request. SIGHUP to
+  the supervisor restarts the workers (uvicorn), which read the files again.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kernel.settings import Settings
+from server.reload_group import GROUP_ENV
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,10 @@ def worker_environment(settings: Settings, *, workers: int, log_format: str = "j
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     env[MULTIPROC_ENV] = str(metrics_dir)
+    group_dir = settings.data_dir / "reload" / f"serve-{os.getpid()}"
+    shutil.rmtree(group_dir, ignore_errors=True)
+    group_dir.mkdir(parents=True)
+    env[GROUP_ENV] = str(group_dir)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -69,5 +78,6 @@ def worker_environment(settings: Settings, *, workers: int, log_format: str = "j
             else:
                 os.environ[k] = v
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(group_dir, ignore_errors=True)
         if local is not None:
             local.stop()

@@ -144,9 +144,21 @@ class EventResponse(BaseModel):
     status: Literal["recorded", "duplicate"] = Field(description="duplicate: this event_id was already recorded (not counted twice).")
 
 
+class WorkerReloadOut(BaseModel):
+    generation: int = Field(description="The reload generation whose files this worker serves.")
+    tried: int | None = Field(None, description="The latest generation it tried; above `generation`: that reload was refused.")
+    versions: dict[str, str | None] | None = None
+    error: str | None = Field(None, description="Why this worker's last catch-up was refused (it keeps its previous version).")
+
+
 class ReloadResponse(BaseModel):
     status: Literal["reloaded"]
-    versions: dict[str, str | None]
+    versions: dict[str, str | None] = Field(description="What the worker that took the call serves now.")
+    generation: int | None = Field(None, description="`serve --workers N`: the group's reload generation after this call; null for one process.")
+    workers: dict[str, WorkerReloadOut] | None = Field(
+        None, description="`serve --workers N`: every live worker by pid, once all have switched (or the wait ran out: see `pending`)."
+    )
+    pending: list[str] = Field(default_factory=list, description="Workers (pids) that had not switched when the wait ran out.")
 
 
 class ErrorBody(BaseModel):

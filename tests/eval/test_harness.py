@@ -65,6 +65,14 @@ def test_games_slice_report_shape_and_default_beats_random(games_report) -> None
     assert report["speed"]["fast"]["impressions"] == 100
 
 
+def test_a_catalog_without_bids_says_so_instead_of_reporting_zeros(games_report) -> None:
+    report, out = games_report
+    rev = report["revenue"]
+    assert rev["available"] is False and "no ad in the catalog has a bid" in rev["reason"]
+    assert "metrics" not in rev
+    assert "Not reported: no ad in the catalog has a bid" in (out / "report.md").read_text()
+
+
 def test_mind_report_covers_every_system(mind_report) -> None:
     report, out = mind_report
     _check_shape(report, logged_only=True)
@@ -142,6 +150,9 @@ def test_llm_systems_position_bias_and_cache_with_a_fake_llm(eval_settings, fake
     assert report["llm"]["cache"] == {"hits": 0, "misses": 12, "errors": 0, "hit_rate": 0.0}
     assert len(fake_llm.calls) == 12 and report["llm"]["cache_entries"] == 12 and report["provenance"]["prompt"]["sha256"]
     assert (tmp_path / "a" / "position_bias.png").exists()
+    ex = report["exposure"]  # the LLM systems' exposure over the sample, default on the same sample beside them
+    assert ex["systems"]["llm"]["slates"] == ex["systems"]["default+llm"]["slates"] == ex["sample"]["default"]["slates"] == 4
+    assert ex["systems"]["default"]["slates"] == 54 and "## Exposure" in (tmp_path / "a" / "report.md").read_text()
     again = run_task(doc, settings=eval_settings, out=tmp_path / "b", llm_inner=fake_llm, llm_cache_path=cache)
     assert len(fake_llm.calls) == 12  # identical re-run: every call answered from the disk cache
     assert again["llm"]["cache"] == {"hits": 12, "misses": 0, "errors": 0, "hit_rate": 1.0}

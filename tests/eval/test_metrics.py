@@ -344,3 +344,18 @@ def test_paired_diff_uses_only_impressions_where_both_are_defined():
     assert paired_diff([0.3, 0.7], [0.3, 0.7]) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="length"):
         paired_diff([1.0], [1.0, 0.0])
+
+
+def test_revenue_at_sums_the_bids_of_clicked_ads_in_the_top_k() -> None:
+    from eval.metrics import metrics_by_protocol, revenue_at
+
+    bids = {"a": 1.0, "b": 2.0, "c": 0.5}
+    assert [revenue_at(["a", "b", "c"], {"b", "c"}, bids, k=k) for k in (1, 2, 3, 9)] == [0.0, 2.0, 2.5, 2.5]
+    assert revenue_at(["x"], {"x"}, bids, k=1) == 0.0  # a clicked id without a bid earns nothing
+
+    class Imp:
+        candidates, clicked = ["a", "b", "c"], frozenset({"b"})
+
+    with_bids = metrics_by_protocol(["mrr"], ["mrr"], bids=bids, revenue_ks=(1, 2))(Imp(), {"s": ["b", "a", "c"]}, None)
+    assert with_bids == {"s": {"mrr": 1.0, "revenue@1": 2.0, "revenue@2": 2.0}}
+    assert metrics_by_protocol(["mrr"], ["mrr"])(Imp(), {"s": ["a", "b", "c"]}, None) == {"s": {"mrr": 0.5}}  # no bids: no revenue

@@ -129,6 +129,17 @@ def test_eval_run_replays_the_services_own_log(sim, demo_settings, tmp_path):
 
     assert set(FAST_SYSTEMS) <= set(report["metrics"])
     assert report["n_impressions"] == counts["with_click"]
+    # every system: the served order's revenue beside the relevance metrics, and its exposure
+    rev, ex = report["revenue"], report["exposure"]
+    assert rev["available"] and set(FAST_SYSTEMS) <= set(rev["metrics"])
+    for s in FAST_SYSTEMS:
+        assert report["metrics"][s]["ndcg@10"] is not None and rev["n"][s] == report["n_impressions"]
+        lo, hi = rev["ci"][s]["revenue@1"]
+        assert lo <= rev["metrics"][s]["revenue@1"] <= hi
+        e = ex["systems"][s]
+        assert e["slates"] == report["n_impressions"] and 0 < e["coverage"] <= 1 and 0 <= e["by_advertiser"]["gini"] < 1
+    md = (out / "report.md").read_text()
+    assert "## Revenue" in md and "## Exposure" in md
 
 
 def test_eval_calibrate_refits_pctr_on_the_logged_feedback(sim, demo_settings, tmp_path):

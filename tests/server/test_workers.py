@@ -1,5 +1,6 @@
 """`adselect serve --workers 2` on loopback over the demo catalog: frequency caps hold across worker
-processes under parallel requests for one user, and /metrics counts the requests of both workers."""
+processes under parallel requests for one user, /metrics counts the requests of both workers, and one
+authenticated POST /admin/reload switches every worker (a bad file switches none)."""
 from __future__ import annotations
 
 import collections
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -43,13 +45,15 @@ def _per_worker_select_counts(metrics_dir: Path) -> dict[str, float]:
     return out
 
 
-@pytest.fixture
-def two_workers(demo_settings: Settings, tmp_path: Path):
+@contextmanager
+def serve_two_workers(demo_settings: Settings, tmp_path: Path, **extra_env: str):
+    """(base URL, metrics dir, data dir) of a real `adselect serve --workers 2` over a copy of the demo data dir."""
     data_dir = tmp_path / "var"
     shutil.copytree(demo_settings.data_dir, data_dir)  # caps.sqlite and the metrics dir of this server only
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_") and k != "PROMETHEUS_MULTIPROC_DIR"}
     env["ADSELECT_COLLECTION"] = demo_settings.collection
+    env.update(extra_env)
     log = (tmp_path / "server.log").open("wb")
     cmd = [sys.executable, "-m", "adselect.cli", "serve", "--no-llm", "--workers", "2", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)]
     # its own process group: teardown stops the workers too, never leaving them behind as orphans
@@ -64,7 +68,7 @@ def two_workers(demo_settings: Settings, tmp_path: Path):
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}", data_dir / "metrics" / f"serve-{proc.pid}"
+        yield f"http://127.0.0.1:{port}", data_dir / "metrics" / f"serve-{proc.pid}", data_dir
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -77,6 +81,12 @@ def two_workers(demo_settings: Settings, tmp_path: Path):
             pass
         proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture
+def two_workers(demo_settings: Settings, tmp_path: Path):
+    with serve_two_workers(demo_settings, tmp_path) as (base, metrics_dir, _):
+        yield base, metrics_dir
 
 
 def test_caps_hold_across_workers_and_metrics_count_both(two_workers, demo_services):
@@ -117,3 +127,62 @@ def test_caps_hold_across_workers_and_metrics_count_both(two_workers, demo_servi
             if line.startswith("adselect_http_requests_total{") and 'route="/v1/select"' in line
         )
         assert total == sent
+
+
+KEY = "k-workers-0123456789"
+AUTH = {"X-API-Key": KEY}
+
+
+def _weights(path: Path, feature: str) -> None:
+    import numpy as np
+
+    from retrieval.features import FEATURES
+    from selection.fusion import FusionModel
+
+    m = FusionModel.hand_tuned()
+    m.coef = np.array([1.0 if f == feature else 0.0 for f in FEATURES])
+    m.save(path)
+
+
+def _weights_versions_of_both_workers(base: str, metrics_dir: Path, history: list[str]) -> list[str]:
+    """The weights version of every response to parallel requests (a new connection each), sent until both
+    workers have answered some of them (bounded by MAX_REQUESTS)."""
+    before = _per_worker_select_counts(metrics_dir)
+
+    def one(_: int) -> str:
+        with httpx.Client(base_url=base, timeout=30, headers=AUTH) as client:
+            res = client.post("/v1/select", json={"user_id": f"u-{_}-{time.monotonic_ns()}", "history": history, "k": 2, "use_llm": False})
+        assert res.status_code == 200, res.text
+        return res.json()["versions"]["weights"]
+
+    seen: list[str] = []
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        while len(seen) < MAX_REQUESTS:
+            seen += list(pool.map(one, range(40)))
+            after = _per_worker_select_counts(metrics_dir)
+            if len(after) >= 2 and all(after[p] > before.get(p, 0) for p in after):
+                return seen
+    pytest.fail(f"both workers did not answer within {MAX_REQUESTS} requests: {_per_worker_select_counts(metrics_dir)}")
+
+
+def test_one_admin_reload_switches_every_worker_and_a_bad_file_none(demo_settings, demo_services, tmp_path):
+    with serve_two_workers(demo_settings, tmp_path, ADSELECT_API_KEYS=KEY) as (base, metrics_dir, data_dir):
+        history = demo_services.index.ids[:3]
+        old = set(_weights_versions_of_both_workers(base, metrics_dir, history))
+        assert len(old) == 1
+
+        _weights(data_dir / "fusion.json", "popularity")  # data_dir/fusion.json: the weights the workers read
+        assert httpx.post(f"{base}/admin/reload", timeout=60).status_code == 401  # authenticated like every admin call
+        res = httpx.post(f"{base}/admin/reload", headers=AUTH, timeout=60)
+        assert res.status_code == 200, res.text
+        body = res.json()
+        new = body["versions"]["weights"]
+        assert {new} != old
+        assert set(_weights_versions_of_both_workers(base, metrics_dir, history)) == {new}  # the other worker too
+        assert len(body["workers"]) == 2 and body["pending"] == []  # the versions of every worker, once all have switched
+        assert all(w["generation"] == body["generation"] and w["versions"]["weights"] == new for w in body["workers"].values())
+
+        (data_dir / "fusion.json").write_text('{"features": ["not", "these"]')  # truncated JSON
+        bad = httpx.post(f"{base}/admin/reload", headers=AUTH, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "reload_refused"
+        assert set(_weights_versions_of_both_workers(base, metrics_dir, history)) == {new}  # every worker keeps the previous version

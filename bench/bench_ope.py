@@ -21,7 +21,12 @@ data dir holding the Games catalog and its behaviour tables, copied from --games
 `default_explore` (the service's weights + softmax exploration), targets `popularity` and `covisit`
 (one-feature weights files) and `default` (no exploration), each switched in by POST /admin/reload; clicks
 through POST /v1/events; the records read from the service's impression log + feedback store. It also
-measures the log's write cost: p50/p99 of /v1/select with the impression log on vs off (`--latency N`).
+measures the log's write cost: p50/p99 of /v1/select with the impression log on vs off (`--latency N`), and
+refits the pCTR calibration (eval.log_calibration, as `adselect eval calibrate`) on every decision served with
+the shipped weights (the logging arm and the on-policy `default` arm, all seeds; clicks are reported for both),
+holding out `--cal-holdout` of the users by keyed hash: log loss, NE, Σp/Σy, ECE over `--cal-bins` quantile bins
+with its bootstrap interval and noise floor, on the held-out users and cross-fitted over every row, and
+`--out DIR/reliability.png`. The coverage lines count the seeds whose 95% CI holds the on-policy CTR.
 
     python bench/bench_ope.py --service http --users 2000 --seeds 1 --out /tmp/ope_http
 """

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperGroup
 
+from eval.calibration import CALIBRATION_SHARE, ECE_BINS, HOLDOUT_SHARE, calibration_line
 from kernel.errors import AdSelectError, UserError
 
 DEPRECATED_FORM = (
@@ -165,7 +166,7 @@ def _summary(report: dict, out: Path) -> None:
     if report.get("llm"):
         typer.echo(f"llm: {report['speed'].get('llm')} cache {report['llm']['cache']}")
     for system, c in (report.get("calibration") or {}).items():
-        typer.echo(f"calibration {system}: log loss {c['logloss']:.4f} (base rate {c['base_rate']:.4f}: {c['logloss_base_rate']:.4f}), ECE {c['ece']:.4f}")
+        typer.echo(f"calibration {system}: {calibration_line(c)} (base rate {c['base_rate']:.4f}: log loss {c['logloss_base_rate']:.4f})")
     rw = report.get("rewrites")
     if rw:
         typer.echo(f"rewrites: served {rw['served']}/{rw['requested']}, violations {rw['violations'] or 'none'}")
@@ -232,6 +233,10 @@ def tune(
         True, "--injection-check/--no-injection-check",
         help="Run the prompt-injection test at a positive fitted LLM weight; the weight ships only if it passes (else 0).",
     ),  # fmt: skip
+    calibration_share: float = typer.Option(CALIBRATION_SHARE, "--calibration-share", help="Share of tuning users (by keyed hash) kept apart: the pCTR calibration is fitted on them, the fusion never sees them."),
+    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto (platt or isotonic, by cross-validated log loss over users), platt, isotonic."),
+    negative_rate: Optional[float] = typer.Option(None, "--negative-rate", help="Share r of negatives the rows keep; the calibration's log-odds move by log(r) (default: counted from the sampling)."),
+    base_rate: Optional[float] = typer.Option(None, "--base-rate", help="Or: the true click rate of a scored row; r = odds(base rate) / odds(the rows' rate)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
 ) -> None:
     """Fit the fusion weights (eval/tune.py) and write the weights file the server and eval load."""
@@ -242,6 +247,7 @@ def tune(
         train_histories=list(train or []) or None,
         n_random=n_random, n_hard=n_hard, max_impressions=max_impressions, seed=seed, C=C,
         interactions=interactions, llm_run=llm_run, injection_check=injection_check,
+        calibration_share=calibration_share, calibration_method=calibration_method, negative_rate=negative_rate, base_rate=base_rate,
     )  # fmt: skip
     try:
         res = run_tune(opts, settings=_settings(data_dir))
@@ -374,12 +380,16 @@ def calibrate_cmd(
     feedback: Path = typer.Option(..., "--feedback", help="Feedback store (data_dir/feedback.sqlite)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Fusion weights the log was served with (default: the service's)."),
     out: Path = typer.Option(..., "--out", help="Weights JSON to write: the same fusion with the refit calibration."),
-    holdout: float = typer.Option(0.3, "--holdout", min=0.05, max=0.95, help="Share of impressions held out to judge the fit."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Calibration report JSON (default: next to --out, .calibration.json)."),
+    holdout: float = typer.Option(HOLDOUT_SHARE, "--holdout", min=0.05, max=0.95, help="Share of users (by keyed hash) held out to judge the fit."),
+    method: str = typer.Option("auto", "--method", help="auto (platt or isotonic, by cross-validated log loss over users), platt, isotonic."),
+    bins: int = typer.Option(ECE_BINS, "--bins", min=2, help="Equal-count bins of the reliability table and ECE."),
+    arm: Optional[str] = typer.Option(None, "--arm", help="Only this arm's records (default: every arm served with these weights)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Calibration report JSON (default: next to --out, .calibration.json; the plot .reliability.png)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR (for the default weights)."),
 ) -> None:
-    """Refit pCTR calibration on the log's real feedback; report log loss, NE, sum p / sum y, ECE, reliability on held-out rows."""
-    from eval.log_calibration import refit_calibration
+    """Refit pCTR calibration on the log's real feedback; report log loss, NE, sum p / sum y, ECE (with its
+    bootstrap interval and noise floor) and the reliability table on held-out users, and a reliability plot."""
+    from eval.log_calibration import refit_calibration, reliability_plot
     from eval.ope_run import joined_records
     from selection.fusion import FusionModel
     from selection.services import weights_version
@@ -387,14 +397,14 @@ def calibrate_cmd(
     try:
         fusion = FusionModel.load(weights if weights is not None else _settings(data_dir).resolved_weights_path())
         records, _ = joined_records(log, feedback)
-        refit, rep = refit_calibration(records, fusion, weights_version=weights_version(fusion), holdout=holdout)
+        refit, rep = refit_calibration(records, fusion, weights_version=weights_version(fusion), holdout=holdout, method=method, bins=bins, arm=arm)
         refit.save(out)
         rpath = report or out.with_suffix(".calibration.json")
         rpath.write_text(json.dumps(rep, indent=2))
+        plot = reliability_plot(rep, rpath.with_name(rpath.name.removesuffix(".calibration.json").removesuffix(".json") + ".reliability.png"))
     except (AdSelectError, OSError) as e:
         _fail(e)
-    for part in ("holdout_before", "holdout_after"):
-        r = rep[part]
-        typer.echo(f"{part}: rows {r['rows']} logloss {r['logloss']:.4f} NE {r['normalized_entropy']:.3f} "
-                   f"sum_p/sum_y {r['sum_p_over_sum_y']:.3f} ECE {r['ece']:.4f}")  # fmt: skip
-    typer.echo(f"wrote {out} and {rpath}")
+    typer.echo(f"method {rep['method']} (cross-validated log loss {rep['cv_logloss']}); {bins} quantile bins")
+    for part in ("holdout_before", "holdout_after", "cross_fitted"):
+        typer.echo(f"{part}: {calibration_line(rep[part])}")
+    typer.echo(f"wrote {out}, {rpath} and {plot}")

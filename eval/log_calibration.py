@@ -1,40 +1,47 @@
 """Refit the pCTR calibration on real feedback: the served ads of the impression log joined with clicks.
 
 Rows are the served ads of records logged under the given weights (their `weights_version`; another
-version's scores are on another scale), labelled clicked or not. Records are split by a hash of their
-request id into a fitting part and a held-out part (`holdout` share); Platt scaling
-(eval.calibration.fit_calibration) is fitted on the first and judged on the second: log loss, normalised
-entropy (log loss / entropy of the base rate), Σp/Σy, and a quantile-binned reliability table with its
-expected calibration error (count-weighted mean |predicted − observed| over equal-count bins).
+version's scores are on another scale), optionally of one arm, labelled clicked or not. Users (the
+record's keyed user hash) are split by a second keyed hash (eval.calibration.user_share) into a fitting
+part and a held-out part (`holdout` share), so no user is on both sides. The method (platt or isotonic,
+`method="auto"`) is chosen by cross-validated log loss over folds of the fitting users, fitted on the
+fitting part and judged on the held-out part with eval.calibration.summary (log loss, normalised entropy,
+Σp/Σy, ECE over `bins` quantile bins, the reliability table) and ece_uncertainty (bootstrap interval,
+noise floor). `cross_fitted` judges the same method on every row instead: each row predicted by a fit on
+the other folds' users (more rows, so a lower noise floor; the shipped fit is the fitting part's).
 
 The rows are the service's own impressions, not sampled negatives, so no negative-sampling correction
-applies. (Fitting on sampled rows — e.g. 19 random negatives per click — would need the usual prior
-correction b' = b + log(r) for a kept-negative rate r; not done here.) The refit weights keep the fusion
-coefficients (the order never changes: Platt is monotone) and replace `calibration`; POST /admin/reload
-serves them.
+applies (eval tune's sampled rows are corrected, see eval.calibration.fit_calibration). The refit weights
+keep the fusion coefficients (the order never changes: both methods are monotone) and replace
+`calibration`; POST /admin/reload serves them.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from eval.calibration import entropy, fit_calibration, log_loss
+from eval.calibration import ECE_BINS, HOLDOUT_SHARE, METHODS, apply_calibration, choose_method, cross_fitted, ece_uncertainty, fit_calibration, summary, user_share
 from kernel.errors import UserError
 from selection.fusion import FusionModel
 
 
-def _holdout(request_id: str, share: float) -> bool:
-    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2**64 < share
+@dataclass(frozen=True)
+class ServedRows:
+    scores: np.ndarray  # fused score of each served ad
+    y: np.ndarray  # clicked 1/0
+    users: list[str]  # the record's keyed user hash
 
 
-def served_rows(records: Sequence[Mapping[str, Any]], *, weights_version: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(fused score, clicked, request id) per served ad of the records logged under `weights_version` (None: all)."""
-    s, y, ids = [], [], []
+def served_rows(records: Sequence[Mapping[str, Any]], *, weights_version: str | None, arm: str | None = None) -> ServedRows:
+    """Each served ad of the records logged under `weights_version` (None: all) and `arm` (None: all)."""
+    s, y, users = [], [], []
     for r in records:
         if weights_version is not None and r.get("weights_version") != weights_version:
+            continue
+        if arm is not None and r.get("arm") != arm:
             continue
         clicked = set(r.get("clicked") or ())
         for a in r.get("served_ads") or ():
@@ -42,55 +49,69 @@ def served_rows(records: Sequence[Mapping[str, Any]], *, weights_version: str | 
                 continue
             s.append(float(a["score"]))
             y.append(1.0 if a["ad_id"] in clicked else 0.0)
-            ids.append(str(r["request_id"]))
-    return np.array(s), np.array(y), ids
+            users.append(str(r.get("user_id") or r["request_id"]))
+    return ServedRows(np.array(s), np.array(y), users)
 
 
-def quantile_reliability(p: np.ndarray, y: np.ndarray, *, bins: int = 10) -> list[dict[str, float]]:
-    """Equal-count bins of predicted pCTR: mean predicted, observed click rate, count."""
-    order = np.argsort(p, kind="stable")
-    out = []
-    for chunk in np.array_split(order, min(bins, len(order))):
-        if len(chunk):
-            out.append({"predicted": float(p[chunk].mean()), "observed": float(y[chunk].mean()), "n": int(len(chunk))})
-    return out
-
-
-def calibration_report(p: np.ndarray, y: np.ndarray, *, bins: int = 10) -> dict[str, Any]:
-    base = float(y.mean())
-    ll = float(log_loss(p, y).mean())
-    rel = quantile_reliability(p, y, bins=bins)
-    return {
-        "rows": int(len(y)),
-        "clicks": int(y.sum()),
-        "base_rate": base,
-        "logloss": ll,
-        "normalized_entropy": ll / entropy(base) if entropy(base) > 0 else None,
-        "sum_p_over_sum_y": float(p.sum() / y.sum()) if y.sum() > 0 else None,
-        "ece": float(sum(b["n"] * abs(b["predicted"] - b["observed"]) for b in rel) / len(y)),
-        "reliability": rel,
-    }
+def _judged(p: np.ndarray, y: np.ndarray, *, bins: int, seed: int) -> dict[str, Any]:
+    return {**summary(p, y, bins=bins), **ece_uncertainty(p, y, bins=bins, seed=seed)}
 
 
 def refit_calibration(
-    records: Sequence[Mapping[str, Any]], fusion: FusionModel, *, weights_version: str | None, holdout: float = 0.3, bins: int = 10
+    records: Sequence[Mapping[str, Any]],
+    fusion: FusionModel,
+    *,
+    weights_version: str | None,
+    holdout: float = HOLDOUT_SHARE,
+    bins: int = ECE_BINS,
+    method: str = "auto",
+    arm: str | None = None,
+    folds: int = 5,
+    seed: int = 0,
 ) -> tuple[FusionModel, dict[str, Any]]:
-    """The weights with a calibration refit on the log's feedback, and the report (before/after on held-out rows)."""
-    scores, y, ids = served_rows(records, weights_version=weights_version)
+    """The weights with a calibration refit on the log's feedback, and the report (before/after on held-out users)."""
+    rows = served_rows(records, weights_version=weights_version, arm=arm)
+    scores, y = rows.scores, rows.y
     if len(y) == 0:
         raise UserError("no served ads logged under these weights (check --weights against the log's weights_version)")
-    test = np.array([_holdout(i, holdout) for i in ids])
-    if test.all() or not test.any() or y[~test].sum() == 0 or y[~test].sum() == (~test).sum():
+    if method != "auto" and method not in METHODS:
+        raise UserError(f"unknown calibration method {method!r} (auto, {', '.join(METHODS)})")
+    test = np.array([user_share(u) < holdout for u in rows.users])
+    fit = ~test
+    if test.all() or not test.any() or y[fit].sum() == 0 or y[fit].sum() == fit.sum():
         raise UserError("too few rows (or no clicks / only clicks) to fit and hold out a calibration")
-    cal = fit_calibration(scores[~test], y[~test])
-    refit = FusionModel.from_json({**fusion.to_json(), "calibration": {k: cal[k] for k in ("method", "a", "b")}})
-    refit.meta = {**fusion.meta, "calibration_source": "impression log feedback", "calibration_rows": int((~test).sum())}
+    fit_users = [u for u, f in zip(rows.users, fit) if f]
+    cv_logloss = None
+    if method == "auto":
+        method, cv_logloss = choose_method(scores[fit], y[fit], fit_users, folds=folds)
+    cal = fit_calibration(scores[fit], y[fit], method=method)
+    block = {k: v for k, v in cal.items() if k in ("method", "a", "b", "x", "p")}
+    refit = FusionModel.from_json({**fusion.to_json(), "calibration": block})
+    refit.meta = {**fusion.meta, "calibration_source": "impression log feedback", "calibration_rows": int(fit.sum())}
+    oof = cross_fitted(scores, y, rows.users, method=method, folds=folds)
+    ok = ~np.isnan(oof)
     report = {
         "weights_version": weights_version,
-        "fit_rows": int((~test).sum()),
-        "holdout_share": holdout,
-        "calibration": {"method": "platt", "a": cal["a"], "b": cal["b"]},
-        "holdout_before": calibration_report(fusion.pctr(scores[test]), y[test], bins=bins),
-        "holdout_after": calibration_report(refit.pctr(scores[test]), y[test], bins=bins),
+        "arm": arm,
+        "split": {"by": "keyed user hash (eval.calibration.user_share)", "holdout_share": holdout,
+                  "fit_rows": int(fit.sum()), "holdout_rows": int(test.sum()),
+                  "fit_users": len(set(fit_users)), "holdout_users": len({u for u, t in zip(rows.users, test) if t})},  # fmt: skip
+        "method": method,
+        "cv_logloss": cv_logloss,
+        "folds": folds,
+        "fit_rows": int(fit.sum()),
+        "calibration": block,
+        "holdout_before": _judged(fusion.pctr(scores[test]), y[test], bins=bins, seed=seed),
+        "holdout_after": _judged(apply_calibration(block, scores[test]), y[test], bins=bins, seed=seed),
+        "cross_fitted": {"rows": int(ok.sum()), "note": f"every row predicted by a {method} fit on the other {folds - 1} folds' users",
+                         **_judged(oof[ok], y[ok], bins=bins, seed=seed)},  # fmt: skip
     }
     return refit, report
+
+
+def reliability_plot(report: Mapping[str, Any], path) -> Any:
+    """The report's reliability plot (held-out users before/after, and cross-fitted) as a PNG via eval.plots."""
+    from eval.plots import plot_reliability
+
+    parts = {name: report[key] for name, key in (("held-out, before", "holdout_before"), ("held-out, refit", "holdout_after"), ("cross-fitted", "cross_fitted")) if key in report}
+    return plot_reliability({"calibration": parts, "config": {"name": f"calibration refit ({report.get('method')}, {parts['held-out, refit']['ece_bins']} quantile bins)"}}, path)

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from eval.ope import OPEResult, evaluate_records
+from eval.ope import OPEResult, estimate, logged_data_from_records, logged_pctr
 from selection.exploration import ExplorationConfig, explore
 from selection.feedback import FeedbackStore, ServedAdRow
 from selection.impression_log import JsonlImpressionLog, ScoredEntry, ServedEntry, build_record, iter_log_records
@@ -235,6 +235,7 @@ class SimConfig:
     seed: int = 0
     n_bootstrap: int = 1000
     clip: float | None = None
+    alpha: float = 0.05  # the CIs are bootstrap (1 - alpha) percentile intervals
 
 
 @dataclass
@@ -242,6 +243,7 @@ class SimResult:
     n_logged: int
     logging_ctr: float
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rankings: dict[str, dict[str, list[str]]] = field(default_factory=dict, repr=False)  # target -> request id -> served on-policy
 
     def to_json(self) -> dict[str, Any]:
         return {"n_logged": self.n_logged, "logging_ctr": self.logging_ctr, "variants": self.variants}
@@ -272,15 +274,17 @@ def run_simulation(service: Service, users: Sequence[SimUser], config: SimConfig
             rid = f"{u.request_id}:{t}"
             served = service.serve(u, arm=t, k=config.k, request_id=rid)
             rankings[t][u.request_id] = served.ad_ids
-            clicks += len(simulated_clicks(u, served.ad_ids, decay=config.decay, rng=rng))
+            for a in simulated_clicks(u, served.ad_ids, decay=config.decay, rng=rng):
+                # reported like the logging arm's: an on-policy record without its clicks would read as
+                # "served, not clicked" to anything that joins the log (the calibration refit does)
+                service.click(request_id=rid, ad_id=a, event_id=f"{rid}:{a}:click")
+                clicks += 1
         on_policy[t] = clicks / len(users)
     records = [r for r in service.records() if r.get("arm") == config.logging_arm]
-    result = SimResult(n_logged=len(records), logging_ctr=logged_clicks / max(1, len(users)))
+    result = SimResult(n_logged=len(records), logging_ctr=logged_clicks / max(1, len(users)), rankings=rankings)
     for t in config.targets:
-        res: OPEResult = evaluate_records(
-            records, target=lambda rec, t=t: rankings[t][rec["request_id"]], k=config.k,
-            clip=config.clip, n_bootstrap=config.n_bootstrap, seed=config.seed,
-        )  # fmt: skip
+        data, skipped = logged_data_from_records(records, target=lambda rec, t=t: rankings[t][rec["request_id"]], k=config.k, direct=logged_pctr)
+        res: OPEResult = estimate(data, clip=config.clip, n_bootstrap=config.n_bootstrap, alpha=config.alpha, seed=config.seed, skipped=skipped)
         result.variants[t] = {"on_policy_ctr": on_policy[t], **res.to_json()}
     return result
 

@@ -124,33 +124,35 @@ def render_markdown(report: dict) -> str:
 
 def _calibration_md(cal: dict) -> list[str]:
     out = [
-        "## Calibration (pCTR = Platt scaling of the fused score; every candidate of every logged impression)",
+        "## Calibration (pCTR = the weights' calibration of the fused score; every candidate of every logged impression)",
         "",
-        "| system | impressions | rows | base rate | mean pCTR | log loss [95% CI] | log loss of the base rate | ECE |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | impressions | rows | base rate | mean pCTR | log loss [95% CI] | log loss of the base rate | NE | Σp/Σy | ECE |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s, c in cal.items():
         lo, hi = c["logloss_ci"]
         out.append(
             f"| {s} | {c['impressions']} | {c['rows']} | {_fmt(c['base_rate'])} | {_fmt(c['mean_predicted'])} | "
-            f"{_fmt(c['logloss'])} [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(c['logloss_base_rate'])} | {_fmt(c['ece'])} |"
+            f"{_fmt(c['logloss'])} [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(c['logloss_base_rate'])} | {_fmt(c.get('normalized_entropy'))} | "
+            f"{_fmt(c.get('sum_p_over_sum_y'))} | {_fmt(c['ece'])} |"
         )
     for s, c in cal.items():
         same = c.get("default_on_same_impressions")
         if same:
             lo, hi = same["logloss_ci"]
             out += ["", f"`default` on the same {same['impressions']} impressions as `{s}`: log loss {_fmt(same['logloss'])} [{_fmt(lo)}, {_fmt(hi)}], ECE {_fmt(same['ece'])}."]
-    out += ["", "Reliability (bins of predicted pCTR):", ""]
     systems = list(cal)
-    out += ["| bin | " + " | ".join(f"{s}: n | {s}: predicted | {s}: observed" for s in systems) + " |"]
-    out += ["|---|" + "---:|---:|---:|" * len(systems)]
-    edges = sorted({(b["lo"], b["hi"]) for c in cal.values() for b in c["reliability"]})
-    for lo, hi in edges:
+    n_bins = max(len(c["reliability"]) for c in cal.values())
+    out += ["", f"Reliability (bins of predicted pCTR): {n_bins} equal-count (quantile) bins per system, lowest first; ECE is over these bins.", ""]
+    out += ["| bin | " + " | ".join(f"{s}: n | {s}: pCTR range | {s}: predicted | {s}: observed" for s in systems) + " |"]
+    out += ["|---|" + "---:|---:|---:|---:|" * len(systems)]
+    for i in range(n_bins):
         cells = []
         for s in systems:
-            b = next((b for b in cal[s]["reliability"] if b["lo"] == lo), None)
-            cells.append(f"{b['n']} | {b['predicted']:.4f} | {b['observed']:.4f}" if b else "0 | — | —")
-        out.append(f"| [{lo:.1f}, {hi:.1f}) | " + " | ".join(cells) + " |")
+            rel = cal[s]["reliability"]
+            b = rel[i] if i < len(rel) else None
+            cells.append(f"{b['n']} | {b['lo']:.4f}–{b['hi']:.4f} | {b['predicted']:.4f} | {b['observed']:.4f}" if b else "0 | — | — | —")
+        out.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     out.append("")
     return out
 

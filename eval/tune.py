@@ -3,13 +3,15 @@
 Training lists come from impressions with a click: their logged candidates when present, else the
 clicked ad against `n_random` uniformly sampled catalog ads plus `n_hard` ads from our own candidate
 generator (so the model also learns to separate look-alikes in the full-catalog protocol). Users of
-`exclude_users` (the impressions a report evaluates) are never fitted on.
+`exclude_users` (the impressions a report evaluates) are never fitted on. Each impression keeps its user
+and how many negatives its rows hold out of how many it could have drawn (the catalog minus the user's
+history and clicks; all of them for logged candidates), so the calibration can correct for the sampling.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +31,23 @@ class TrainingSet:
     group: np.ndarray  # (rows,) impression number
     n_impressions: int
     skipped: int
+    users: list[str] = field(default_factory=list)  # user id per impression
+    negatives_kept: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per impression: negatives in its rows
+    negatives_pool: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per impression: negatives they were drawn from
+
+    def subset(self, impressions: np.ndarray) -> "TrainingSet":
+        """The rows of the impressions where `impressions` (a bool per impression) is True, renumbered."""
+        keep = np.asarray(impressions, dtype=bool)
+        rows = keep[self.group]
+        renum = np.cumsum(keep) - 1
+        return TrainingSet(
+            self.X[rows], self.y[rows], renum[self.group[rows]], int(keep.sum()), self.skipped,
+            [u for u, k in zip(self.users, keep) if k], self.negatives_kept[keep], self.negatives_pool[keep],
+        )  # fmt: skip
+
+    def negative_rate(self) -> float:
+        """Share of the available negatives the rows keep (1.0 for logged candidates): the r of the prior correction."""
+        return float(self.negatives_kept.sum() / self.negatives_pool.sum()) if self.negatives_pool.sum() > 0 else 1.0
 
 
 def build_training_set(
@@ -44,7 +63,7 @@ def build_training_set(
 ) -> TrainingSet:
     index = generator.index
     rng = np.random.default_rng(seed)
-    Xs, ys, gs = [], [], []
+    Xs, ys, gs, users, kept, pool = [], [], [], [], [], []
     n = skipped = 0
     for rec in impressions:
         if max_impressions is not None and n >= max_impressions:
@@ -77,10 +96,14 @@ def build_training_set(
         Xs.append(cset.features)
         ys.append(y)
         gs.append(np.full(len(rows), n))
+        users.append(rec.user_id)
+        n_neg = float(len(y) - y.sum())
+        kept.append(n_neg)  # logged candidates: every negative the user was shown is a row (nothing sampled)
+        pool.append(n_neg if rec.candidates else float(len(index) - len(set(hist_rows) | set(pos_rows))))
         n += 1
     if not Xs:
         raise ValueError("no usable training impressions (need a history and a click in the catalog)")
-    return TrainingSet(np.vstack(Xs), np.concatenate(ys), np.concatenate(gs), n, skipped)
+    return TrainingSet(np.vstack(Xs), np.concatenate(ys), np.concatenate(gs), n, skipped, users, np.array(kept), np.array(pool))
 
 
 def fit_fusion(

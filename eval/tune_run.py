@@ -3,7 +3,8 @@
 Built on eval/tune.py (build_training_set, fit_fusion, fit_llm_weight) over the same environment the
 eval harness uses (catalog in Chroma, behaviour learned from training histories). The users of
 `exclude` (the impressions a report will evaluate: files, or eval tasks' impressions with their
-`limit`) are never fitted on. The weights' `meta` records the command, the training and exclusion
+`limit`) are never fitted on. A `calibration_share` of the remaining users (by keyed hash) is kept
+apart for the pCTR calibration, which is prior-corrected for the negative sampling (see fit_tune_calibration). The weights' `meta` records the command, the training and exclusion
 files with their sha256 and how many training lines were read, so an eval report can state whether
 its users were kept out, and anyone can reproduce the file.
 """
@@ -25,8 +26,9 @@ from eval.data import load_impressions
 from eval.env import prepare_env
 from eval.injection_gate import InjectionCheck, run_injection_check
 from eval.provenance import exclusion_sources, excluded_users, file_ref, file_sha256, rel_path
-from eval.calibration import fit_calibration, reliability
-from eval.tune import build_training_set, fit_fusion, fit_llm_weight
+from eval.calibration import CALIBRATION_SHARE, apply_calibration, choose_method, fit_calibration, negative_rate_for_base_rate, summary, user_share
+from eval.tune import TrainingSet, build_training_set, fit_fusion, fit_llm_weight
+from kernel.errors import UserError
 from retrieval.features import build_profile
 from retrieval.records import iter_impressions
 
@@ -49,6 +51,10 @@ class TuneOptions:
     interactions: bool = True
     llm_run: Path | None = None  # an eval DIR whose LLM results (on training users) fit the LLM weight
     injection_check: bool = True  # a positive LLM weight ships only if the injection test passes at it
+    calibration_share: float = CALIBRATION_SHARE  # tuning users (by keyed hash) kept for the calibration only
+    calibration_method: str = "auto"  # auto (by cross-validated log loss), platt, isotonic
+    negative_rate: float | None = None  # kept-negative share r of the prior correction (default: counted from the rows)
+    base_rate: float | None = None  # or: the true click rate of a row; r = odds(base_rate) / odds(sampled rate)
 
     def command(self) -> str:
         parts = ["adselect", "eval", "tune", "--ads", rel_path(self.ads), "--impressions", rel_path(self.impressions)]
@@ -68,6 +74,11 @@ class TuneOptions:
             parts += ["--llm-run", rel_path(self.llm_run)]
             if not self.injection_check:
                 parts.append("--no-injection-check")
+        parts += ["--calibration-share", str(self.calibration_share), "--calibration-method", self.calibration_method]
+        if self.negative_rate is not None:
+            parts += ["--negative-rate", str(self.negative_rate)]
+        if self.base_rate is not None:
+            parts += ["--base-rate", str(self.base_rate)]
         parts += ["--out", rel_path(self.out)]
         return shlex.join(parts)
 
@@ -146,6 +157,61 @@ def gate_positive_weight(model, weight: float, *, opts: TuneOptions, check: Call
     return weight
 
 
+def split_for_calibration(ts: TrainingSet, *, share: float) -> tuple[TrainingSet, TrainingSet, dict[str, Any]]:
+    """(fusion rows, calibration rows, the split's record): users whose keyed hash (eval.calibration.user_share)
+    is below `share` are kept for the calibration, so it is fitted on users the fusion never saw."""
+    if not 0.0 < share < 1.0:
+        raise UserError(f"--calibration-share must be in (0, 1), got {share}")
+    cal = np.array([user_share(u) < share for u in ts.users])
+    if cal.all() or not cal.any():
+        raise UserError(f"too few training users to keep a share of {share} for the calibration")
+    fusion_ts, cal_ts = ts.subset(~cal), ts.subset(cal)
+    record = {
+        "by": "keyed user hash (eval.calibration.user_share)",
+        "calibration_share": share,
+        "fusion_users": len(set(fusion_ts.users)),
+        "calibration_users": len(set(cal_ts.users)),
+        "fusion_impressions": fusion_ts.n_impressions,
+        "calibration_impressions": cal_ts.n_impressions,
+    }
+    return fusion_ts, cal_ts, record
+
+
+def fit_tune_calibration(model, cal_ts: TrainingSet, *, opts: TuneOptions) -> tuple[dict, dict[str, Any]]:
+    """The calibration block for `model` fitted on `cal_ts` (users the fusion did not see), prior-corrected for
+    the negative sampling, and its record (method choice, r and where it came from, the in-sample fit)."""
+    scores = model.prior_scores(cal_ts.X)
+    if opts.negative_rate is not None and opts.base_rate is not None:
+        raise UserError("give --negative-rate or --base-rate, not both")
+    if opts.negative_rate is not None:
+        r, source = opts.negative_rate, "--negative-rate"
+    elif opts.base_rate is not None:
+        r, source = negative_rate_for_base_rate(float(cal_ts.y.mean()), opts.base_rate), "--base-rate (odds ratio to the rows' rate)"
+    else:
+        r, source = cal_ts.negative_rate(), "counted: negatives in the rows / negatives they were drawn from"
+    method, cv = opts.calibration_method, None
+    if method == "auto":
+        method, cv = choose_method(scores, cal_ts.y, [cal_ts.users[g] for g in cal_ts.group])
+    try:
+        cal = fit_calibration(scores, cal_ts.y, method=method, negative_rate=r)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    uncorrected = fit_calibration(scores, cal_ts.y, method=method)
+    record = {
+        "method": method,
+        "cv_logloss": cv,
+        "rows": int(len(cal_ts.y)),
+        "negative_rate": r,
+        "negative_rate_source": source,
+        "log_odds_offset": float(np.log(r)),
+        "correction": "prior correction (King & Zeng 2001): logit p = logit p_sampled + log(r)",
+        "hard_negatives_note": "n_hard > 0: hard negatives are not a uniform sample; r counts them as drawn from the same pool" if opts.n_hard else None,
+        # in-sample on the sampled rows, before the correction (after it, Σp/Σy on sampled rows is r-shrunk by design)
+        "sampled_rows_fit": {k: v for k, v in summary(apply_calibration(uncorrected, scores), cal_ts.y).items() if k != "reliability"},
+    }
+    return {k: v for k, v in cal.items() if k in ("method", "a", "b", "x", "p", "prior_correction")}, record
+
+
 def run_tune(
     opts: TuneOptions,
     *,
@@ -193,12 +259,10 @@ def run_tune(
     }
     # build_training_set pulls one record past the last one it uses: fitted users ⊆ these lines' users.
     meta["train_lines_read"] = lines_read
-    model = fit_fusion(ts, interactions=opts.interactions, C=opts.C, meta=meta)
-    # pCTR for bid × pCTR ordering: Platt scaling of the fused score on the same logged clicks (2 parameters
-    # over every training row; strictly monotone, so it never reorders what fusion ranked).
-    scores = model.prior_scores(ts.X)
-    model.calibration = fit_calibration(scores, ts.y)
-    model.meta["calibration_reliability"] = reliability(model.pctr(scores), ts.y)
+    fusion_ts, cal_ts, split = split_for_calibration(ts, share=opts.calibration_share)
+    model = fit_fusion(fusion_ts, interactions=opts.interactions, C=opts.C, meta={**meta, "calibration_split": split})
+    model.meta.update(train_impressions=ts.n_impressions, train_rows=int(len(ts.y)))  # fusion + calibration users
+    model.calibration, model.meta["calibration_fit"] = fit_tune_calibration(model, cal_ts, opts=opts)
     if opts.llm_run is not None:
         rows = _llm_rows(env, model, opts.llm_run, exclude_users)
         weight, info = fit_llm_weight(

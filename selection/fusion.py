@@ -28,6 +28,21 @@ def llm_feature(llm_rank: int | None, n: int) -> float:
     return 1.0 / (1.0 + llm_rank)
 
 
+def _checked_calibration(cal: dict) -> dict:
+    """The calibration block, or ValueError (a reload refuses the file): platt needs a and b; isotonic
+    needs knots x strictly increasing and p non-decreasing in [0, 1], of one length."""
+    method = cal.get("method", "platt")
+    if method == "platt":
+        float(cal.get("a", 1.0)), float(cal.get("b", 0.0))
+    elif method == "isotonic":
+        x, p = np.asarray(cal.get("x", []), dtype=np.float64), np.asarray(cal.get("p", []), dtype=np.float64)
+        if len(x) < 2 or len(x) != len(p) or np.any(np.diff(x) <= 0) or np.any(np.diff(p) < 0) or p.min() < 0 or p.max() > 1:
+            raise ValueError("isotonic calibration needs knots x (strictly increasing) and p (non-decreasing, in [0, 1]) of one length >= 2")
+    else:
+        raise ValueError(f"unknown calibration method {method!r} (platt, isotonic)")
+    return dict(cal)
+
+
 @dataclass
 class FusionModel:
     features: list[str]
@@ -42,9 +57,14 @@ class FusionModel:
     _pairs_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     def pctr(self, scores: np.ndarray) -> np.ndarray:
-        """Calibrated click probability: Platt scaling of the fused score, fitted on logged clicks."""
+        """Calibrated click probability of the fused score, fitted on logged clicks (eval/calibration.py):
+        `platt` sigmoid(a·score + b), or `isotonic` linear interpolation between knots (x, p), constant
+        beyond the end knots."""
+        s = np.asarray(scores, dtype=np.float64)
+        if self.calibration.get("method") == "isotonic":
+            return np.interp(s, self.calibration["x"], self.calibration["p"])
         a, b = float(self.calibration.get("a", 1.0)), float(self.calibration.get("b", 0.0))
-        return 1.0 / (1.0 + np.exp(-(a * np.asarray(scores, dtype=np.float64) + b)))
+        return 1.0 / (1.0 + np.exp(-(a * s + b)))
 
     @classmethod
     def hand_tuned(cls) -> "FusionModel":
@@ -124,7 +144,7 @@ class FusionModel:
             interactions=[(at[i], at[j]) for i, j in d.get("interactions", [])],
             llm_coef=float(d.get("llm_coef", 0.0)),
             meta=meta,
-            calibration=dict(d.get("calibration") or {"method": "platt", "a": 1.0, "b": 0.0}),
+            calibration=_checked_calibration(d.get("calibration") or {"method": "platt", "a": 1.0, "b": 0.0}),
         )
 
     @classmethod

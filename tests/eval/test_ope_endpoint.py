@@ -155,4 +155,8 @@ def test_eval_calibrate_refits_pctr_on_the_logged_feedback(sim, demo_settings, t
     assert before["rows"] == after["rows"] > 50 and rep["fit_rows"] > before["rows"]
     assert abs(after["sum_p_over_sum_y"] - 1) < abs(before["sum_p_over_sum_y"] - 1)
     assert after["ece"] < before["ece"] and after["logloss"] < before["logloss"]
-    assert FusionModel.load(out).calibration["a"] == rep["calibration"]["a"]
+    assert FusionModel.load(out).calibration == rep["calibration"]
+    assert rep["method"] in ("platt", "isotonic") and set(rep["cv_logloss"]) == {"platt", "isotonic"}
+    assert rep["split"]["fit_users"] > 0 and rep["split"]["holdout_users"] > 0  # users, not requests, are split
+    assert after["ece_ci"][0] <= after["ece_ci"][1] and after["noise_floor_mean"] > 0 and after["ece_bins"] == 10
+    assert (tmp_path / "refit.reliability.png").stat().st_size > 1000

@@ -34,6 +34,12 @@ def test_tune_excludes_evaluated_users_and_eval_reports_it(eval_settings, eval_d
     assert meta["train_lines_read"] == 54
     assert meta["command"].startswith("adselect eval tune --ads ") and "--exclude" in meta["command"]
     assert model.llm_coef == 0.0 and meta["llm_fit"] is None
+    # the calibration is fitted on a keyed-hash share of the tuning users the fusion never saw
+    split = meta["calibration_split"]
+    assert split["fusion_impressions"] + split["calibration_impressions"] == meta["train_impressions"]
+    assert split["calibration_impressions"] > 0 and split["fusion_impressions"] > split["calibration_impressions"]
+    assert meta["calibration_fit"]["negative_rate"] == 1.0  # MIND rows are logged candidates: nothing sampled
+    assert "--calibration-share" in meta["command"] and model.calibration["method"] == meta["calibration_fit"]["method"]
 
     base = {"data": {"ads": str(MIND / "ads.jsonl")}, "no_llm": True, "fusion": {"weights": str(weights)}}
     on_held = run_task({**base, "data": {**base["data"], "impressions": str(held)}}, settings=eval_settings, out=tmp_path / "a")
@@ -214,3 +220,25 @@ def test_the_plain_fits_weight_never_ships_when_the_position_explains_it() -> No
     assert w == 0.0 and info["shipped"]["weight"] == 0.0 and info["shipped"]["fit"] == "position_control"
     w, info = fit_llm_weight(prior, ranks, y)  # no shown positions: nothing can ship
     assert w == 0.0 and info["shipped"]["reason"].startswith("no_position_control")
+
+
+def test_calibration_users_are_kept_apart_and_the_sampling_rate_is_counted() -> None:
+    import numpy as np
+
+    from eval.tune import TrainingSet
+    from eval.tune_run import split_for_calibration
+
+    n_imp, per = 200, 20
+    group = np.repeat(np.arange(n_imp), per)
+    y = np.tile([1.0] + [0.0] * (per - 1), n_imp)
+    ts = TrainingSet(
+        np.random.default_rng(0).normal(size=(n_imp * per, 3)), y, group, n_imp, 0,
+        [f"user-{i // 2}" for i in range(n_imp)], np.full(n_imp, 19.0), np.full(n_imp, 1900.0),
+    )  # fmt: skip
+    assert ts.negative_rate() == 0.01
+    fusion, cal, record = split_for_calibration(ts, share=0.2)
+    assert not set(fusion.users) & set(cal.users) and set(fusion.users) | set(cal.users) == set(ts.users)
+    assert fusion.n_impressions + cal.n_impressions == n_imp and record["calibration_impressions"] == cal.n_impressions
+    assert len(cal.y) == cal.n_impressions * per and sorted(set(cal.group.tolist())) == list(range(cal.n_impressions))
+    assert cal.negative_rate() == 0.01
+    assert split_for_calibration(ts, share=0.2)[2] == record  # deterministic

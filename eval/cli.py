@@ -267,6 +267,7 @@ def tune(
         help="Run the prompt-injection test at a positive fitted LLM weight; the weight ships only if it passes (else 0).",
     ),  # fmt: skip
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP + " The feature rows are computed on actors; the same weights come out."),
 ) -> None:
     """Fit the fusion weights (eval/tune.py) and write the weights file the server and eval load."""
     from eval.tune_run import TuneOptions, run_tune
@@ -278,7 +279,9 @@ def tune(
         interactions=interactions, llm_run=llm_run, injection_check=injection_check,
     )  # fmt: skip
     try:
-        res = run_tune(opts, settings=_settings(data_dir))
+        settings = _settings(data_dir)
+        with _ray(ray) as backend:
+            res = run_tune(opts, settings=settings, backend=backend(settings) if backend else None)
     except (AdSelectError, ValueError, OSError) as e:
         _fail(e)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "meta"}))

@@ -18,7 +18,7 @@ from typing import Any
 
 from eval.config import EvalTask
 from eval.data import Cleaned, EvalImpression, ImpressionCollector, LoadedImpressions
-from eval.distributed.eval_actors import FastActor, LLMWorker, impression_dict
+from eval.distributed.eval_actors import FastActor, LLMWorker, TuneActor, impression_dict
 from eval.distributed.reading import impressions_dataset
 from kernel.settings import Settings
 
@@ -72,7 +72,10 @@ class RayBackend:
         out = ImpressionCollector()
         bar = _progress(0, "eval fast (ray)", show_progress)
         appended = 0
+        first_s = None
         for row in scored.iter_rows():
+            if first_s is None:
+                first_s = time.perf_counter() - t  # the actors' start (each builds its Selector) and the first batch
             p = json.loads(row["payload"])
             iid = p["id"]
             item = None
@@ -93,8 +96,25 @@ class RayBackend:
             "workers": self.workers,
             "backend": "ray",
             "records_read": out.n_read,
+            "first_result_s": round(first_s, 3) if first_s is not None else None,
         }
         return out.result(), speed
+
+    def tune_featurizer(self, *, settings: Settings, env_args: dict[str, Any], n_hard: int) -> dict[str, Any]:
+        """eval.tune.build_training_set's `featurize_many` over `workers` TuneActors (eval tune --ray): each
+        chunk of planned impressions split into slices for the actors, the results put back in input order."""
+        import ray
+        from ray.util import ActorPool
+
+        remote = ray.remote(num_cpus=actor_cpus(self.workers))(TuneActor)
+        pool = ActorPool([remote.remote(settings=settings, env_args=env_args, n_hard=n_hard) for _ in range(self.workers)])
+        per = max(1, self.batch_size // 4)
+
+        def many(planned: list) -> list:
+            slices = [planned[i : i + per] for i in range(0, len(planned), per)]
+            return [r for part in pool.map(lambda a, ps: a.run.remote(ps), slices) for r in part]  # map keeps the order
+
+        return {"featurize_many": many, "chunk": self.batch_size * self.workers}
 
     def _llm_urls(self, task: EvalTask) -> list[str | None]:
         urls: list[str | None] = list(self.llm_urls) or [task.llm.url]
@@ -156,3 +176,4 @@ def _merge_cache_stats(env, stats: list[dict[str, Any]]) -> None:
         counters.hits += s["hits"]
         counters.misses += s["misses"]
         counters.errors += s["errors"]
+

@@ -127,3 +127,20 @@ def impression_dict(imp) -> dict[str, Any]:
     d = asdict(imp)
     d["clicked"] = sorted(imp.clicked)
     return d
+
+
+class TuneActor:
+    """`eval tune --ray`: the feature rows of planned training impressions (eval.tune.featurize)."""
+
+    def __init__(self, *, settings: Settings, env_args: dict[str, Any], n_hard: int):
+        from eval.env import prepare_env
+
+        _one_thread()
+        self.env = prepare_env(settings, **env_args, show_progress=False)
+        self.n_hard = n_hard
+
+    def run(self, planned: list) -> list:
+        from eval.tune import featurize
+
+        sel = self.env.services.selector
+        return [featurize(p, generator=sel.generator, recency_decay=sel.recency_decay, n_hard=self.n_hard) for p in planned]

@@ -214,3 +214,33 @@ def test_the_plain_fits_weight_never_ships_when_the_position_explains_it() -> No
     assert w == 0.0 and info["shipped"]["weight"] == 0.0 and info["shipped"]["fit"] == "position_control"
     w, info = fit_llm_weight(prior, ranks, y)  # no shown positions: nothing can ship
     assert w == 0.0 and info["shipped"]["reason"].startswith("no_position_control")
+
+
+def test_training_rows_fed_in_chunks_are_the_one_at_a_time_rows(eval_settings) -> None:
+    """build_training_set with `featurize_many` over chunks (what eval tune --ray feeds its actors): the
+    same rows, skips and lines read as the one-at-a-time loop, stopping at max_impressions."""
+    from eval.env import prepare_env
+    from eval.tune import build_training_set, featurize
+    from retrieval.records import iter_impressions
+
+    env = prepare_env(eval_settings, ads_path=MIND / "ads.jsonl", train_paths=[MIND / "impressions_dev.jsonl"], show_progress=False)
+    gen, decay = env.services.selector.generator, env.services.selector.recency_decay
+    users = sorted({rec.user_id for _, rec in iter_impressions(MIND / "impressions_dev.jsonl")})
+
+    def build(**kw):
+        recs = (rec.model_copy(update={"candidates": [] if i % 2 else rec.candidates}) for i, (_, rec) in enumerate(iter_impressions(MIND / "impressions_dev.jsonl")))
+        return build_training_set(
+            recs, generator=gen, recency_decay=decay, n_random=5, n_hard=2, exclude_users=set(users[:4]), max_impressions=25, seed=1, **kw
+        )
+
+    one = build()
+    calls: list[int] = []
+
+    def many(planned):
+        calls.append(len(planned))
+        return [featurize(p, generator=gen, recency_decay=decay, n_hard=2) for p in planned]
+
+    chunked = build(featurize_many=many, chunk=7)
+    assert max(calls) == 7 and one.n_impressions == chunked.n_impressions == 25
+    assert (one.X == chunked.X).all() and (one.y == chunked.y).all() and (one.group == chunked.group).all()
+    assert one.skipped == chunked.skipped and one.lines_read == chunked.lines_read < 54

@@ -71,9 +71,7 @@ def main() -> None:
     print(f"task {args.task}: {single['n_impressions']} impressions; ray {info['ray_version']} {'local' if info['local'] else info['address']}, {info['cpus']} CPUs")
     print(f"single process : {s['impressions_per_s']} impressions/s (fast phase {s['seconds']}s; run wall {single_wall:.1f}s)")
     print(f"ray, {args.workers} actors : {r['impressions_per_s']} impressions/s (fast phase {r['seconds']}s incl. actor start; first result after {r['first_result_s']}s; run wall {ray_wall:.1f}s)")
-    steady = r["impressions"] / max(r["seconds"] - (r["first_result_s"] or 0.0), 1e-9)
-    print(f"ray after the first result (actors built): {steady:.1f} impressions/s")
-    print(f"ratio ray/single: {r['impressions_per_s'] / s['impressions_per_s']:.2f} (after the actors' start: {steady / s['impressions_per_s']:.2f})")
+    print(f"ratio ray/single: {r['impressions_per_s'] / s['impressions_per_s']:.2f}")
     print(f"identical metrics: max |diff| {diff:.3g} over {sum(len(m) for m in single['metrics'].values())} values -> {'OK' if diff <= 1e-9 else 'DIFFERENT'}")
     print(f"reports under {out}")
 

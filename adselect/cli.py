@@ -20,6 +20,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
+from eval.cli import RAY_HELP, ray_flag_default
 from eval.cli import app as eval_app
 from kernel.errors import RUNTIME_EXIT, USAGE_EXIT, AdSelectError, exit_code
 from kernel.settings import Settings
@@ -28,6 +29,9 @@ from kernel.settings import Settings
 class _ReportingGroup(TyperGroup):
     """Every command runs inside this: a typed error is one line on stderr and its exit code; anything
     unexpected is exit 1 with its type (the traceback with --verbose), never a bare traceback."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, ray_flag_default(args))  # `--ray` alone: a local Ray
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -99,15 +103,27 @@ def ingest(
     history: list[Path] = typer.Option([], "--history", help="Logged impressions (canonical JSONL); only their histories are used."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Re-embed even when the catalog is unchanged."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP + " The embedding batches run on actors (behaviour learning stays here: it is vectorised)."),
 ) -> None:
     """Load a catalog into Chroma (upsert by ad_id) and learn co-visitation/popularity from histories."""
+    import contextlib
+
     from selection.services import behaviour_dir, make_embedder, make_store, sequence_config
     from retrieval.ingest import ingest_catalog, learn_behaviour, learn_sequence
 
     s = _settings(data_dir)
     try:
         store = make_store(s)
-        rep = ingest_catalog(ads_path=ads, store=store, embedder=lambda: make_embedder(s), show_progress=True, force=force)
+        embedder = lambda: make_embedder(s)  # noqa: E731 - a factory: the model loads only when work is due
+        session = contextlib.nullcontext()
+        if ray is not None:
+            from eval.distributed import ray_session
+            from eval.distributed.embed import RayEmbedder
+
+            session = ray_session(ray)
+            embedder = lambda: RayEmbedder(s, workers=s.ray_workers)  # noqa: E731
+        with session:
+            rep = ingest_catalog(ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force)
         typer.echo(f"{rep.summary()} (collection {s.collection!r})")
         if history:
             index = store.load_index()

@@ -22,6 +22,7 @@ Heavy imports happen inside the commands so `adselect --help` stays fast.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -38,10 +39,25 @@ DEPRECATED_FORM = (
 )
 
 
+RAY_LOCAL = "local"  # `--ray` without an address: a local Ray for the command (eval.distributed.cluster)
+RAY_HELP = "Run on Ray: alone, a local Ray (2 CPUs); `auto` or an address (host:port, ray://host:10001) joins a cluster."
+
+
+def ray_flag_default(args: list[str]) -> list[str]:
+    """`--ray` given without a value (last, or before another option) becomes `--ray local`: Click has no
+    optional option values."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, RAY_LOCAL)
+    return out
+
+
 class EvalGroup(TyperGroup):
     """`adselect eval --config …` (the form before `eval run`) is run as `adselect eval run --config …`, with a warning."""
 
     def parse_args(self, ctx, args):
+        args = ray_flag_default(args)
         if args and args[0].startswith("-") and args[0] not in ("--help", "-h"):
             typer.echo(DEPRECATED_FORM, err=True)
             args = ["run", *args]
@@ -126,6 +142,8 @@ def run(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Fusion weights JSON."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP),
+    llm_urls: Optional[str] = typer.Option(None, "--llm-urls", help="With --ray: comma-separated OpenAI-compatible base URLs the LLM actors share (ADSELECT_LLM_URLS)."),
 ) -> None:
     """Replay logged impressions through the pipeline and the baselines; write DIR/report.{json,md} and plots."""
     import logging
@@ -142,13 +160,29 @@ def run(
     try:
         config_file = find_task_file(config) if config else None
         task = load_task(config_file, overrides=overrides) if config_file else task_from_document(overrides, where="<options>")
-        report = run_eval(
-            task, settings=_settings(data_dir), out_dir=out, resume=resume, show_progress=progress, config_file=config_file,
-            llm_cache_path=llm_cache,
-        )  # fmt: skip
+        settings = _settings(data_dir)
+        if llm_urls:
+            settings = settings.model_copy(update={"llm_urls": [u.strip() for u in llm_urls.split(",") if u.strip()]})
+        with _ray(ray) as backend:
+            report = run_eval(
+                task, settings=settings, out_dir=out, resume=resume, show_progress=progress, config_file=config_file,
+                llm_cache_path=llm_cache, backend=backend(settings) if backend else None,
+            )  # fmt: skip
     except (AdSelectError, OSError) as e:
         _fail(e)
     _summary(report, out)
+
+
+@contextlib.contextmanager
+def _ray(address: Optional[str]):
+    """No --ray: None. --ray [ADDRESS]: a Ray session for the command, yielding RayBackend.from_settings."""
+    if address is None:
+        yield None
+        return
+    from eval.distributed import RayBackend, ray_session
+
+    with ray_session(address):
+        yield RayBackend.from_settings
 
 
 def _summary(report: dict, out: Path) -> None:
@@ -238,6 +272,7 @@ def tune(
     negative_rate: Optional[float] = typer.Option(None, "--negative-rate", help="Share r of negatives the rows keep; the calibration's log-odds move by log(r) (default: counted from the sampling)."),
     base_rate: Optional[float] = typer.Option(None, "--base-rate", help="Or: the true click rate of a scored row; r = odds(base rate) / odds(the rows' rate)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
+    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP + " The feature rows are computed on actors; the same weights come out."),
 ) -> None:
     """Fit the fusion weights (eval/tune.py) and write the weights file the server and eval load."""
     from eval.tune_run import TuneOptions, run_tune
@@ -250,7 +285,9 @@ def tune(
         calibration_share=calibration_share, calibration_method=calibration_method, negative_rate=negative_rate, base_rate=base_rate,
     )  # fmt: skip
     try:
-        res = run_tune(opts, settings=_settings(data_dir))
+        settings = _settings(data_dir)
+        with _ray(ray) as backend:
+            res = run_tune(opts, settings=settings, backend=backend(settings) if backend else None)
     except (AdSelectError, ValueError, OSError) as e:
         _fail(e)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "meta"}))

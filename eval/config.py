@@ -198,7 +198,7 @@ def validate_task(task: EvalTask, *, prompts_dir: Path | None = None, require_da
         for label, p in (("data.ads", task.data.ads), ("data.impressions", task.data.impressions)):
             if p is None:
                 problems.append(f"{label}: missing")
-            elif not resolve_path(p).is_file():
+            elif not (resolve_path(p).is_file() or (label == "data.impressions" and resolve_path(p).is_dir())):  # a folder of parts: --ray
                 problems.append(f"{label}: file not found: {resolve_path(p)}")
         for p in task.data.train:
             if not resolve_path(p).is_file():

@@ -157,8 +157,12 @@ def run_eval(
     config_file: Path | None = None,
     llm_inner=None,
     llm_cache_path: Path | None = None,
+    backend=None,
 ) -> dict[str, Any]:
     """Run one eval task and write DIR/report.json, report.md and plots; returns the report.
+
+    `backend` (eval.distributed.RayBackend) runs the reading, the fast phase and the LLM phase on Ray
+    actors instead of this process; the metrics come from the same records in the same order.
 
     `llm_inner` replaces the chat client (tests); `llm_cache_path` the LLM cache file (default
     data_dir/eval/llm_cache.sqlite)."""
@@ -209,17 +213,13 @@ def run_eval(
                 task.llm, data_dir=settings.data_dir, prompts_dir=settings.prompts_dir, settings=eval_settings, inner=llm_inner,
                 cache_path=llm_cache_path,
             )
-        env = prepare_env(
-            eval_settings,
-            ads_path=ads_path,
-            train_paths=train_paths,
-            weights_path=weights_path,
-            reranker=stack.reranker if stack else None,
-            show_progress=show_progress,
-        )
+        env_args = {"ads_path": ads_path, "train_paths": train_paths, "weights_path": weights_path}
+        env = prepare_env(eval_settings, **env_args, reranker=stack.reranker if stack else None, show_progress=show_progress)
+        if backend is not None:  # its actors build the same environment (reused from the data dir) once each
+            backend = backend.bind(settings=eval_settings, env_args=env_args, llm_cache_path=llm_cache_path)
         report = _run(
             task, env, stack=stack, systems=systems, run_llm=run_llm, not_run=not_run, results=results,
-            imp_path=imp_path, ads_path=ads_path, show_progress=show_progress,
+            imp_path=imp_path, ads_path=ads_path, show_progress=show_progress, backend=backend,
         )  # fmt: skip
     finally:
         results.close()
@@ -307,6 +307,7 @@ def _run(
     imp_path: Path,
     ads_path: Path,
     show_progress: bool,
+    backend=None,
 ) -> dict:
     """task → environment → systems → run (fast phase, LLM phase) → metrics → report (eval.report.build_report)."""
     from eval.bm25 import BM25Index
@@ -314,7 +315,6 @@ def _run(
 
     selector = env.services.selector
     selector.generator.use_chroma = task.protocol.use_chroma
-    loaded = load_impressions(imp_path, catalog=env.services.index.row, limit=task.data.limit)
     names = metric_names(task.protocol.recall_ks)
     catalog = read_catalog(ads_path)  # advertiser / category for exposure; whether any ad has a bid
     has_bids = any(meta["bid"] is not None for meta in catalog.values())
@@ -333,15 +333,23 @@ def _run(
         n_retrieve=task.protocol.n_retrieve, use_chroma=task.protocol.use_chroma, seed=task.protocol.seed,
         rank_by=env.settings.rank_by,
     )  # fmt: skip
+    if backend is not None:
+        loaded, fast_speed = backend.fast_phase(
+            task, imp_path=imp_path, fast_systems=fast_systems, names=names, results=results, show_progress=show_progress,
+        )  # fmt: skip
+    else:
+        loaded = load_impressions(imp_path, catalog=env.services.index.row, limit=task.data.limit)
+        for imp in loaded.items:  # no system, the LLM's included, ever sees the logged display order
+            imp.candidates = rankers.canonical(imp.candidates)
+        fast_speed = _fast_phase(task, env, rankers, loaded.items, results=results, metrics_of=metrics_of, show_progress=show_progress)
     items = loaded.items
-    for imp in items:  # no system, the LLM's included, ever sees the logged display order
-        imp.candidates = rankers.canonical(imp.candidates)
-    speed: dict[str, Any] = {"fast": _fast_phase(task, env, rankers, items, results=results, metrics_of=metrics_of, show_progress=show_progress)}
+    speed: dict[str, Any] = {"fast": fast_speed}
     speed["fast"]["bm25_index_s"] = round(bm25_s, 3)
     sample: list[EvalImpression] | None = None
     if run_llm:
         sample = llm_sample(items, task.llm.sample, task.llm.sample_seed)
-        speed["llm"] = _llm_phase(task, env, sample, results=results, metrics_of=metrics_of, show_progress=show_progress)
+        llm_phase = backend.llm_phase if backend is not None else _llm_phase
+        speed["llm"] = llm_phase(task, env, sample, results=results, metrics_of=metrics_of, show_progress=show_progress)
     speed["setup"] = {k: round(v, 3) for k, v in env.timings_s.items()} | {"reused": env.reused}
     return build_report(
         task=task, env=env, stack=stack, systems=systems, not_run=not_run, loaded=loaded, names=names,

@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def file_sha256(path: Path) -> str:
+    """The file's sha256; a folder of part files (eval run --ray): the sha256 of its files' names and hashes."""
+    if Path(path).is_dir():
+        parts = sorted(p for p in Path(path).iterdir() if p.is_file())
+        return hashlib.sha256("".join(f"{p.name}\t{file_sha256(p)}\n" for p in parts).encode()).hexdigest()
     h = hashlib.sha256()
     with Path(path).open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

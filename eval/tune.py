@@ -34,6 +34,7 @@ class TrainingSet:
     users: list[str] = field(default_factory=list)  # user id per impression
     negatives_kept: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per impression: negatives in its rows
     negatives_pool: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per impression: negatives they were drawn from
+    lines_read: int = 0  # records pulled from the input, counting the one past the last used (the stop)
 
     def subset(self, impressions: np.ndarray) -> "TrainingSet":
         """The rows of the impressions where `impressions` (a bool per impression) is True, renumbered."""
@@ -42,12 +43,71 @@ class TrainingSet:
         renum = np.cumsum(keep) - 1
         return TrainingSet(
             self.X[rows], self.y[rows], renum[self.group[rows]], int(keep.sum()), self.skipped,
-            [u for u, k in zip(self.users, keep) if k], self.negatives_kept[keep], self.negatives_pool[keep],
+            [u for u, k in zip(self.users, keep) if k], self.negatives_kept[keep], self.negatives_pool[keep], self.lines_read,
         )  # fmt: skip
 
     def negative_rate(self) -> float:
         """Share of the available negatives the rows keep (1.0 for logged candidates): the r of the prior correction."""
         return float(self.negatives_kept.sum() / self.negatives_pool.sum()) if self.negatives_pool.sum() > 0 else 1.0
+
+
+@dataclass(slots=True)
+class PlannedImpression:
+    """One training impression before its features: the rows to score (logged candidates, or the clicked
+    ads + the random negatives, drawn in input order from the one seeded generator)."""
+
+    line: int  # records pulled so far (this one included)
+    user: str
+    hist_rows: list[int]
+    pos_rows: list[int]
+    rows: list[int]
+    taken: set[int] | None  # full-catalog: history ∪ clicked (what the hard negatives exclude); logged: None
+
+
+@dataclass(slots=True)
+class NotPlanned:
+    line: int
+    reason: str  # "excluded" (a user kept out) or "skipped" (no history or click in the catalog)
+
+
+def plan_training(
+    impressions: Iterable[ImpressionRecord], *, index, n_random: int, exclude_users: set[str] | None, seed: int,
+):  # fmt: skip
+    """Every record in order as a PlannedImpression or NotPlanned (cheap: ids to rows, the random draws)."""
+    rng = np.random.default_rng(seed)
+    for line, rec in enumerate(impressions, start=1):
+        if exclude_users and rec.user_id in exclude_users:
+            yield NotPlanned(line, "excluded")
+            continue
+        hist_rows, _ = index.rows(rec.history)
+        pos_rows, _ = index.rows(rec.clicked)
+        if not pos_rows or not hist_rows:
+            yield NotPlanned(line, "skipped")
+            continue
+        if rec.candidates:
+            rows, _ = index.rows(dict.fromkeys(rec.candidates))
+            yield PlannedImpression(line, rec.user_id, hist_rows, pos_rows, list(rows), None)
+            continue
+        taken = set(hist_rows) | set(pos_rows)
+        rows = list(dict.fromkeys(pos_rows))
+        if n_random:
+            draw = rng.choice(len(index), size=min(len(index), n_random + len(taken)), replace=False)
+            rows += [int(r) for r in draw if int(r) not in taken][:n_random]
+        yield PlannedImpression(line, rec.user_id, hist_rows, pos_rows, rows, taken)
+
+
+def featurize(p: PlannedImpression, *, generator: CandidateGenerator, recency_decay: float, n_hard: int):
+    """(features, labels) of one planned impression, or None when its labels are all 0 or all 1."""
+    profile = build_profile(generator.index, p.hist_rows, decay=recency_decay)
+    rows = list(p.rows)
+    if n_hard and p.taken is not None:
+        hard = generator.generate(profile, exclude=p.taken).rows
+        rows += [int(r) for r in hard[: n_hard * 3] if int(r) not in set(rows)][:n_hard]
+    pos = set(p.pos_rows)
+    y = np.array([1.0 if r in pos else 0.0 for r in rows])
+    if y.sum() == 0 or y.sum() == len(y):
+        return None
+    return generator.score_logged(profile, rows).features, y
 
 
 def build_training_set(
@@ -60,50 +120,62 @@ def build_training_set(
     exclude_users: set[str] | None = None,
     max_impressions: int | None = None,
     seed: int = 0,
+    featurize_many=None,
+    chunk: int = 1,
 ) -> TrainingSet:
+    """The training rows, impression by impression in input order.
+
+    `featurize_many(planned list) -> results in order` replaces the in-process `featurize` (eval tune
+    --ray: actors), fed `chunk` planned impressions at a time; the rows, the skips and `lines_read` are
+    the ones the one-at-a-time loop gives, whatever the chunk."""
+    plan = plan_training(impressions, index=generator.index, n_random=n_random, exclude_users=exclude_users, seed=seed)
+    many = featurize_many or (lambda ps: [featurize(p, generator=generator, recency_decay=recency_decay, n_hard=n_hard) for p in ps])
     index = generator.index
-    rng = np.random.default_rng(seed)
     Xs, ys, gs, users, kept, pool = [], [], [], [], [], []
-    n = skipped = 0
-    for rec in impressions:
-        if max_impressions is not None and n >= max_impressions:
-            break
-        if exclude_users and rec.user_id in exclude_users:
-            continue
-        hist_rows, _ = index.rows(rec.history)
-        pos_rows, _ = index.rows(rec.clicked)
-        if not pos_rows or not hist_rows:
-            skipped += 1
-            continue
-        profile = build_profile(index, hist_rows, decay=recency_decay)
-        if rec.candidates:
-            rows, _ = index.rows(dict.fromkeys(rec.candidates))
-        else:
-            taken = set(hist_rows) | set(pos_rows)
-            rows = list(dict.fromkeys(pos_rows))
-            if n_random:
-                draw = rng.choice(len(index), size=min(len(index), n_random + len(taken)), replace=False)
-                rows += [int(r) for r in draw if int(r) not in taken][:n_random]
-            if n_hard:
-                hard = generator.generate(profile, exclude=taken).rows
-                rows += [int(r) for r in hard[: n_hard * 3] if int(r) not in set(rows)][:n_hard]
-        pos = set(pos_rows)
-        y = np.array([1.0 if r in pos else 0.0 for r in rows])
-        if y.sum() == 0 or y.sum() == len(y):
-            skipped += 1
-            continue
-        cset = generator.score_logged(profile, rows)
-        Xs.append(cset.features)
-        ys.append(y)
-        gs.append(np.full(len(rows), n))
-        users.append(rec.user_id)
-        n_neg = float(len(y) - y.sum())
-        kept.append(n_neg)  # logged candidates: every negative the user was shown is a row (nothing sampled)
-        pool.append(n_neg if rec.candidates else float(len(index) - len(set(hist_rows) | set(pos_rows))))
-        n += 1
+    n = skipped = lines = 0
+    done = False
+
+    def take(buffer: list) -> None:
+        nonlocal n, skipped, lines, done
+        results = iter(many([b for b in buffer if isinstance(b, PlannedImpression)]))
+        for item in buffer:
+            lines = item.line
+            if max_impressions is not None and n >= max_impressions:
+                done = True  # the one-at-a-time loop pulled this record and stopped
+                return
+            if isinstance(item, NotPlanned):
+                skipped += item.reason == "skipped"
+                continue
+            out = next(results)
+            if out is None:
+                skipped += 1
+                continue
+            Xs.append(out[0])
+            ys.append(out[1])
+            gs.append(np.full(len(out[1]), n))
+            users.append(item.user)
+            n_neg = float(len(out[1]) - out[1].sum())
+            kept.append(n_neg)  # logged candidates: every negative the user was shown is a row (nothing sampled)
+            pool.append(n_neg if item.taken is None else float(len(index) - len(item.taken)))
+            n += 1
+
+    buffer: list = []
+    planned = 0
+    for item in plan:
+        buffer.append(item)
+        planned += isinstance(item, PlannedImpression)
+        if planned >= chunk or (max_impressions is not None and n >= max_impressions):
+            take(buffer)
+            buffer, planned = [], 0
+            if done:
+                break
+    if buffer and not done:
+        take(buffer)
     if not Xs:
         raise ValueError("no usable training impressions (need a history and a click in the catalog)")
-    return TrainingSet(np.vstack(Xs), np.concatenate(ys), np.concatenate(gs), n, skipped, users, np.array(kept), np.array(pool))
+    return TrainingSet(
+        np.vstack(Xs), np.concatenate(ys), np.concatenate(gs), n, skipped, users, np.array(kept), np.array(pool), lines,
+    )  # fmt: skip
 
 
 def fit_fusion(

@@ -218,24 +218,21 @@ def run_tune(
     settings: Settings,
     show_progress: bool = True,
     injection_check: Callable[[Path], InjectionCheck] | None = None,
+    backend=None,
 ) -> dict[str, Any]:
     """Fit and write the weights. `injection_check(candidate_weights_path)` replaces the real injection test
-    (eval.injection_gate.run_injection_check) that a positive LLM weight must pass."""
+    (eval.injection_gate.run_injection_check) that a positive LLM weight must pass. `backend`
+    (eval.distributed.RayBackend) computes the feature rows on Ray actors; the fit stays here."""
     t0 = time.perf_counter()
     train_hist = opts.train_histories or [opts.impressions]
     env = prepare_env(settings, ads_path=opts.ads, train_paths=train_hist, show_progress=show_progress)
     sources = exclusion_sources(files=opts.exclude, tasks=opts.exclude_tasks)
     exclude_users = excluded_users(sources)
-    lines_read = 0
-
-    def records():
-        nonlocal lines_read
-        for _, rec in iter_impressions(opts.impressions):
-            lines_read += 1
-            yield rec
-
+    many = {}
+    if backend is not None:  # its actors build the same environment (reused from the data dir) once each
+        many = backend.tune_featurizer(settings=settings, env_args={"ads_path": opts.ads, "train_paths": train_hist}, n_hard=opts.n_hard)
     ts = build_training_set(
-        records(),
+        (rec for _, rec in iter_impressions(opts.impressions)),
         generator=env.services.selector.generator,
         recency_decay=env.services.selector.recency_decay,
         n_random=opts.n_random,
@@ -243,6 +240,7 @@ def run_tune(
         exclude_users=exclude_users,
         max_impressions=opts.max_impressions,
         seed=opts.seed,
+        **many,
     )
     meta = {
         "command": opts.command(),
@@ -258,7 +256,7 @@ def run_tune(
         "seed": opts.seed,
     }
     # build_training_set pulls one record past the last one it uses: fitted users ⊆ these lines' users.
-    meta["train_lines_read"] = lines_read
+    meta["train_lines_read"] = ts.lines_read
     fusion_ts, cal_ts, split = split_for_calibration(ts, share=opts.calibration_share)
     model = fit_fusion(fusion_ts, interactions=opts.interactions, C=opts.C, meta={**meta, "calibration_split": split})
     model.meta.update(train_impressions=ts.n_impressions, train_rows=int(len(ts.y)))  # fusion + calibration users

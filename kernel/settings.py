@@ -216,7 +216,16 @@ class Settings(BaseSettings):
     )
     experiment_path: Path | None = Field(None, description="Experiment file (YAML/JSON): arms with traffic shares; unset: one arm 'default'.")
 
-    @field_validator("api_keys", mode="before")
+    # --- batch work on Ray (eval run/tune --ray, ingest --ray) ------------------------------
+    ray_workers: int = Field(2, ge=1, le=1024, description="--ray: actors in each pool (one Selector, embedder or LLM client per actor).")
+    ray_batch_size: int = Field(250, ge=1, le=100000, description="--ray: impressions (or ads) per batch handed to an actor.")
+    llm_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="--ray LLM phase: OpenAI-compatible base URLs (comma-separated or a JSON list) the LLM actors share, "
+        "one per actor in turn; empty: the task's llm.url (or the bundled model, one per actor).",
+    )
+
+    @field_validator("api_keys", "llm_urls", mode="before")
     @classmethod
     def _split_keys(cls, v: Any) -> Any:
         """ADSELECT_API_KEYS="k1,k2" or '["k1","k2"]'; blanks dropped."""

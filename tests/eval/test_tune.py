@@ -242,3 +242,34 @@ def test_calibration_users_are_kept_apart_and_the_sampling_rate_is_counted() -> 
     assert len(cal.y) == cal.n_impressions * per and sorted(set(cal.group.tolist())) == list(range(cal.n_impressions))
     assert cal.negative_rate() == 0.01
     assert split_for_calibration(ts, share=0.2)[2] == record  # deterministic
+
+
+def test_training_rows_fed_in_chunks_are_the_one_at_a_time_rows(eval_settings) -> None:
+    """build_training_set with `featurize_many` over chunks (what eval tune --ray feeds its actors): the
+    same rows, skips and lines read as the one-at-a-time loop, stopping at max_impressions."""
+    from eval.env import prepare_env
+    from eval.tune import build_training_set, featurize
+    from retrieval.records import iter_impressions
+
+    env = prepare_env(eval_settings, ads_path=MIND / "ads.jsonl", train_paths=[MIND / "impressions_dev.jsonl"], show_progress=False)
+    gen, decay = env.services.selector.generator, env.services.selector.recency_decay
+    users = sorted({rec.user_id for _, rec in iter_impressions(MIND / "impressions_dev.jsonl")})
+
+    def build(**kw):
+        recs = (rec.model_copy(update={"candidates": [] if i % 2 else rec.candidates}) for i, (_, rec) in enumerate(iter_impressions(MIND / "impressions_dev.jsonl")))
+        return build_training_set(
+            recs, generator=gen, recency_decay=decay, n_random=5, n_hard=2, exclude_users=set(users[:4]), max_impressions=25, seed=1, **kw
+        )
+
+    one = build()
+    calls: list[int] = []
+
+    def many(planned):
+        calls.append(len(planned))
+        return [featurize(p, generator=gen, recency_decay=decay, n_hard=2) for p in planned]
+
+    chunked = build(featurize_many=many, chunk=7)
+    assert max(calls) == 7 and one.n_impressions == chunked.n_impressions == 25
+    assert (one.X == chunked.X).all() and (one.y == chunked.y).all() and (one.group == chunked.group).all()
+    assert one.skipped == chunked.skipped and one.lines_read == chunked.lines_read < 54
+    assert one.users == chunked.users and (one.negatives_pool == chunked.negatives_pool).all()

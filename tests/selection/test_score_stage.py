@@ -6,6 +6,7 @@ server's path is tests/server/test_score_mode.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import uuid
 from collections.abc import Sequence
@@ -13,17 +14,20 @@ from dataclasses import replace
 
 import pytest
 
+from agent.copy_cache import BackgroundCopier, CopyRewriter
 from agent.llm import Message
 from agent.logprob_llm import FirstToken
 from agent.prompts import PromptRegistry
 from agent.scorer import LLMScorer
 from kernel.errors import ConfigError
 from kernel.settings import Settings
-from kernel.types import SelectRequest
+from kernel.types import LLMResult, SelectRequest
 from selection.fusion import FusionModel
+from tests.utils.fakes import FakeQueueLLM
 
 SETTINGS = Settings(_env_file=None)
 PROMPT = PromptRegistry(SETTINGS.prompts_dir).get("score")
+COPY_PROMPT = PromptRegistry(SETTINGS.prompts_dir).get("copy")
 RUN_HISTORY = ["run-001", "run-004", "run-009"]
 LABELLED = {"C": math.log(0.9), "A": math.log(0.05), "B": math.log(0.03), "The": math.log(0.01)}
 GARBAGE = {"The": -0.1, "I": -2.0, "a": -3.0}  # no label at all (lower-case "a" is not label "A")
@@ -91,3 +95,41 @@ def test_weights_file_round_trips_the_scoring_weight_and_keeps_old_hashes(tmp_pa
     m.llm_score_coef = 0.25
     m.save(tmp_path / "w.json")
     assert FusionModel.load(tmp_path / "w.json").llm_score_coef == 0.25
+
+
+class FakeRecordingReranker:
+    """A listwise stage that ranks in the order it is given and records whether it was asked for copy."""
+
+    model = "fake-recording"
+    prompt_info = {"name": "rerank", "version": "1", "sha256": "0" * 64}
+
+    def __init__(self) -> None:
+        self.rewrite_asked: list[bool] = []
+
+    async def arerank(self, *, candidates, rewrite: bool, **_: object) -> LLMResult:
+        self.rewrite_asked.append(rewrite)
+        return LLMResult(ranking=[c.ad.ad_id for c in candidates], justification=None, copy=None, raw="")
+
+
+def test_listwise_with_a_copier_asks_no_inline_copy_and_serves_the_cached_rewrite(demo_services) -> None:
+    base = replace(demo_services.selector, rank_by="relevance", arm_policies={}, llm_max_candidates=6)
+    top = select(base, use_llm=False).ads[0].ad
+    rewrite = {"headline": top.title.split(" | ")[0][:30], "description": top.text.split(":")[0][:90]}
+    llm = FakeQueueLLM().enqueue(json.dumps(rewrite))
+    copier = BackgroundCopier(rewriter=CopyRewriter(llm, COPY_PROMPT), validate=lambda c, ad: [str(r) for r in base.reviewer.check_copy(c, ad)])
+    reranker = FakeRecordingReranker()
+    sel = replace(base, reranker=reranker, copier=copier)
+
+    async def run():
+        history = RUN_HISTORY
+        first = await sel.aselect(SelectRequest(user_id=f"u-{uuid.uuid4().hex}", history=history, k=3, deadline_ms=10000))
+        await copier.drain()
+        second = await sel.aselect(SelectRequest(user_id=f"u-{uuid.uuid4().hex}", history=history, k=3, deadline_ms=10000))
+        await copier.aclose()
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert reranker.rewrite_asked == [False, False]  # the copy comes from the cache, not the ranking call
+    assert first.ads[0].ad.ad_id == top.ad_id and first.ads[0].copy == first.ads[0].original
+    assert second.ads[0].copy.headline == rewrite["headline"] and len(llm.calls) == 1
+    assert copier.snapshot()["hits"] == 1

@@ -7,11 +7,11 @@
                   ─▶ fusion (prior + learned LLM term) ─▶ order (bid × pCTR or relevance)
                   ─▶ eligibility re-check + frequency-cap reservation ─▶ copy (reviewed model text) ─▶ Decision
 
-Copy off the hot path (`copier` set: always in score mode, optionally in listwise): the first served ad's
-rewrite comes from the copy cache (agent.copy_cache.BackgroundCopier) when the LLM stage answered: a hit
-is a validated rewrite,
-checked again by the reviewer and served with no LLM call; a miss serves the advertiser's copy at once and
-queues the rewrite in the background. Listwise mode with a copier asks the model for no inline copy.
+Copy off the hot path (`copier` set: always in score mode, optionally in listwise): when the LLM stage
+answered, the first served ad's rewrite comes from the copy cache (agent.copy_cache.BackgroundCopier): a hit
+is a validated rewrite, checked again by the reviewer and served with no LLM call; a miss serves the
+advertiser's copy at once and queues the rewrite in the background. Listwise mode with a copier asks the
+model for no inline copy.
 
 `Selector.aselect` is the one entry point (async; the CLI and benches `asyncio.run` it). The CPU-bound
 stages run on a worker thread so the event loop stays free to answer (and shed) other requests.

@@ -276,15 +276,22 @@ class BackgroundCopier:
             await asyncio.sleep(0)  # hand-offs from other threads already scheduled on this loop land first
             await self._queue.join()
 
-    async def aclose(self) -> None:
-        """Stop the workers; queued rewrites are abandoned."""
+    def _stop(self) -> list[asyncio.Task[None]]:
         with self._lock:
             tasks, self._tasks, self._queue, self._loop = self._tasks, [], None, None
             self._pending.clear()
             self._waiting = 0
         for task in tasks:
             task.cancel()
-        for task in tasks:
+        return tasks
+
+    def close(self) -> None:
+        """Cancel the workers without waiting (synchronous shutdown code on their loop); queued rewrites are abandoned."""
+        self._stop()
+
+    async def aclose(self) -> None:
+        """Stop the workers and wait for them; queued rewrites are abandoned."""
+        for task in self._stop():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 

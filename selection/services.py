@@ -131,6 +131,9 @@ class Services:
     def close(self) -> None:
         """Drain the impression log and the served rows (server shutdown)."""
         self.impressions.close(5.0)
+        copier = getattr(self.selector, "copier", None)
+        if copier is not None:
+            copier.close()  # background rewrites are a cache warm-up: abandoned, not drained
         if self.served is not None:
             self.served.close()
         if self.feedback is not None:

@@ -16,7 +16,11 @@
   rewrite is cached as a rejection (the same prompt and model would write it again), so it is not
   regenerated and never served. An LLM failure is counted by reason and not cached (a later miss retries).
 * The worker enforces the rewrite deadline itself (a hung server cannot hold a worker longer) and
-  survives any exception. `lookup` must be called on the event loop the copier was started on.
+  survives any exception.
+* `lookup` may be called from any thread (the pipeline serves from a worker thread): the cache and the
+  counts sit behind one lock, and a miss is handed to the event loop the copier was started on with
+  `call_soon_threadsafe`. The queue bound (`queue_size` rewrites waiting, not yet taken by a worker) is
+  checked under that lock at lookup time, so the drop decision is made at once, on the caller's thread.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,18 +97,21 @@ class CopyCache:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
         self._items: OrderedDict[CopyKey, Copy | Rejected] = OrderedDict()
+        self._lock = threading.Lock()  # read on the serving threads, written by the workers on the event loop
 
     def get(self, key: CopyKey) -> Copy | Rejected | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
 
     def put(self, key: CopyKey, item: Copy | Rejected) -> None:
-        self._items[key] = item
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+        with self._lock:
+            self._items[key] = item
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -186,6 +194,9 @@ class BackgroundCopier:
         self.queue_size, self.workers = queue_size, workers
         self.stats = CopyStats()
         self._queue: asyncio.Queue[tuple[CopyKey, Ad, str]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()  # stats, _pending and _waiting: lookups come from serving threads
+        self._waiting = 0  # rewrites queued and not yet taken by a worker (at most queue_size)
         self._pending: set[CopyKey] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -197,52 +208,92 @@ class BackgroundCopier:
         )  # fmt: skip
 
     def lookup(self, ad: Ad, interest: str) -> Copy | None:
-        """The cached validated rewrite, else None (and a rewrite is queued unless full/duplicate). Never waits."""
-        self.stats.lookups += 1
+        """The cached validated rewrite, else None (and a rewrite is queued unless full/duplicate). Never waits;
+        callable from any thread."""
         key = self.rewriter.key(ad, interest)
         item = self.cache.get(key)
-        if isinstance(item, Copy):
-            self.stats.hits += 1
-            return item
-        if isinstance(item, Rejected):
-            self.stats.rejected_hits += 1
-            return None
-        self.stats.misses += 1
-        if key in self._pending:
-            self.stats.deduped += 1
-        elif self._queue is None:
-            self.stats.dropped_stopped += 1
-        else:
-            try:
-                self._queue.put_nowait((key, ad, interest))
-            except asyncio.QueueFull:
+        with self._lock:
+            self.stats.lookups += 1
+            if isinstance(item, Copy):
+                self.stats.hits += 1
+                return item
+            if isinstance(item, Rejected):
+                self.stats.rejected_hits += 1
+                return None
+            self.stats.misses += 1
+            loop, queue = self._loop, self._queue
+            if key in self._pending:
+                self.stats.deduped += 1
+                return None
+            if loop is None or queue is None or loop.is_closed():
+                self.stats.dropped_stopped += 1
+                return None
+            if self._waiting >= self.queue_size:
                 self.stats.dropped_full += 1
                 logger.info("copy queue full: miss dropped", extra={"queue_size": self.queue_size})
-            else:
-                self._pending.add(key)
-                self.stats.enqueued += 1
+                return None
+            self._pending.add(key)
+            self._waiting += 1
+            self.stats.enqueued += 1
+        job = (key, ad, interest)
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            queue.put_nowait(job)
+        else:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, job)
+            except RuntimeError:  # the loop closed between the check and the hand-off
+                with self._lock:
+                    self._pending.discard(key)
+                    self._waiting -= 1
+                    self.stats.enqueued -= 1
+                    self.stats.dropped_stopped += 1
         return None
 
+    def cached_copy(self, ad: Ad, *, history_ads: Sequence[Ad]) -> Copy | None:
+        """`lookup` for the user whose history this is (its coarse interest key): what the pipeline calls."""
+        return self.lookup(ad, interest_key(history_ads))
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counts as one consistent dict (for /metrics, eval reports), taken under the lock."""
+        with self._lock:
+            return self.stats.as_dict()
+
     async def start(self) -> None:
+        """Start the workers on the running loop (idempotent: the pipeline calls it before each lookup)."""
         if self._queue is not None:
             return
-        self._queue = asyncio.Queue(maxsize=self.queue_size)
+        self._queue = asyncio.Queue()  # bounded by `_waiting` at lookup time (see the module doc)
+        self._loop = asyncio.get_running_loop()
         self._tasks = [asyncio.create_task(self._work(), name=f"copy-worker-{i}") for i in range(self.workers)]
 
     async def drain(self) -> None:
         """Wait until every queued rewrite is done (each is bounded by the rewrite deadline)."""
         if self._queue is not None:
+            await asyncio.sleep(0)  # hand-offs from other threads already scheduled on this loop land first
             await self._queue.join()
 
-    async def aclose(self) -> None:
-        """Stop the workers; queued rewrites are abandoned."""
-        tasks, self._tasks, self._queue = self._tasks, [], None
+    def _stop(self) -> list[asyncio.Task[None]]:
+        with self._lock:
+            tasks, self._tasks, self._queue, self._loop = self._tasks, [], None, None
+            self._pending.clear()
+            self._waiting = 0
         for task in tasks:
             task.cancel()
-        for task in tasks:
+        return tasks
+
+    def close(self) -> None:
+        """Cancel the workers without waiting (synchronous shutdown code on their loop); queued rewrites are abandoned."""
+        self._stop()
+
+    async def aclose(self) -> None:
+        """Stop the workers and wait for them; queued rewrites are abandoned."""
+        for task in self._stop():
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._pending.clear()
 
     async def __aenter__(self) -> BackgroundCopier:
         await self.start()
@@ -256,22 +307,32 @@ class BackgroundCopier:
         assert queue is not None
         while True:
             key, ad, interest = await queue.get()
+            with self._lock:
+                self._waiting -= 1
             try:
                 copy = await self.rewriter.rewrite(ad, interest)
                 reasons = list(self.validate(copy, ad))
                 if reasons:
                     self.cache.put(key, Rejected(tuple(reasons)))
-                    self.stats.rejected += 1
+                    self._count("rejected")
                     logger.info("background rewrite rejected", extra={"ad_id": ad.ad_id, "reasons": reasons})
                 else:
                     self.cache.put(key, copy)
-                    self.stats.generated += 1
+                    self._count("generated")
             except (LLMUnavailable, LLMOutputInvalid) as e:
-                self.stats.failed[e.reason] += 1
+                self._count(failed=e.reason)
                 logger.info("background rewrite failed", extra={"ad_id": ad.ad_id, "reason": e.reason})
             except Exception:  # noqa: BLE001 - a worker must outlive any bug in one rewrite
-                self.stats.failed["error"] += 1
+                self._count(failed="error")
                 logger.exception("background rewrite crashed", extra={"ad_id": ad.ad_id})
             finally:
-                self._pending.discard(key)
+                with self._lock:
+                    self._pending.discard(key)
                 queue.task_done()
+
+    def _count(self, name: str = "", *, failed: str = "") -> None:
+        with self._lock:
+            if failed:
+                self.stats.failed[failed] += 1
+            else:
+                setattr(self.stats, name, getattr(self.stats, name) + 1)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kernel.errors import LLMOutputInvalid, LLMUnavailable, PromptError
+from kernel.errors import ConfigError, LLMOutputInvalid, LLMUnavailable, PromptError
 from kernel.types import Ad, Candidate
 
 from .logprob_llm import FirstToken, LogprobLLMLike
@@ -152,6 +152,13 @@ class LLMScorer:
             raise ValueError(f"max_candidates must be in 1..{len(LABELS)} (one single-token label each)")
         if permutations < 1 or top_logprobs < 1:
             raise ValueError("permutations and top_logprobs must be >= 1")
+        if max_candidates > top_logprobs:
+            # Refused, not chunked: a label that cannot be among the top-K returned would always get the floor.
+            # vLLM caps top_logprobs at its --max-logprobs (20 by default): start it with a larger one to score more.
+            raise ConfigError(
+                "ADSELECT_SCORE_MAX_CANDIDATES",
+                f"{max_candidates} candidates need top_logprobs >= {max_candidates} (ADSELECT_SCORE_TOP_LOGPROBS is {top_logprobs})",
+            )
         self.llm = llm
         self.prompt = prompt
         self.permutations = permutations
@@ -162,6 +169,14 @@ class LLMScorer:
         self.max_history = max_history
         self.max_events = max_events
         self.max_event_chars = max_event_chars
+
+    @property
+    def model(self) -> str:
+        return self.llm.model
+
+    @property
+    def prompt_info(self) -> dict[str, str]:
+        return self.prompt.info()
 
     @classmethod
     def from_settings(

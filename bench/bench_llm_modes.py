@@ -2,7 +2,8 @@
 valid-answer rate and the top-pick flip rate when the candidate order changes.
 
     python bench/bench_llm_modes.py [--llm-url URL] [--catalog demo|games] [--impressions 20]
-        [--candidates 10] [--permutations 2] [--top-logprobs 20] [--modes score,listwise] [--tokens-only]
+        [--candidates 10] [--permutations 2[,3,4]] [--top-logprobs 20] [--modes score,listwise] [--tokens-only]
+        [--score-prompt score]
 
 Without --llm-url the bundled SmolLM2-135M llama.cpp server is started (and stopped) on a free port.
 Each impression is asked three times per mode: candidates in the logged order, reversed, and shuffled
@@ -203,7 +204,7 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
     memo = MemoLogprobLLM(LogprobChatLLM(base_url=base_url, model=settings.llm_model, timeout_s=args.timeout_s), disk)
     chat = MemoChatLLM(ChatLLM(base_url=base_url, model=settings.llm_model, timeout_s=args.timeout_s, max_tokens=settings.llm_max_tokens), disk)
     modes = [m.strip() for m in args.modes.split(",")]
-    perms = sorted({args.permutations, 1}, reverse=True) if "score" in modes else []  # P first: P=1 reuses its calls
+    perms = sorted({*args.permutations, 1}, reverse=True) if "score" in modes else []  # largest P first: the others reuse its calls
     stats: dict[str, ModeStats] = {f"score P={p}": ModeStats(f"score P={p}") for p in perms}
     if "listwise" in modes:
         stats["listwise"] = ModeStats("listwise")
@@ -220,8 +221,8 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
                 if mode.startswith("score"):
                     p = int(mode.split("=")[1])
                     scorer = LLMScorer.from_settings(
-                        settings, memo, registry=registry, permutations=p, top_logprobs=args.top_logprobs,
-                        max_candidates=args.candidates,
+                        settings.model_copy(update={"score_prompt_name": args.score_prompt}), memo, registry=registry,
+                        permutations=p, top_logprobs=args.top_logprobs, max_candidates=args.candidates,
                     )  # fmt: skip
                     calls = scorer.prepare(history_ads=hist, events=[], candidates=cands, seed_key=imp["impression_id"])
                     toks = [await tokens(c.messages) for c in calls]
@@ -279,6 +280,7 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
 def report(args: argparse.Namespace, stats: dict[str, ModeStats], memo: MemoLogprobLLM) -> None:
     print(
         f"\n{args.catalog}: {args.impressions} impressions x {args.candidates} candidates, top_logprobs={args.top_logprobs}, "
+        f"score prompt={args.score_prompt}, "
         f"real scoring calls={memo.calls}, scoring call latency p50={pct(memo.latency_ms, 50)}ms p99={pct(memo.latency_ms, 99)}ms"
     )
     head = ("mode", "prompt tok", "static prefix", "impr. prefix", "compl. tok", "impr. ms p50/p99", "valid", "missing lbl", "MRR", "flip reversed", "flip shuffled")
@@ -314,7 +316,8 @@ def main() -> None:
     ap.add_argument("--catalog", choices=sorted(SAMPLED), default="demo")
     ap.add_argument("--impressions", type=int, default=20)
     ap.add_argument("--candidates", type=int, default=10)
-    ap.add_argument("--permutations", type=int, default=2)
+    ap.add_argument("--permutations", default="2", help="P values to report, comma-separated (P=1 is always reported).")
+    ap.add_argument("--score-prompt", default="score", help="Template under prompts/ for scoring mode.")
     ap.add_argument("--top-logprobs", type=int, default=20)
     ap.add_argument("--modes", default="score,listwise")
     ap.add_argument("--timeout-s", type=float, default=300.0)
@@ -324,6 +327,7 @@ def main() -> None:
     ap.add_argument("--shared-data", type=Path, default=SHARED_DATA, help="The shared data folder (amazon_games_6k/ inside).")
     args = ap.parse_args()
     args.orders = {"logged", *args.orders.split(",")}
+    args.permutations = [int(p) for p in str(args.permutations).split(",")]
     with contextlib.ExitStack() as stack:
         url = args.llm_url
         if url is None:

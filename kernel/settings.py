@@ -271,6 +271,10 @@ class Settings(BaseSettings):
         "--max-logprobs (default 20); llama.cpp's server has no cap."
     )
     score_max_candidates: int = Field(20, ge=1, le=26, description="Candidates scored per impression (one letter label each, A..Z).")
+    copy_background: bool = Field(
+        False, description="Listwise mode too takes the served ad's rewrite from the copy cache (no inline copy in the "
+        "ranking call). Scoring mode always does: its one-token calls write no copy."
+    )
     copy_prompt_name: str = Field("copy", description="Template under prompts/ for background rewrites of the served ad.")
     copy_max_tokens: int = Field(64, ge=8, le=512, description="Token cap of one background rewrite (headline + description JSON).")
     copy_queue_size: int = Field(64, ge=1, description="Pending background rewrites; when full, new misses are dropped (counted).")

@@ -54,6 +54,7 @@ class FusionModel:
     llm_coef: float = 0.0  # weight of llm_feature(); 0 = the LLM cannot move the ranking
     meta: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=lambda: {"method": "platt", "a": 1.0, "b": 0.0})
+    llm_score_coef: float = 0.0  # scoring mode: weight of the averaged label log-probability; 0 = no fit earned it a say
     _pairs_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     def pctr(self, scores: np.ndarray) -> np.ndarray:
@@ -96,6 +97,13 @@ class FusionModel:
         n = len(prior)
         return prior + self.llm_coef * np.array([llm_feature(r, n) for r in llm_ranks], dtype=np.float64)
 
+    def fused_logprob_scores(self, prior: np.ndarray, logprobs: list[float | None]) -> np.ndarray:
+        """Scoring mode: prior + llm_score_coef × the candidate's averaged log-probability (agent.scorer).
+        A candidate that was not scored (None: beyond the candidates sent) gets the lowest scored value."""
+        known = [v for v in logprobs if v is not None]
+        floor = min(known) if known else 0.0
+        return prior + self.llm_score_coef * np.array([floor if v is None else v for v in logprobs], dtype=np.float64)
+
     # ---- persistence -----------------------------------------------------------------------
     def to_json(self) -> dict:
         return {
@@ -108,6 +116,8 @@ class FusionModel:
             "llm_coef": self.llm_coef,
             "calibration": self.calibration,
             "meta": self.meta,
+            # written only when set, so weights without a scoring-mode fit keep their content hash (weights_version)
+            **({"llm_score_coef": self.llm_score_coef} if self.llm_score_coef else {}),
         }
 
     def save(self, path: Path) -> None:
@@ -143,6 +153,7 @@ class FusionModel:
             intercept=float(d.get("intercept", 0.0)),
             interactions=[(at[i], at[j]) for i, j in d.get("interactions", [])],
             llm_coef=float(d.get("llm_coef", 0.0)),
+            llm_score_coef=float(d.get("llm_score_coef", 0.0)),
             meta=meta,
             calibration=_checked_calibration(d.get("calibration") or {"method": "platt", "a": 1.0, "b": 0.0}),
         )

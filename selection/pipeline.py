@@ -1,9 +1,17 @@
 """The selection pipeline: the one core function the endpoint, the CLI and the eval harness all call.
 
     history/events ─▶ profile ─▶ candidates (eligible only) + prior features ─▶ fusion (prior score)
-                  ─▶ [LLM admission: time left ∧ free slot ∧ breaker ⇒ LLM rerank + justify + rewrite]
+                  ─▶ [LLM admission: time left ∧ free slot ∧ breaker ⇒ LLM stage, by `llm_mode`:
+                        listwise: rerank + justify + rewrite (one generated answer);
+                        score: P one-token calls, every candidate's averaged label log-probability]
                   ─▶ fusion (prior + learned LLM term) ─▶ order (bid × pCTR or relevance)
                   ─▶ eligibility re-check + frequency-cap reservation ─▶ copy (reviewed model text) ─▶ Decision
+
+Copy off the hot path (`copier` set: always in score mode, optionally in listwise): when the LLM stage
+answered, the first served ad's rewrite comes from the copy cache (agent.copy_cache.BackgroundCopier): a hit
+is a validated rewrite, checked again by the reviewer and served with no LLM call; a miss serves the
+advertiser's copy at once and queues the rewrite in the background. Listwise mode with a copier asks the
+model for no inline copy.
 
 `Selector.aselect` is the one entry point (async; the CLI and benches `asyncio.run` it). The CPU-bound
 stages run on a worker thread so the event loop stays free to answer (and shed) other requests.
@@ -73,6 +81,63 @@ class Reranker(Protocol):
     ) -> LLMResult: ...
 
 
+class Scorer(Protocol):
+    """Scoring mode's LLM stage (agent.scorer.LLMScorer): P one-token calls over letter labels."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def prompt_info(self) -> dict[str, str]: ...
+
+    async def ascore(
+        self, *, history_ads: Sequence[Ad], events: Sequence[str], candidates: Sequence[Candidate], timeout_s: float, seed_key: str = ""
+    ) -> "CandidateScoresLike": ...
+
+
+class CandidateScoresLike(Protocol):
+    """What the pipeline reads of agent.scorer.CandidateScores."""
+
+    candidate_ids: list[str]
+    logprob: dict[str, float]
+    permutations: int
+    answered: int
+    missing_labels: int
+    failures: list[str]
+    prompt_tokens: list[int | None]
+    completion_tokens: list[int | None]
+    latency_ms: list[float]
+
+    def ranking(self) -> list[str]: ...
+
+
+class CopySource(Protocol):
+    """Cached rewrites off the hot path (agent.copy_cache.BackgroundCopier)."""
+
+    async def start(self) -> None: ...
+
+    def cached_copy(self, ad: Ad, *, history_ads: Sequence[Ad]) -> Copy | None: ...
+
+
+@dataclass(slots=True)
+class ScoredLLMResult(LLMResult):
+    """Scoring mode's answer: the ranking by averaged log-probability, and the values fusion uses."""
+
+    logprob: dict[str, float] = field(default_factory=dict)  # the LLM term per scored candidate
+    calls: int = 0  # permutation calls made (P)
+    failed_calls: int = 0  # of which gave no usable answer (a parse failure such as no label, or an outage)
+    missing_labels: int = 0  # labels absent from an answered call's top logprobs (given the floor, counted)
+
+    @classmethod
+    def from_scores(cls, scores: CandidateScoresLike) -> "ScoredLLMResult":
+        return cls(
+            ranking=scores.ranking(), justification=None, copy=None, raw="",
+            prompt_tokens=sum(t or 0 for t in scores.prompt_tokens), completion_tokens=sum(t or 0 for t in scores.completion_tokens),
+            latency_ms=max(scores.latency_ms, default=0.0), logprob=dict(scores.logprob), calls=scores.permutations,
+            failed_calls=len(scores.failures), missing_labels=scores.missing_labels,
+        )  # fmt: skip
+
+
 class ReviewVerdict(Protocol):
     justification: str | None  # what may be shown, or None
     copy: Copy | None  # the rewrite that may replace the ad's own copy, or None
@@ -83,6 +148,8 @@ class ModelTextReview(Protocol):
     """Decides what model text may be served (agent.review.ModelTextReviewer)."""
 
     def review(self, llm_result: LLMResult, ad: Ad, *, rewrite: bool, untrusted: Sequence[Ad | str] = ()) -> ReviewVerdict: ...
+
+    def check_copy(self, copy: Copy, ad: Ad, *, untrusted: Sequence[Ad | str] = ()) -> Sequence[str]: ...
 
 
 class EventEncoder(Protocol):
@@ -151,6 +218,9 @@ class Selector:
     fusion: FusionModel
     embedder: EventEncoder | None = None  # needed only for free-text events
     reranker: Reranker | None = None  # None: the LLM stage is off (requests asking for it are degraded)
+    llm_mode: Literal["listwise", "score"] = "listwise"  # which LLM stage serves: `reranker` or `scorer`
+    scorer: Scorer | None = None  # scoring mode's stage; None in score mode: requests asking for the LLM are degraded
+    copier: CopySource | None = None  # rewrites from the copy cache (off the hot path); None: inline copy (listwise) or none
     admission: LLMAdmission = field(default_factory=LLMAdmission)  # breaker, limiter, time budget
     reviewer: ModelTextReview | None = None  # agent.review.ModelTextReviewer; None: model text is never served
     policy: EligibilityPolicy | None = None  # None: every ad is eligible (offline replay)
@@ -193,6 +263,8 @@ class Selector:
         turn = self.turn(req)
         req = self.apply_turn(req, turn)
         sel = turn.arm.selector or self
+        if sel.copier is not None and req.use_llm and req.rewrite:
+            await sel.copier.start()  # idempotent: the workers run on this event loop
         if stage is None and not req.use_llm:  # the fast path: one hop to the worker thread, not two
             return await asyncio.to_thread(sel._fast_path, req, started, turn)
         if stage is None:
@@ -289,17 +361,29 @@ class Selector:
         """(result, None) when the LLM answered; (None, reason) when degraded; (None, None) when not asked for."""
         if not req.use_llm or len(stage.candidates) < 2:
             return None, None
-        if self.reranker is None:
+        if self._llm_stage_object() is None:
             return None, DegradedReason.LLM_DISABLED
         result: LLMResult | None = None
         t = time.perf_counter()
         with self.admission.enter(deadline_ms=req.deadline_ms, started=started) as permit:
-            if permit.refused is None:
+            if permit.refused is None and self.llm_mode == "score":
+                assert self.scorer is not None
+                scoring = self.scorer.ascore(
+                    history_ads=stage.history_ads, events=req.events, candidates=stage.candidates[: self.llm_max_candidates],
+                    timeout_s=permit.budget_s, seed_key=req.request_id or req.user_id,
+                )  # fmt: skip
+                result = ScoredLLMResult.from_scores(await asyncio.wait_for(scoring, timeout=permit.budget_s))
+            elif permit.refused is None:
+                assert self.reranker is not None
                 call = self.reranker.arerank(**self._llm_args(req, stage), timeout_s=permit.budget_s)
                 result = await asyncio.wait_for(call, timeout=permit.budget_s)
         if permit.refused is None:
             stage.timings_ms["llm"] = _ms(t)
         return result, permit.reason
+
+    def _llm_stage_object(self) -> Reranker | Scorer | None:
+        """The stage `llm_mode` serves with (its model and prompt go into the decision), or None: off."""
+        return self.scorer if self.llm_mode == "score" else self.reranker
 
     def _llm_args(self, req: SelectRequest, stage: PriorStage) -> dict:
         sent = stage.candidates[: self.llm_max_candidates]
@@ -307,7 +391,8 @@ class Selector:
         # final order computed without the LLM (the LLM's ranking moves it only through its learned weight).
         prior = np.array([c.prior_score for c in sent], dtype=np.float64)
         target = sent[int(self._order(prior, sent)[0])].ad.ad_id
-        return dict(history_ads=stage.history_ads, events=req.events, candidates=sent, rewrite=req.rewrite, target_id=target)
+        rewrite = req.rewrite and self.copier is None  # with a copier the copy comes from its cache, not this call
+        return dict(history_ads=stage.history_ads, events=req.events, candidates=sent, rewrite=rewrite, target_id=target)
 
     def _order(self, scores: np.ndarray, cands: list[Candidate]) -> np.ndarray:
         bids = np.array([c.ad.bid for c in cands], dtype=np.float64)
@@ -328,7 +413,12 @@ class Selector:
         cands = stage.candidates
         llm_rank: dict[str, int] = {a: i for i, a in enumerate(llm.ranking)} if llm else {}
         prior = np.array([c.prior_score for c in cands], dtype=np.float64)
-        scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands]) if llm else prior
+        if isinstance(llm, ScoredLLMResult):
+            scores = self.fusion.fused_logprob_scores(prior, [llm.logprob.get(c.ad.ad_id) for c in cands])
+        elif llm is not None:
+            scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands])
+        else:
+            scores = prior
         order = self._order(scores, cands)
         ukey = turn.user_key
         request_id = req.request_id or uuid.uuid4().hex
@@ -457,7 +547,7 @@ class Selector:
         propensity: float = 1.0,
     ) -> RankedAd:
         """One served ad: its scores, the copy the review lets through, its propensity under the policy."""
-        copy, justification = self._choose_copy(c, llm, req, stage, out.copy_rejections)
+        copy, justification = self._choose_copy(c, llm, req, stage, out.copy_rejections, first=not out.ads)
         return RankedAd(
             ad=c.ad,
             score=round(score, 6),
@@ -577,21 +667,34 @@ class Selector:
                 log.warning("cap reservation not given back", extra={"error": str(e), "ad_id": r.ad_id})
 
     def _choose_copy(
-        self, c: Candidate, llm: LLMResult | None, req: SelectRequest, stage: PriorStage, rejections: list[str]
+        self, c: Candidate, llm: LLMResult | None, req: SelectRequest, stage: PriorStage, rejections: list[str], *, first: bool
     ) -> tuple[Copy, str | None]:
-        """The copy and justification served with `c`; reasons for refused model text go to `rejections`.
+        """The copy and justification served with `c` (`first`: the first ad served); reasons for refused model
+        text go to `rejections`.
 
         The one place model text is let through to the response: the LLM wrote for one ad (`copy_for`), and
-        the reviewer's verdict (agent/review.py) decides what of it may be served, else the original is."""
+        the reviewer's verdict (agent/review.py) decides what of it may be served, else the original is. With a
+        copier, the first served ad's rewrite is its cached validated rewrite, checked again here (no LLM call)."""
         orig = original_copy(c.ad)
-        copy_for = (llm.copy_for or (llm.ranking[0] if llm.ranking else None)) if llm else None
-        if llm is None or c.ad.ad_id != copy_for or self.reviewer is None:
+        if self.reviewer is None:
             return orig, None
         # Everything the model was shown is untrusted: the history, the candidates sent, the user's events.
         untrusted = [*stage.history_ads, *(x.ad for x in stage.candidates[: self.llm_max_candidates]), *req.events]
-        verdict = self.reviewer.review(llm, c.ad, rewrite=req.rewrite, untrusted=untrusted)
-        rejections.extend(str(r) for r in verdict.reasons)
-        return (verdict.copy if verdict.copy is not None else orig), verdict.justification
+        copy, justification = orig, None
+        copy_for = (llm.copy_for or (llm.ranking[0] if llm.ranking else None)) if llm else None
+        if llm is not None and c.ad.ad_id == copy_for and not isinstance(llm, ScoredLLMResult):
+            verdict = self.reviewer.review(llm, c.ad, rewrite=req.rewrite and self.copier is None, untrusted=untrusted)
+            rejections.extend(str(r) for r in verdict.reasons)
+            copy, justification = (verdict.copy if verdict.copy is not None else orig), verdict.justification
+        # Only when the LLM stage answered: a degraded decision is the fast path's, copy included (and a miss
+        # would queue a rewrite for a server that just failed).
+        if self.copier is not None and first and llm is not None and req.rewrite:
+            cached = self.copier.cached_copy(c.ad, history_ads=stage.history_ads)
+            if cached is not None:
+                problems = [str(r) for r in self.reviewer.check_copy(cached, c.ad, untrusted=untrusted)]
+                rejections.extend(problems)
+                copy = orig if problems else cached
+        return copy, justification
 
     def _decision(
         self,
@@ -606,8 +709,10 @@ class Selector:
     ) -> Decision:
         usage = {}
         if llm is not None:
-            usage = {"prompt_tokens": llm.prompt_tokens or 0, "completion_tokens": llm.completion_tokens or 0}
-        reranker = self.reranker
+            usage = {"prompt_tokens": llm.prompt_tokens or 0, "completion_tokens": llm.completion_tokens or 0, "llm_calls": 1}
+        if isinstance(llm, ScoredLLMResult):
+            usage.update(llm_calls=llm.calls, score_failed_calls=llm.failed_calls, score_missing_labels=llm.missing_labels)
+        reranker = self._llm_stage_object()
         return Decision(
             request_id=request_id,
             ads=served.ads,

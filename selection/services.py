@@ -109,6 +109,35 @@ def make_reranker(settings: Settings, *, llm_url: str) -> Reranker:
     return LLMReranker.from_settings(settings, llm, registry=registry)
 
 
+def make_scorer(settings: Settings, *, llm_url: str):
+    """Scoring mode's LLM stage (agent.scorer.LLMScorer) over the same OpenAI-compatible server."""
+    from agent.logprob_llm import LogprobChatLLM
+    from agent.prompts import PromptRegistry
+    from agent.scorer import LLMScorer
+
+    llm = LogprobChatLLM(base_url=llm_url, model=settings.llm_model, api_key=settings.llm_api_key, timeout_s=settings.llm_timeout_s)
+    return LLMScorer.from_settings(settings, llm, registry=PromptRegistry(settings.prompts_dir))
+
+
+def make_copier(settings: Settings, *, llm_url: str, reviewer: ModelTextReviewer):
+    """Background rewrites of the served ad (agent.copy_cache.BackgroundCopier); every rewrite passes the
+    reviewer's copy check before it is cached. Its workers start on the first request that can use it."""
+    from agent.copy_cache import BackgroundCopier, CopyRewriter
+    from agent.llm import ChatLLM
+    from agent.prompts import PromptRegistry
+
+    llm = ChatLLM.from_settings(settings.model_copy(update={"llm_max_tokens": settings.copy_max_tokens}), base_url=llm_url)
+    rewriter = CopyRewriter.from_settings(settings, llm, registry=PromptRegistry(settings.prompts_dir))
+    return BackgroundCopier.from_settings(
+        settings, rewriter=rewriter, validate=lambda copy, ad: [str(r) for r in reviewer.check_copy(copy, ad)]
+    )
+
+
+def copier_wanted(settings: Settings) -> bool:
+    """The copy cache serves rewrites in scoring mode, and in listwise mode when copy_background is set."""
+    return settings.llm_mode == "score" or settings.copy_background
+
+
 @dataclass
 class Services:
     settings: Settings
@@ -131,6 +160,9 @@ class Services:
     def close(self) -> None:
         """Drain the impression log and the served rows (server shutdown)."""
         self.impressions.close(5.0)
+        copier = getattr(self.selector, "copier", None)
+        if copier is not None:
+            copier.close()  # background rewrites are a cache warm-up: abandoned, not drained
         if self.served is not None:
             self.served.close()
         if self.feedback is not None:
@@ -263,17 +295,26 @@ def build_services(
             hash_events=lambda events: event_hashes(events, secret=secret),
             log_sync=settings.impression_log_sync,
         )
+    reviewer = ModelTextReviewer.from_settings(settings)
+    scorer = copier = None
+    if llm_url and settings.llm_enabled and settings.llm_mode == "score":
+        scorer = make_scorer(settings, llm_url=llm_url)
+    if llm_url and settings.llm_enabled and copier_wanted(settings):
+        copier = make_copier(settings, llm_url=llm_url, reviewer=reviewer)
     selector = Selector(
         index=index,
         generator=generator,
         fusion=fusion,
         embedder=embedder,
         reranker=reranker if settings.llm_enabled else None,
+        llm_mode=settings.llm_mode,
+        scorer=scorer,
+        copier=copier,
         admission=admission,
         recency_decay=settings.recency_decay,
         exclude_history=settings.exclude_history,
         llm_max_candidates=settings.llm_max_candidates,
-        reviewer=ModelTextReviewer.from_settings(settings),
+        reviewer=reviewer,
         experiment=experiment,
         versions={
             "weights": state.versions["weights"],

@@ -61,6 +61,23 @@ class _LiveState(Collector):
             yield GaugeMetricFamily("adselect_llm_breaker_state", "LLM circuit breaker: 0 closed, 1 half-open, 2 open.", value=st.state.gauge)
             yield CounterMetricFamily("adselect_llm_breaker_opened", "Times the LLM breaker opened.", value=st.times_opened)
             yield CounterMetricFamily("adselect_llm_breaker_rejected", "LLM calls refused by the open breaker.", value=st.rejected)
+        copier = getattr(sel, "copier", None)
+        if copier is not None:
+            st = copier.snapshot()
+            yield CounterMetricFamily("adselect_copy_cache_lookups", "Copy-cache lookups for the first served ad.", value=st["lookups"])
+            yield CounterMetricFamily("adselect_copy_cache_hits", "Copy-cache lookups answered with a validated rewrite (no LLM call).", value=st["hits"])
+            yield GaugeMetricFamily("adselect_copy_cache_hit_rate", "Copy-cache hits / lookups since start.", value=st["hit_rate"])
+            rewrites = CounterMetricFamily(
+                "adselect_copy_rewrites", "Background rewrites by outcome: generated (validated, cached), rejected (validator), "
+                "enqueued, dropped_full (queue full: the miss is dropped), deduped, dropped_stopped.", labels=["outcome"],
+            )  # fmt: skip
+            for outcome in ("generated", "rejected", "enqueued", "dropped_full", "deduped", "dropped_stopped"):
+                rewrites.add_metric([outcome], st[outcome])
+            yield rewrites
+            failed = CounterMetricFamily("adselect_copy_rewrite_failures", "Background rewrites the LLM failed, by reason (not cached).", labels=["reason"])
+            for reason, n in st["failed"].items():
+                failed.add_metric([reason], n)
+            yield failed
         limiter = getattr(sel, "limiter", None)
         if limiter is not None:
             yield GaugeMetricFamily("adselect_llm_inflight", "LLM calls in progress.", value=limiter.in_flight)
@@ -100,6 +117,17 @@ class Metrics:
         )  # fmt: skip
         self.ineligible = Counter("adselect_ineligible", "Candidates excluded by an eligibility rule.", ["rule"], registry=r)
         self.ads_served = Counter("adselect_ads_served", "Ads returned.", registry=r)
+        self.rewrites_served = Counter(
+            "adselect_rewrites_served", "Decisions whose first ad was served with a validated rewrite (share: / adselect_decisions).", registry=r
+        )
+        self.llm_calls = Counter("adselect_llm_calls", "LLM calls made by the ranking stage (scoring mode: one per permutation).", registry=r)
+        self.score_failed_calls = Counter(
+            "adselect_llm_score_failed_calls", "Scoring-mode permutation calls without a usable answer (no label in the top "
+            "logprobs, no logprobs, an outage); the others are averaged, all failed: the decision is degraded.", registry=r,
+        )  # fmt: skip
+        self.score_missing_labels = Counter(
+            "adselect_llm_score_missing_labels", "Labels absent from an answered scoring call's top logprobs (given the floor logprob).", registry=r
+        )
         self._live = _LiveState(services, inflight, reading)
         r.register(self._live)
 
@@ -121,6 +149,11 @@ class Metrics:
             self.degraded.labels(d.degraded_reason).inc()
             if d.degraded_reason in LLM_ERROR_REASONS:
                 self.llm_errors.labels(d.degraded_reason).inc()
+        if d.ads and d.ads[0].copy != d.ads[0].original:
+            self.rewrites_served.inc()
+        self.llm_calls.inc(d.usage.get("llm_calls", 0))
+        self.score_failed_calls.inc(d.usage.get("score_failed_calls", 0))
+        self.score_missing_labels.inc(d.usage.get("score_missing_labels", 0))
         for reason in d.copy_rejections:
             self.copy_rejections.labels(reason).inc()
         if d.capped:

@@ -145,3 +145,19 @@ def test_real_server_rewrite_in_background_then_served_from_cache_without_a_call
     assert isinstance(hit, Copy) and hit.headline and len(hit.headline) <= 30
     assert counting.calls == 1  # the hit made no LLM call
     assert copier.stats.as_dict()["hit_rate"] == 0.5
+
+
+def test_lookup_from_a_serving_thread_hands_the_miss_to_the_loop_and_the_next_lookup_hits() -> None:
+    """The pipeline serves on a worker thread: a miss there is queued on the copier's loop, not lost."""
+    llm = FakeQueueLLM().enqueue(json.dumps({"headline": "Tempo Glide daily trainer", "description": "A soft landing and a fast toe-off."}))
+
+    async def run() -> tuple[Copy | None, Copy | None, BackgroundCopier]:
+        async with BackgroundCopier(rewriter=CopyRewriter(llm, PROMPT), validate=real_validator, queue_size=1) as copier:
+            first = await asyncio.to_thread(copier.lookup, AD, "running shoes")
+            await copier.drain()
+            second = await asyncio.to_thread(copier.cached_copy, AD, history_ads=[AD])
+            return first, second, copier
+
+    first, second, copier = asyncio.run(run())
+    assert first is None and second is not None and second.headline == "Tempo Glide daily trainer"
+    assert len(llm.calls) == 1 and copier.snapshot()["generated"] == 1 and copier.snapshot()["hits"] == 1

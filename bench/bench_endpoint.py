@@ -1,6 +1,7 @@
 """The fast path (use_llm false) at POST /v1/select on a real server process, with a numpy floor.
 
     python bench/bench_endpoint.py [--catalog demo --catalog games] [--games-data-dir DIR] [--requests 1000]
+    python bench/bench_endpoint.py --catalog games --games-data-dir DIR --sequence-ab   # with vs without the sequence prior
 
 For each catalog: `adselect serve --no-llm` (uvicorn) on 127.0.0.1, one keep-alive client sending
 requests one after another (bounded by --requests and --max-seconds) with real user histories
@@ -9,6 +10,10 @@ The floor is, in this process over the same stored embeddings, the least any den
 do per request: pool the history vectors, one matrix-vector product over the catalog, top-k.
 The ratio endpoint / floor is the price of everything else (HTTP, JSON, Chroma HNSW, co-visitation,
 collaborative vectors, fusion, eligibility, frequency caps, audit log).
+
+With --sequence-ab both servers run at once (one with the sequence prior and source, one without) and
+every history is sent to both, the order alternating, so the with/without ratio is measured under the
+same machine load; the served ads are compared to show the prior is really on in one of them.
 """
 from __future__ import annotations
 
@@ -47,45 +52,80 @@ def floor_ms(data_dir: Path, hists: list[list[str]], *, k: int, decay: float, co
     return out, len(index)
 
 
+def _variants(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """Server env per variant: one server, or (--sequence-ab) one with and one without the sequence prior."""
+    if args.sequence_ab:
+        return {"with sequence": {"ADSELECT_SEQUENCE_ENABLED": "true"}, "without sequence": {"ADSELECT_SEQUENCE_ENABLED": "false"}}
+    return {"endpoint": {}}
+
+
 def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -> None:
+    """Every variant's server is up at once; each history goes to all of them, the order rotating per request,
+    so machine load falls on every variant alike."""
     n = args.requests + args.warmup
     hists = histories(CATALOGS[catalog]["impressions"], n, seed=args.seed)
-    port = free_port()
     collection = args.collection if catalog == "games" and args.collection else None
-    env = {"ADSELECT_COLLECTION": collection} if collection else None
-    proc = start_server(data_dir, port, scratch / f"{catalog}_server.log", env_overrides=env, workers=args.workers)
-    lat: list[float] = []
-    server_total: list[float] = []
-    errors = 0
+    variants = _variants(args)
+    procs, ports = {}, {}
+    lat: dict[str, list[float]] = {v: [] for v in variants}
+    server_total: dict[str, list[float]] = {v: [] for v in variants}
+    errors = dict.fromkeys(variants, 0)
+    differ = 0  # requests whose served ads differ between the variants
+    timed: list[list[str]] = []
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            ads = client.get("/healthz").json()["ads"]
+        for name, extra in variants.items():
+            env = ({"ADSELECT_COLLECTION": collection} if collection else {}) | extra
+            ports[name] = free_port()
+            slug = name.replace(" ", "_")
+            procs[name] = start_server(data_dir, ports[name], scratch / f"{catalog}_{slug}_server.log", env_overrides=env or None, workers=args.workers)
+        clients = {name: httpx.Client(base_url=f"http://127.0.0.1:{ports[name]}", timeout=30) for name in variants}
+        try:
+            ads = clients[next(iter(variants))].get("/healthz").json()["ads"]
+            names = list(variants)
             started = time.perf_counter()
             for i, h in enumerate(hists):
-                body = {"user_id": f"bench-{catalog}-{args.seed}-{i}", "history": h, "k": args.k, "use_llm": False}
-                t = time.perf_counter()
-                res = client.post("/v1/select", json=body)
-                ms = (time.perf_counter() - t) * 1000
-                if res.status_code != 200:
-                    errors += 1
-                elif i >= args.warmup:
-                    lat.append(ms)
-                    server_total.append(res.json()["timings_ms"]["total"])
+                served = {}
+                for j in range(len(names)):
+                    name = names[(i + j) % len(names)]
+                    body = {"user_id": f"bench-{catalog}-{args.seed}-{i}", "history": h, "k": args.k, "use_llm": False}
+                    t = time.perf_counter()
+                    res = clients[name].post("/v1/select", json=body)
+                    ms = (time.perf_counter() - t) * 1000
+                    if res.status_code != 200:
+                        errors[name] += 1
+                    elif i >= args.warmup:
+                        lat[name].append(ms)
+                        data = res.json()
+                        server_total[name].append(data["timings_ms"]["total"])
+                        served[name] = [a.get("ad_id") for a in data.get("ads", [])]
+                if i >= args.warmup and len(served) == len(names):
+                    timed.append(h)
+                    differ += len({tuple(v) for v in served.values()}) > 1
                 if time.perf_counter() - started > args.max_seconds:
                     break
             wall = time.perf_counter() - started
+        finally:
+            for c in clients.values():
+                c.close()
     finally:
-        stop(proc)
-    floor, n_ads = floor_ms(data_dir, hists[args.warmup :][: len(lat)], k=args.k, decay=Settings(_env_file=None).recency_decay, collection=collection)
-    hist_len = np.mean([len(h) for h in hists[args.warmup :][: len(lat)]])
-    print(f"\n[{catalog}] {ads} ads served, data dir {data_dir}; {len(lat)} timed requests after {args.warmup} warm-up, "
-          f"k={args.k}, mean history {hist_len:.1f}, {errors} non-200")  # fmt: skip
-    print(f"  endpoint (client wall) : {summary(lat)}  ({len(hists) / wall:.0f} req/s sequential)")
-    print(f"  server timings total   : {summary(server_total)}")
+        for proc in procs.values():
+            stop(proc)
+    floor, n_ads = floor_ms(data_dir, timed, k=args.k, decay=Settings(_env_file=None).recency_decay, collection=collection)
+    hist_len = np.mean([len(h) for h in timed]) if timed else float("nan")
+    print(f"\n[{catalog}] {ads} ads served, data dir {data_dir}; {len(timed)} timed requests per variant after {args.warmup} warm-up, "
+          f"k={args.k}, mean history {hist_len:.1f}, non-200: {errors}")  # fmt: skip
+    f50, f99 = np.percentile(floor, [50, 99]) if floor else (float("nan"), float("nan"))
+    for name in variants:
+        print(f"  {name:<16} client wall : {summary(lat[name])}  ({len(hists) / wall:.0f} req/s sequential, all variants)")
+        print(f"  {name:<16} server total: {summary(server_total[name])}")
+        if lat[name]:
+            e50, e99 = np.percentile(lat[name], [50, 99])
+            print(f"  {name:<16} endpoint/floor: p50 {e50 / f50:.1f}x  p99 {e99 / f99:.1f}x")
     print(f"  numpy floor ({n_ads} ads): {summary(floor)}")
-    f50, f99 = np.percentile(floor, [50, 99])
-    e50, e99 = np.percentile(lat, [50, 99])
-    print(f"  ratio endpoint/floor   : p50 {e50 / f50:.1f}x  p99 {e99 / f99:.1f}x")
+    if args.sequence_ab and all(lat.values()):
+        (w50, w99), (o50, o99) = (np.percentile(lat[v], [50, 99]) for v in variants)
+        print(f"  with/without sequence : p50 {w50:.2f} / {o50:.2f} ms = {w50 / o50:.2f}x   p99 {w99:.2f} / {o99:.2f} ms = {w99 / o99:.2f}x")
+        print(f"  served ads differ between the variants on {differ}/{len(timed)} requests (the prior is really on in one)")
 
 
 def main() -> None:
@@ -100,6 +140,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=600, help="Stop sending after this long.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--sequence-ab", action="store_true",
+        help="Two servers in this run, with and without the sequence prior (ADSELECT_SEQUENCE_ENABLED), requests interleaved.",
+    )
     args = ap.parse_args()
     given = {"demo": args.demo_data_dir, "games": args.games_data_dir}
     with tempfile.TemporaryDirectory(prefix="bench_endpoint_") as tmp:

@@ -10,6 +10,13 @@ Trains (or reuses, see --state-dir) the next-item model on the HISTORIES of impr
 
     python bench/sequence_quality.py                      # SASRec-style, full softmax, random item init
     python bench/sequence_quality.py --text-init          # items start from the MiniLM title vectors
+    python bench/sequence_quality.py --model-dir DIR      # evaluate a saved model (an eval data dir's)
+    python bench/sequence_quality.py --sources DATA_DIR --n-sequence 100 --n-sequence 200
+
+--sources: the candidate stage as `adselect eval` builds it (eval.env.prepare_env on DATA_DIR with the
+ADSELECT_* settings of the environment, the shipped fusion weights), per source: Recall@20/50/100 of
+each generator's own best-first list, and of the fused union (the `default` order) for each
+--n-sequence (the sequence source's top-N in the union).
 """
 from __future__ import annotations
 
@@ -85,6 +92,58 @@ def evaluate(model: SequenceModel, row: dict[str, int], *, sampled: Path, full: 
     return out
 
 
+SOURCE_KS = (20, 50, 100)
+
+
+def source_recall(data_dir: Path, games: Path, *, limit: int, n_sequence: list[int], n_boot: int) -> None:
+    """Per-source and fused Recall@K of the full-catalog candidate stage on the first `limit` impressions."""
+    from eval.env import prepare_env
+    from kernel.settings import Settings
+    from retrieval.features import build_profile
+
+    settings = Settings(_env_file=None, data_dir=data_dir)
+    t0 = time.perf_counter()
+    env = prepare_env(settings, ads_path=games / "ads.jsonl", train_paths=[games / "impressions_full_dev.jsonl"], show_progress=False)
+    sel = env.services.selector
+    gen, index = sel.generator, env.services.index
+    print(f"environment {data_dir} ready in {time.perf_counter() - t0:.1f}s (reused {env.reused}); sequence model "
+          f"{'on' if gen.sequence is not None else 'OFF'}; fusion weights {env.services.fusion.__class__.__name__}")  # fmt: skip
+    ids = index.ids
+    per: dict[str, list[float]] = {}
+    sizes: dict[str, list[int]] = {}
+    n = 0
+    for _, rec in iter_impressions(games / "impressions_full_dev.jsonl"):
+        if n >= limit:
+            break
+        clicked = {a for a in rec.clicked if a in index.row}
+        if not clicked:
+            continue
+        n += 1
+        hist, _ = index.rows(rec.history)
+        profile = build_profile(index, hist, decay=sel.recency_decay)
+        exclude = set(hist)
+        for n_seq in n_sequence:
+            gen.n_sequence = n_seq
+            cset = gen.generate(profile, exclude=exclude)
+            lists = {f"source {name}": [int(r) for r in rows if r not in exclude] for name, rows in cset.by_source.items()}
+            if n_seq != n_sequence[0]:
+                lists = {}
+            order = np.argsort(-sel.fusion.prior_scores(cset.features), kind="stable")
+            lists[f"union, fused (n_sequence={n_seq})"] = [int(r) for r in cset.rows[order]]
+            for name, rows in lists.items():
+                ranking = [ids[r] for r in rows]
+                sizes.setdefault(name, []).append(len(ranking))
+                m = impression_metrics(ranking, clicked, names=[f"recall@{k}" for k in SOURCE_KS], pool_size=len(ids))
+                for k in SOURCE_KS:
+                    per.setdefault(f"{name}\t{k}", []).append(m[f"recall@{k}"])
+                per.setdefault(f"{name}\tall", []).append(float(bool(clicked & set(ranking))))
+    print(f"{n} full-catalog impressions (first {limit} of impressions_full_dev.jsonl), {len(ids)} products, history excluded")
+    print("list | mean length | Recall@20 | Recall@50 [95% CI] | Recall@100 | any position")
+    for name in sizes:
+        r = {k: mean_with_ci(per[f"{name}\t{k}"], n_boot=n_boot) for k in (*SOURCE_KS, "all")}
+        print(f"{name} | {np.mean(sizes[name]):.0f} | {r[20][0]:.4f} | {fmt('', r[50]).strip()} | {r[100][0]:.4f} | {r['all'][0]:.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--games-dir", type=Path, default=GAMES, help="the amazon_games_6k data folder")
@@ -96,9 +155,16 @@ def main() -> None:
     ap.add_argument("--text-init", action="store_true")
     for name, typ in (("hidden", int), ("blocks", int), ("heads", int), ("dropout", float), ("lr", float), ("loss", str),
                       ("negatives", int), ("batch-tokens", int), ("max-epochs", int), ("patience", int),
-                      ("max-train-seconds", float), ("seed", int), ("weight-decay", float)):  # fmt: skip
+                      ("max-train-seconds", float), ("seed", int), ("weight-decay", float), ("max-len", int)):  # fmt: skip
         ap.add_argument(f"--{name}", type=typ, default=None)
+    ap.add_argument("--model-dir", type=Path, default=None, help="evaluate the model saved in this directory (no training)")
+    ap.add_argument("--sources", type=Path, default=None, metavar="DATA_DIR", help="per-source candidate recall (see above)")
+    ap.add_argument("--n-sequence", type=int, action="append", default=None, help="--sources: the sequence source's top-N (repeatable)")
     args = ap.parse_args()
+    if args.sources is not None:
+        logging.basicConfig(level=logging.WARNING)
+        source_recall(args.sources, args.games_dir, limit=args.limit, n_sequence=args.n_sequence or [100], n_boot=args.n_boot)
+        return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     logging.getLogger("retrieval.sequence_train").setLevel(logging.INFO)
     import torch
@@ -106,19 +172,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     over = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in (
         "hidden", "blocks", "heads", "dropout", "lr", "loss", "negatives", "batch-tokens", "max-epochs", "patience",
-        "max-train-seconds", "seed", "weight-decay")}  # fmt: skip
+        "max-train-seconds", "seed", "weight-decay", "max-len")}  # fmt: skip
     cfg = SequenceConfig(**{k: v for k, v in over.items() if v is not None}, text_init=args.text_init)
     games = args.games_dir
     ads = read_ads(games / "ads.jsonl")
     ids = [a.ad_id for a in ads]
-    text = title_vectors(ads, args.state_dir / "cache") if cfg.text_init else None
+    text = title_vectors(ads, args.state_dir / "cache") if cfg.text_init and args.model_dir is None else None
     histories = read_histories(games / "impressions_full_dev.jsonl")  # histories only, never `clicked`
-    directory = args.state_dir / cfg.digest()[:16]
+    directory = args.model_dir or args.state_dir / cfg.digest()[:16]
     t0 = time.perf_counter()
-    model = train_or_load(
-        histories=histories, ids=ids, directory=directory, config=cfg, text_vectors=text,
-        show_progress=False if args.no_progress else None, threads=args.threads,
-    )  # fmt: skip
+    if args.model_dir is not None:  # a model saved elsewhere (e.g. an eval data dir's), evaluated as it is
+        model = SequenceModel.load(args.model_dir, ids)
+        if model is None:
+            raise SystemExit(f"no sequence model in {args.model_dir}")
+        model.meta["reused"] = True
+        cfg = model.config
+    else:
+        model = train_or_load(
+            histories=histories, ids=ids, directory=directory, config=cfg, text_vectors=text,
+            show_progress=False if args.no_progress else None, threads=args.threads,
+        )  # fmt: skip
     secs = time.perf_counter() - t0
     rep = model.meta.get("train", {})
     print(f"config {json.dumps({k: v for k, v in cfg.__dict__.items()}, sort_keys=True)}")

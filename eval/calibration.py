@@ -34,6 +34,7 @@ METHODS = ("platt", "isotonic")
 CALIBRATION_SHARE = 0.2  # share of eval tune's users (by keyed hash) kept apart for the pCTR calibration
 HOLDOUT_SHARE = 0.5  # share of users (by keyed hash) a calibration refit holds out to judge itself
 SPLIT_KEY = b"adselect-calibration-user-split"  # the HMAC key of the user split (a fixed key: the split is reproducible)
+FOLD_KEY = b"adselect-calibration-user-folds"  # the HMAC key of the cross-fitting folds (independent of the split)
 
 
 def log_loss(p: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -137,8 +138,10 @@ def negative_rate_for_base_rate(sampled_base_rate: float, true_base_rate: float)
 
 
 def folds_of(users: Sequence[str], folds: int) -> np.ndarray:
-    """Fold number (0..folds-1) of each row by its user's keyed hash."""
-    return np.array([int(user_share(u) * folds) for u in users])
+    """Fold number (0..folds-1) of each row by its user's keyed hash under FOLD_KEY: a key of its own, since
+    the rows are often one side of a user_share split already (eval tune's calibration users all have
+    user_share < CALIBRATION_SHARE, so folds by user_share would put them all in fold 0)."""
+    return np.array([int(int(user_key(u, secret=FOLD_KEY)[:13], 16) / 16**13 * folds) for u in users])
 
 
 def cross_fitted(scores: np.ndarray, y: np.ndarray, users: Sequence[str], *, method: str, folds: int = 5) -> np.ndarray:

@@ -96,13 +96,33 @@ def plan_training(
         yield PlannedImpression(line, rec.user_id, hist_rows, pos_rows, rows, taken)
 
 
+def hard_negatives(by_source: dict[str, np.ndarray], *, taken: set[int], n: int) -> list[int]:
+    """`n` look-alike negatives from the candidate generator, taken round-robin over its sources (each one's
+    best first), so every source's kind of near miss is represented: the union's own order puts one
+    source's rows first, and negatives from it alone teach the fusion to score that source down."""
+    out: list[int] = []
+    seen = set(taken)
+    lists = [iter(np.asarray(v).tolist()) for v in by_source.values()]
+    while len(out) < n and lists:
+        for it in list(lists):
+            for r in it:
+                if r not in seen:
+                    seen.add(r)
+                    out.append(int(r))
+                    break
+            else:
+                lists.remove(it)
+            if len(out) == n:
+                break
+    return out
+
+
 def featurize(p: PlannedImpression, *, generator: CandidateGenerator, recency_decay: float, n_hard: int):
     """(features, labels) of one planned impression, or None when its labels are all 0 or all 1."""
     profile = build_profile(generator.index, p.hist_rows, decay=recency_decay)
     rows = list(p.rows)
     if n_hard and p.taken is not None:
-        hard = generator.generate(profile, exclude=p.taken).rows
-        rows += [int(r) for r in hard[: n_hard * 3] if int(r) not in set(rows)][:n_hard]
+        rows += hard_negatives(generator.generate(profile, exclude=p.taken).by_source, taken=set(rows) | p.taken, n=n_hard)
     pos = set(p.pos_rows)
     y = np.array([1.0 if r in pos else 0.0 for r in rows])
     if y.sum() == 0 or y.sum() == len(y):

@@ -93,3 +93,20 @@ def test_user_share_is_a_deterministic_keyed_split() -> None:
     shares = [user_share(f"user-{i}") for i in range(2000)]
     assert shares == [user_share(f"user-{i}") for i in range(2000)]
     assert all(0 <= x < 1 for x in shares) and 0.45 < np.mean(np.array(shares) < 0.5) < 0.55
+
+
+def test_cross_validation_folds_are_independent_of_the_user_split() -> None:
+    """eval tune hands choose_method only users with user_share < CALIBRATION_SHARE; folds by the same hash
+    put every row in one fold, no fold could be fitted and both methods came out inf (platt chosen blind)."""
+    import numpy as np
+
+    from eval.calibration import CALIBRATION_SHARE, choose_method, folds_of, user_share
+
+    users = [u for u in (f"user-{i}" for i in range(4000)) if user_share(u) < CALIBRATION_SHARE]
+    rows = [u for u in users for _ in range(5)]
+    assert len(set(folds_of(rows, 5).tolist())) == 5
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=len(rows))
+    y = (rng.random(len(rows)) < 1 / (1 + np.exp(-s))).astype(float)
+    _, losses = choose_method(s, y, rows)
+    assert all(np.isfinite(v) for v in losses.values())

@@ -26,6 +26,8 @@ from eval.exposure import SLATE_K, exposure_by_system
 from eval.metrics import REVENUE_KS, mean_with_ci, paired_diff, revenue_names
 from eval.systems import BASELINE
 
+SAMPLED_SCALE = f"{BASELINE} (sampled-row scale)"  # calibration of BASELINE with the prior correction undone
+
 NO_BIDS = (
     "no ad in the catalog has a bid: revenue would only count clicks, and the served order (bid × pCTR, every bid 1.0) "
     "is the pCTR order, i.e. the relevance order"
@@ -292,6 +294,12 @@ def build_report(
         c = calibration(fast, order, system=BASELINE, pctr=fusion.pctr, boot=task.bootstrap)
         if c is not None:
             calib[BASELINE] = c
+        if (fusion.calibration.get("prior_correction") or {}).get("log_odds_offset"):
+            # pctr is prior-corrected to the catalog; a protocol with sampled negatives is also judged on the
+            # sampled-row scale the calibration was fitted on (the correction undone), under its own name
+            c = calibration(fast, order, system=BASELINE, pctr=fusion.sampled_pctr, boot=task.bootstrap)
+            if c is not None:
+                calib[SAMPLED_SCALE] = {**c, "note": "pCTR with the weights' prior correction undone (the scale of rows with sampled negatives)"}
     if llm_block is not None and "default+llm" in systems:
         c = calibration(llm, sample_ids, system="default+llm", pctr=fusion.pctr, boot=task.bootstrap)
         if c is not None:

@@ -67,6 +67,17 @@ class FusionModel:
         a, b = float(self.calibration.get("a", 1.0)), float(self.calibration.get("b", 0.0))
         return 1.0 / (1.0 + np.exp(-(a * s + b)))
 
+    def sampled_pctr(self, scores: np.ndarray) -> np.ndarray:
+        """pCTR on the scale of the sampled rows the calibration was fitted on: the prior correction
+        (logit p = logit p_sampled + log r, eval/calibration.py) undone. What a protocol that samples its
+        negatives the same way should be judged against; `pctr` itself is the catalog-scale probability."""
+        p = self.pctr(scores)
+        offset = (self.calibration.get("prior_correction") or {}).get("log_odds_offset")
+        if not offset:
+            return p
+        q = np.clip(p, 1e-15, 1 - 1e-15)
+        return 1.0 / (1.0 + np.exp(-(np.log(q / (1 - q)) - float(offset))))
+
     @classmethod
     def hand_tuned(cls) -> "FusionModel":
         """Used only when no weights file exists at all: an equal-weight blend over standardised features.

@@ -49,3 +49,19 @@ def test_the_shipped_weights_carry_the_sequence_feature():
     m = FusionModel.load(None)
     assert m.meta["path"] == str(SHIPPED_WEIGHTS) and "missing_features" not in m.meta
     assert m.coef[FEATURES.index("sequence")] != 0.0
+
+
+def test_sampled_pctr_undoes_the_prior_correction() -> None:
+    """pctr is the catalog-scale probability (logit moved by log r); sampled_pctr is the scale of the rows
+    it was fitted on, for judging it on a protocol that samples negatives the same way."""
+    import numpy as np
+
+    from selection.fusion import FusionModel
+
+    m = FusionModel.hand_tuned()
+    s = np.array([-2.0, 0.0, 3.0])
+    m.calibration = {"method": "platt", "a": 1.5, "b": -7.0, "prior_correction": {"log_odds_offset": -6.5}}
+    assert np.allclose(m.pctr(s), 1 / (1 + np.exp(-(1.5 * s - 7.0))))
+    assert np.allclose(m.sampled_pctr(s), 1 / (1 + np.exp(-(1.5 * s - 0.5))))
+    m.calibration = {"method": "platt", "a": 1.5, "b": -7.0}
+    assert np.allclose(m.sampled_pctr(s), m.pctr(s))

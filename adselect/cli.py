@@ -99,15 +99,31 @@ def ingest(
     history: list[Path] = typer.Option([], "--history", help="Logged impressions (canonical JSONL); only their histories are used."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Re-embed even when the catalog is unchanged."),
+    understand: Optional[bool] = typer.Option(
+        None, "--understand/--no-understand",
+        help="Run ad understanding (LLM at ADSELECT_LLM_URL, else the bundled model) and store it with each ad; default ADSELECT_UNDERSTAND_AT_INGEST.",
+    ),  # fmt: skip
 ) -> None:
     """Load a catalog into Chroma (upsert by ad_id) and learn co-visitation/popularity from histories."""
+    import contextlib
+
     from selection.services import behaviour_dir, make_embedder, make_store, sequence_config
     from retrieval.ingest import ingest_catalog, learn_behaviour, learn_sequence
 
     s = _settings(data_dir)
     try:
         store = make_store(s)
-        rep = ingest_catalog(ads_path=ads, store=store, embedder=lambda: make_embedder(s), show_progress=True, force=force)
+        with contextlib.ExitStack() as stack:
+            enrich, reports = None, []
+            if s.understand_at_ingest if understand is None else understand:
+                from agent.understanding import understanding_at_ingest
+
+                enrich = understanding_at_ingest(s, stack, reports=reports)
+            rep = ingest_catalog(
+                ads_path=ads, store=store, embedder=lambda: make_embedder(s), show_progress=True, force=force, enrich=enrich
+            )  # fmt: skip
+        for r in reports:
+            typer.echo(f"understanding: {json.dumps(r.as_dict())}")
         typer.echo(f"{rep.summary()} (collection {s.collection!r})")
         if history:
             index = store.load_index()

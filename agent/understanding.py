@@ -393,8 +393,9 @@ def ingest_hook(
 
 
 def understanding_at_ingest(settings: Settings, stack: contextlib.ExitStack, *, reports: list[UnderstandReport]) -> Callable[[list[Ad]], list[Ad]]:
-    """The ingest hook from settings: the LLM at `llm_url` (else the bundled llama.cpp server, started
-    now and stopped when `stack` closes), the store in data_dir/understanding."""
+    """The ingest hook from settings: the LLM at `llm_url` with `understand_concurrency` calls in flight
+    (else the bundled llama.cpp server, started now and stopped when `stack` closes, one call at a
+    time), the store in data_dir/understanding."""
     from .llm import ChatLLM
     from .local_server import LocalLLMServer, free_port
 
@@ -402,4 +403,8 @@ def understanding_at_ingest(settings: Settings, stack: contextlib.ExitStack, *, 
     llm = ChatLLM(base_url=url, model=settings.llm_model, max_tokens=settings.understand_max_tokens, timeout_s=settings.understand_timeout_s)
     stack.callback(llm.close)
     understander = AdUnderstander.from_settings(settings, llm, store=UnderstandingStore(Path(settings.data_dir) / UNDERSTANDING_DIR))
+    if not settings.llm_url:
+        # The bundled llama.cpp server answers one request at a time: more in flight only queue there,
+        # each waiting against its own deadline (and a timed-out call still costs the server its work).
+        understander.concurrency = 1
     return ingest_hook(understander, summary_in_document=settings.understand_summary_in_document, reports=reports)

@@ -6,7 +6,7 @@
     record = store.get(understander.key(ad))  # AdUnderstanding | None
 
 * Cached by key = sha256(ad content hash, prompt sha256, model, taxonomy): on disk, one append-only
-  JSONL file (`understanding.jsonl`), a line per finished ad, flushed as each batch finishes; an
+  JSONL file (`understanding.jsonl`), a line per finished ad, appended as each ad finishes; an
   interrupted run resumes where it stopped, and a torn last line is skipped (counted).
 * The model's answer is JSON constrained by a schema (llama.cpp: grammar; vLLM: structured outputs)
   and validated by pydantic (extra="forbid"). An answer that fails is stored as a counted failure
@@ -308,7 +308,10 @@ class AdUnderstander:
 
     async def _one(self, ad: Ad, sem: asyncio.Semaphore, bar: tqdm) -> StoredUnderstanding | LLMUnavailable:
         try:
-            return await self._ask(ad, sem)
+            result = await self._ask(ad, sem)
+            if isinstance(result, StoredUnderstanding):
+                self.store.append([result])  # as each ad finishes: an interrupted run loses at most the calls in flight
+            return result
         finally:
             bar.update(1)
 
@@ -352,8 +355,6 @@ class AdUnderstander:
             for start in range(0, len(todo), self.batch_size):
                 batch = todo[start : start + self.batch_size]
                 results = await asyncio.gather(*(self._one(ad, sem, bar) for ad in batch))
-                stored = [r for r in results if isinstance(r, StoredUnderstanding)]
-                self.store.append(stored)
                 for r in results:
                     if isinstance(r, LLMUnavailable):
                         report.unavailable[r.reason] += 1

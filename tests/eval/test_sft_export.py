@@ -71,3 +71,15 @@ def test_split_is_by_user_and_deterministic(demo_services, demo_settings, tmp_pa
     assert users["train"].isdisjoint(users["valid"])
     assert summary["impressions_read"] == len(items)
     assert sum(s["impressions"] for s in summary["splits"].values()) + sum(summary["skipped"].values()) == len(items)
+
+
+def test_cli_refuses_a_missing_source_or_an_unknown_mode(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from adselect.cli import app
+
+    runner = CliRunner()
+    base = ["eval", "export-sft", "--ads", str(DEMO / "ads.jsonl"), "--out", str(tmp_path)]
+    for extra in ([], ["--log", str(tmp_path)], ["--impressions", str(DEMO / "impressions.jsonl"), "--mode", "pointwise"]):
+        r = runner.invoke(app, [*base, *extra])
+        assert r.exit_code == 2 and "error:" in r.stderr

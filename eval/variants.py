@@ -10,7 +10,7 @@ of the same run on the same LLM sample, each reported with paired differences ag
 Per variant: nDCG@10 and MRR of `default+llm` (the served, fused order) and of `llm` (the LLM's own
 order), each with a CI; the top-pick flip rate when the sent candidates are reversed (with a CI);
 the valid-answer rate (the LLM stage answered usably: not degraded); prompt and completion tokens per
-impression and LLM calls per impression of the serving decision (the position-bias probes are not
+impression (over the impressions whose serving call answered) and LLM calls per impression of the serving decision (the position-bias probes are not
 counted); LLM latency p50/p99 over the impressions whose serving call reached the model (a cache hit
 costs nothing and is left out; `cache_hit_rate` says how many were).
 """
@@ -159,7 +159,7 @@ def variants_report(task: EvalTask, sample: list[EvalImpression], done: dict[str
         vals = [v for v in values[n] if v is not None]
         calls = [r.get("llm_calls") or {} for r in got]
         lat = [c["llm_ms"] for c in calls if c.get("misses")]
-        usage = [r.get("usage") or {} for r in got]
+        usage = [r["usage"] for r in got if r.get("usage")]  # the impressions whose serving call answered
         per_variant[n] = {
             **runs.get(n, {}),
             "impressions": len(got),

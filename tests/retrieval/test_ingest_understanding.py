@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from agent.llm import ChatLLM
 from agent.prompts import PromptRegistry
 from agent.understanding import METADATA_KEY, AdUnderstander, UnderstandingStore, ingest_hook, understanding_of
@@ -19,6 +21,7 @@ DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "ads.jsonl"
 SLICE = 4  # the bundled model on a shared CPU: a few ads, every kind of outcome still counted
 
 
+@pytest.mark.llm_server
 def test_ingest_understand_real_server_then_rerun_from_cache(local_llm_url: str, tmp_path: Path, embedder) -> None:
     rows = [json.loads(line) for line in DEMO.open(encoding="utf-8")][:SLICE]
     rows[0] = {**rows[0], "category": "", "subcategory": ""}  # an ad without a category of its own

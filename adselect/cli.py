@@ -104,6 +104,10 @@ def ingest(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Re-embed even when the catalog is unchanged."),
     ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP + " The embedding batches run on actors (behaviour learning stays here: it is vectorised)."),
+    understand: Optional[bool] = typer.Option(
+        None, "--understand/--no-understand",
+        help="Run ad understanding (LLM at ADSELECT_LLM_URL, else the bundled model) and store it with each ad; default ADSELECT_UNDERSTAND_AT_INGEST.",
+    ),  # fmt: skip
 ) -> None:
     """Load a catalog into Chroma (upsert by ad_id) and learn co-visitation/popularity from histories."""
     import contextlib
@@ -115,15 +119,21 @@ def ingest(
     try:
         store = make_store(s)
         embedder = lambda: make_embedder(s)  # noqa: E731 - a factory: the model loads only when work is due
-        session = contextlib.nullcontext()
-        if ray is not None:
-            from eval.distributed import ray_session
-            from eval.distributed.embed import RayEmbedder
+        with contextlib.ExitStack() as stack:
+            if ray is not None:
+                from eval.distributed import ray_session
+                from eval.distributed.embed import RayEmbedder
 
-            session = ray_session(ray)
-            embedder = lambda: RayEmbedder(s, workers=s.ray_workers)  # noqa: E731
-        with session:
-            rep = ingest_catalog(ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force)
+                stack.enter_context(ray_session(ray))
+                embedder = lambda: RayEmbedder(s, workers=s.ray_workers)  # noqa: E731
+            enrich, reports = None, []
+            if s.understand_at_ingest if understand is None else understand:
+                from agent.understanding import understanding_at_ingest
+
+                enrich = understanding_at_ingest(s, stack, reports=reports)
+            rep = ingest_catalog(ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich)
+        for r in reports:
+            typer.echo(f"understanding: {json.dumps(r.as_dict())}")
         typer.echo(f"{rep.summary()} (collection {s.collection!r})")
         if history:
             index = store.load_index()

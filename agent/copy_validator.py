@@ -14,6 +14,11 @@ Rules (all are checked; every failing rule adds its reason once, in the order be
   and number word -> "ungrounded_number"; every date, month, weekday and "today"/"tomorrow"/"tonight"
   -> "ungrounded_date".
 
+- An ad understood at ingest (agent.understanding: `Ad.metadata["understanding"]`) narrows the
+  grounding: a claim or number of the rewrite must also be among the ad's extracted claims (prices,
+  features, offers, each kept at ingest only if its text is in the ad), else the same two reasons. An
+  ad without a record is checked against its title + text alone.
+
 Grounding compares normalised facts, not text: "$49.00" == "$49" == "49 dollars", "20 %" == "20%"
 == "20 percent", "10k" == "10,000", "Dec 25th" == "December 25" == "2024-12-25" (a rewrite may drop a
 year the source has, never add one). A bare number is grounded by the same value of any kind, but a
@@ -37,6 +42,7 @@ from .schema import DESCRIPTION_MAX, HEADLINE_MAX
 from .textnorm import bad_char as _bad_char
 from .textnorm import normalise as _normalise
 from .textnorm import wordlist
+from .understanding import understanding_of
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +340,8 @@ def validate_copy(
         fail(INVALID_CHAR)
 
     src = _facts(f"{source.title}\n{source.text}")
+    record = understanding_of(source)
+    extracted = _facts("\n".join(c.text for c in record.claims)) if record is not None else None
     blocked = _blocklist_pattern(frozenset(blocklist))
     found: dict[str, list[str]] = {}
     for text in (headline, description):
@@ -344,9 +352,14 @@ def validate_copy(
             found.setdefault(BLOCKED_TERM, []).extend(m.group(0) for m in blocked.finditer(_normalise(text)))
         for claim in sorted(facts.claims - src.claims):
             found.setdefault(UNGROUNDED_CLAIM, []).append(facts.texts.get(claim, claim))
+        if extracted is not None:
+            for claim in sorted((facts.claims & src.claims) - extracted.claims):
+                found.setdefault(UNGROUNDED_CLAIM, []).append(f"{facts.texts.get(claim, claim)} (not an extracted claim)")
         for kind, value in sorted(facts.numbers):
             if not _number_grounded(kind, value, src.numbers):
                 found.setdefault(UNGROUNDED_NUMBER, []).append(facts.texts.get(f"{kind}:{value}", value))
+            elif extracted is not None and not _number_grounded(kind, value, extracted.numbers):
+                found.setdefault(UNGROUNDED_NUMBER, []).append(f"{facts.texts.get(f'{kind}:{value}', value)} (not an extracted claim)")
         for d in facts.dates:
             if not any(d.grounded_by(s) for s in src.dates):
                 found.setdefault(UNGROUNDED_DATE, []).append(facts.texts.get(repr(d), d.family))

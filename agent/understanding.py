@@ -6,7 +6,7 @@
     record = store.get(understander.key(ad))  # AdUnderstanding | None
 
 * Cached by key = sha256(ad content hash, prompt sha256, model, taxonomy): on disk, one append-only
-  JSONL file (`understanding.jsonl`), a line per finished ad, flushed as each batch finishes; an
+  JSONL file (`understanding.jsonl`), a line per finished ad, appended as each ad finishes; an
   interrupted run resumes where it stopped, and a torn last line is skipped (counted).
 * The model's answer is JSON constrained by a schema (llama.cpp: grammar; vLLM: structured outputs)
   and validated by pydantic (extra="forbid"). An answer that fails is stored as a counted failure
@@ -15,17 +15,25 @@
 * A claim is kept only if its text appears in the ad's title or text (`grounded_claims`); the
   others are dropped and counted (a small model invents offers).
 * `taxonomy` (e.g. a catalog's editor categories) restricts `category` to that list (a schema enum).
+
+At ingest (`adselect ingest --understand`, `AdUnderstander.enrich`) each record is stored with its ad,
+in `Ad.metadata["understanding"]` (`to_metadata`: the record plus `category_source: "extracted"`), which
+the Chroma metadata carries. Read back with `understanding_of(ad)`; it is used by the copy validator (a
+rewrite's claim must be among the extracted claims and in the source text), by the category block
+lists (`extracted_category`: an ad without a category of its own) and, with
+`summary_in_document`, by the retrieval document (`kernel.types.DOCUMENT_EXTRA_KEY`).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 
 from kernel.errors import LLMOutputInvalid, LLMUnavailable, PromptError
-from kernel.types import Ad
+from kernel.types import DOCUMENT_EXTRA_KEY, Ad
 
 from .ad_content import ad_content_hash
 from .llm import ChatLLMLike
@@ -46,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 PROMPT_VARIABLES = frozenset({"title", "text", "taxonomy"})
 STORE_FILE = "understanding.jsonl"
+UNDERSTANDING_DIR = "understanding"  # the store's folder under data_dir
+METADATA_KEY = "understanding"  # Ad.metadata key the ingest stores the record under
+EXTRACTED = "extracted"  # category_source of a category the LLM extracted (not the advertiser's)
 MAX_TAGS, MAX_CLAIMS = 5, 4
 TAG_CHARS, CATEGORY_CHARS, CLAIM_CHARS, SUMMARY_CHARS = 40, 60, 80, 160
 ClaimKind = Literal["price", "feature", "offer"]
@@ -131,6 +142,38 @@ def grounded_claims(record: AdUnderstanding, ad: Ad) -> tuple[AdUnderstanding, i
     source = _plain(f"{ad.title} {ad.text}")
     kept = [c for c in record.claims if _plain(c.text) in source]
     return record.model_copy(update={"claims": kept}), len(record.claims) - len(kept)
+
+
+def to_metadata(record: AdUnderstanding) -> dict[str, Any]:
+    """What the ingest stores in `Ad.metadata[METADATA_KEY]`: the record, its category marked extracted."""
+    return record.model_dump(mode="json") | {"category_source": EXTRACTED}
+
+
+def understanding_of(ad: Ad) -> AdUnderstanding | None:
+    """The record stored with the ad at ingest, or None (not understood, or a malformed entry)."""
+    raw = ad.metadata.get(METADATA_KEY) if ad.metadata else None
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return AdUnderstanding.model_validate({k: v for k, v in raw.items() if k != "category_source"})
+    except ValidationError:
+        return None
+
+
+def extracted_category(ad: Ad) -> str | None:
+    """The category the LLM extracted for this ad at ingest, or None."""
+    record = understanding_of(ad)
+    return record.category if record is not None else None
+
+
+def with_understanding(ad: Ad, record: AdUnderstanding | None, *, summary_in_document: bool = False) -> Ad:
+    """The ad with `record` in its metadata (and, if asked, the summary appended to its retrieval document)."""
+    meta = {k: v for k, v in ad.metadata.items() if k not in (METADATA_KEY, DOCUMENT_EXTRA_KEY)}
+    if record is not None:
+        meta[METADATA_KEY] = to_metadata(record)
+        if summary_in_document:
+            meta[DOCUMENT_EXTRA_KEY] = record.summary
+    return replace(ad, metadata=meta)
 
 
 def parse_understanding(raw: str, *, taxonomy: Sequence[str] | None = None, truncated: bool = False) -> AdUnderstanding:
@@ -265,7 +308,10 @@ class AdUnderstander:
 
     async def _one(self, ad: Ad, sem: asyncio.Semaphore, bar: tqdm) -> StoredUnderstanding | LLMUnavailable:
         try:
-            return await self._ask(ad, sem)
+            result = await self._ask(ad, sem)
+            if isinstance(result, StoredUnderstanding):
+                self.store.append([result])  # as each ad finishes: an interrupted run loses at most the calls in flight
+            return result
         finally:
             bar.update(1)
 
@@ -309,8 +355,6 @@ class AdUnderstander:
             for start in range(0, len(todo), self.batch_size):
                 batch = todo[start : start + self.batch_size]
                 results = await asyncio.gather(*(self._one(ad, sem, bar) for ad in batch))
-                stored = [r for r in results if isinstance(r, StoredUnderstanding)]
-                self.store.append(stored)
                 for r in results:
                     if isinstance(r, LLMUnavailable):
                         report.unavailable[r.reason] += 1
@@ -326,3 +370,42 @@ class AdUnderstander:
     def run(self, ads: Sequence[Ad], *, progress: bool = True, retry_invalid: bool = False) -> UnderstandReport:
         """Blocking wrapper around `arun` (for the CLI's ingest)."""
         return asyncio.run(self.arun(ads, progress=progress, retry_invalid=retry_invalid))
+
+    def enrich(self, ads: Sequence[Ad], *, progress: bool = True, summary_in_document: bool = False) -> tuple[list[Ad], UnderstandReport]:
+        """Understand every ad (cached), then each ad with its record in its metadata (`with_understanding`);
+        an ad without a record (a counted failure, or the LLM down) is returned without one."""
+        report = self.run(ads, progress=progress)
+        return [with_understanding(ad, self.get(ad), summary_in_document=summary_in_document) for ad in ads], report
+
+
+def ingest_hook(
+    understander: AdUnderstander, *, summary_in_document: bool, progress: bool = True, reports: list[UnderstandReport] | None = None
+) -> Callable[[list[Ad]], list[Ad]]:
+    """The `enrich` callable `retrieval.ingest.ingest_catalog` applies to the catalog it read; each run's
+    report is appended to `reports`."""
+
+    def enrich(ads: list[Ad]) -> list[Ad]:
+        out, report = understander.enrich(ads, progress=progress, summary_in_document=summary_in_document)
+        if reports is not None:
+            reports.append(report)
+        return out
+
+    return enrich
+
+
+def understanding_at_ingest(settings: Settings, stack: contextlib.ExitStack, *, reports: list[UnderstandReport]) -> Callable[[list[Ad]], list[Ad]]:
+    """The ingest hook from settings: the LLM at `llm_url` with `understand_concurrency` calls in flight
+    (else the bundled llama.cpp server, started now and stopped when `stack` closes, one call at a
+    time), the store in data_dir/understanding."""
+    from .llm import ChatLLM
+    from .local_server import LocalLLMServer, free_port
+
+    url = settings.llm_url or stack.enter_context(LocalLLMServer.from_settings(settings, port=free_port())).base_url
+    llm = ChatLLM(base_url=url, model=settings.llm_model, max_tokens=settings.understand_max_tokens, timeout_s=settings.understand_timeout_s)
+    stack.callback(llm.close)
+    understander = AdUnderstander.from_settings(settings, llm, store=UnderstandingStore(Path(settings.data_dir) / UNDERSTANDING_DIR))
+    if not settings.llm_url:
+        # The bundled llama.cpp server answers one request at a time: more in flight only queue there,
+        # each waiting against its own deadline (and a timed-out call still costs the server its work).
+        understander.concurrency = 1
+    return ingest_hook(understander, summary_in_document=settings.understand_summary_in_document, reports=reports)

@@ -10,6 +10,7 @@
     adselect eval ope --log DIR --feedback PATH --target NAME=SPEC... [--k 1] [--reward click] [--clip C] --out DIR
     adselect eval import-log --log DIR --feedback PATH --out FILE.jsonl   (then: eval run --impressions FILE.jsonl)
     adselect eval calibrate --log DIR --feedback PATH --weights W --out W2 [--holdout 0.3] [--report R.json]
+    adselect eval export-sft --ads A (--impressions I | --log DIR --feedback PATH) [--mode listwise|score] --out DIR
 
 The old form `adselect eval --config … --out …` (options straight after `eval`) still runs, as
 `adselect eval run …`, with a deprecation warning on stderr; it goes away in the next release.
@@ -445,3 +446,39 @@ def calibrate_cmd(
     for part in ("holdout_before", "holdout_after", "cross_fitted"):
         typer.echo(f"{part}: {calibration_line(rep[part])}")
     typer.echo(f"wrote {out}, {rpath} and {plot}")
+
+
+@app.command("export-sft")
+def export_sft_cmd(
+    ads: Path = typer.Option(..., "--ads", help="Ad catalog (canonical JSONL), as served."),
+    impressions: Optional[Path] = typer.Option(None, "--impressions", help="Logged impressions with clicks (canonical JSONL, e.g. from import-mind)."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Or the service's impression-log directory (with --feedback)."),
+    feedback: Optional[Path] = typer.Option(None, "--feedback", help="Feedback store for --log (data_dir/feedback.sqlite)."),
+    out: Path = typer.Option(..., "--out", help="Directory for train.jsonl, valid.jsonl, manifest.json."),
+    mode: str = typer.Option("listwise", "--mode", help="listwise (prompts/rerank.yaml) or score (prompts/score.yaml)."),
+    train: list[Path] = typer.Option([], "--train", help="Histories the behaviour priors are learned from (default: the impressions)."),
+    valid_share: float = typer.Option(0.1, "--valid-share", min=0.0, max=0.95, help="Share of USERS whose impressions go to valid.jsonl."),
+    seed: int = typer.Option(0, "--seed", help="Salt of the user split."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Only the first N impressions."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR (Chroma, behaviour, weights)."),
+) -> None:
+    """Chat-format SFT data rendered by the service's own prompt template, the clicked ad as the answer, split by user."""
+    from eval.sft_export import export_sft
+
+    if mode not in ("listwise", "score"):
+        _fail(UserError(f"--mode must be listwise or score, not {mode!r}"))
+    if (impressions is None) == (log is None) or (log is not None and feedback is None):
+        _fail(UserError("give --impressions FILE, or --log DIR with --feedback PATH"))
+    try:
+        if log is not None:
+            from eval.ope_run import materialise_log
+
+            impressions = Path(out) / "impressions_from_log.jsonl"
+            materialise_log(log, feedback, impressions)
+        summary = export_sft(
+            settings=_settings(data_dir), ads_path=ads, impressions_path=impressions, out_dir=out, mode=mode,  # type: ignore[arg-type]
+            train_paths=list(train), valid_share=valid_share, seed=seed, limit=limit,
+        )  # fmt: skip
+    except (AdSelectError, OSError, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps({k: summary[k] for k in ("mode", "impressions_read", "skipped", "splits")}))

@@ -82,6 +82,32 @@ class LLMSpec(_Strict):
     cache: bool = True
 
 
+class VariantSpec(_Strict):
+    """One LLM variant of a side-by-side run: the task's `llm` block with only these fields changed.
+
+    Each variant runs on the same LLM sample as a system of its own (`llm@NAME`, `default+llm@NAME`),
+    sharing the LLM cache with the others (identical calls are made once). `mode` and `settings` are
+    Settings overrides (`mode` = `llm_mode`), applied to the service settings the variant's Selector is
+    built from, so a variant is what the endpoint would serve with those environment variables."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    prompt: str | None = Field(None, description="Template under prompts/ (default: llm.prompt).")
+    model: str | None = None
+    url: str | None = None
+    mode: Literal["listwise", "score"] | None = Field(None, description="ADSELECT_LLM_MODE for this variant.")
+    structured: Literal["json_schema", "json_object"] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=4096)
+    settings: dict[str, Any] = Field(default_factory=dict, description="Other Settings overrides (e.g. score_permutations).")
+
+    def llm_spec(self, base: LLMSpec) -> LLMSpec:
+        fields = ("prompt", "model", "url", "structured", "temperature", "max_tokens")
+        return base.model_copy(update={f: getattr(self, f) for f in fields if getattr(self, f) is not None})
+
+    def settings_overrides(self) -> dict[str, Any]:
+        return {**self.settings, **({"llm_mode": self.mode} if self.mode is not None else {})}
+
+
 class BootstrapSpec(_Strict):
     n_boot: int = Field(1000, ge=10, le=100000)
     seed: int = 0
@@ -96,6 +122,9 @@ class EvalTask(_Strict):
     systems: list[str] = Field(default_factory=lambda: list(DEFAULT_SYSTEMS))
     fusion: FusionSpec = Field(default_factory=FusionSpec)
     llm: LLMSpec = Field(default_factory=LLMSpec)
+    variants: list[VariantSpec] = Field(
+        default_factory=list, description="LLM variants run side by side on the LLM sample, each vs the others (paired)."
+    )
     no_llm: bool = Field(False, description="Skip the LLM systems (they are reported as not run).")
     bootstrap: BootstrapSpec = Field(default_factory=BootstrapSpec)
 
@@ -224,14 +253,32 @@ def validate_task(task: EvalTask, *, prompts_dir: Path | None = None, require_da
             except (ValueError, KeyError, TypeError) as e:
                 problems.append(f"fusion.weights: {wp}: {e}")
     wants_llm = not task.no_llm and any(s in ("llm", "default+llm") for s in task.systems)
-    if wants_llm:
+    if wants_llm or (task.variants and not task.no_llm):
         from kernel.errors import PromptError
         from agent.prompts import PromptRegistry
 
+        registry = PromptRegistry(prompts_dir or (REPO_ROOT / "prompts"))
+        checks = [("llm.prompt", task.llm.prompt)] if wants_llm else []
+        checks += [(f"variants.{v.name}.prompt", v.llm_spec(task.llm).prompt) for v in task.variants]
+        for label, name in checks:
+            try:
+                registry.get(name)
+            except (UnknownName, PromptError) as e:
+                problems.append(f"{label}: {e}")
+    names = [v.name for v in task.variants]
+    if len(set(names)) != len(names):
+        problems.append(f"variants: names repeat: {names}")
+    for v in task.variants:
+        from kernel.settings import Settings
+
+        unknown = sorted(set(v.settings) - set(Settings.model_fields))
+        if unknown:
+            problems.append(f"variants.{v.name}.settings: unknown settings {unknown}")
+            continue
         try:
-            PromptRegistry(prompts_dir or (REPO_ROOT / "prompts")).get(task.llm.prompt)
-        except (UnknownName, PromptError) as e:
-            problems.append(f"llm.prompt: {e}")
+            Settings(_env_file=None, **v.settings_overrides())
+        except (ValidationError, TypeError) as e:
+            problems.append(f"variants.{v.name}.settings: {str(e).splitlines()[0]}")
     return problems
 
 

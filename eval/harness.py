@@ -220,6 +220,7 @@ def run_eval(
         report = _run(
             task, env, stack=stack, systems=systems, run_llm=run_llm, not_run=not_run, results=results,
             imp_path=imp_path, ads_path=ads_path, show_progress=show_progress, backend=backend,
+            variants_args={"settings": eval_settings, "llm_inner": llm_inner, "llm_cache_path": llm_cache_path},
         )  # fmt: skip
     finally:
         results.close()
@@ -308,6 +309,7 @@ def _run(
     ads_path: Path,
     show_progress: bool,
     backend=None,
+    variants_args: dict[str, Any] | None = None,
 ) -> dict:
     """task → environment → systems → run (fast phase, LLM phase) → metrics → report (eval.report.build_report)."""
     from eval.bm25 import BM25Index
@@ -350,12 +352,26 @@ def _run(
         sample = llm_sample(items, task.llm.sample, task.llm.sample_seed)
         llm_phase = backend.llm_phase if backend is not None else _llm_phase
         speed["llm"] = llm_phase(task, env, sample, results=results, metrics_of=metrics_of, show_progress=show_progress)
+    runs = None
+    if task.variants and not task.no_llm:  # LLM variants side by side on the same sample (eval/variants.py)
+        from eval.variants import run_variants
+
+        vsample = sample if sample is not None else llm_sample(items, task.llm.sample, task.llm.sample_seed)
+        runs = run_variants(
+            task, env, vsample, results=results, metrics_of=metrics_of, server=stack.server if stack else None,
+            show_progress=show_progress, **(variants_args or {}),
+        )  # fmt: skip
     speed["setup"] = {k: round(v, 3) for k, v in env.timings_s.items()} | {"reused": env.reused}
-    return build_report(
+    report = build_report(
         task=task, env=env, stack=stack, systems=systems, not_run=not_run, loaded=loaded, names=names,
         fast=results.done["fast"], llm=results.done.get("llm", {}), sample=sample, speed=speed,
         impressions_sha256=file_sha256(imp_path), catalog=catalog, bids_available=has_bids, rank_by=env.settings.rank_by,
     )  # fmt: skip
+    if runs is not None:
+        from eval.variants import variants_report
+
+        report["variants"] = variants_report(task, vsample, results.done, runs)
+    return report
 
 
 def _write(report: dict, out_dir: Path) -> None:
@@ -376,7 +392,12 @@ def _write(report: dict, out_dir: Path) -> None:
             plots.append(name)
     report["plots"] = plots
     write_atomic(out_dir / "report.json", dumps(report))
-    write_atomic(out_dir / "report.md", render_markdown(report))
+    md = render_markdown(report)
+    if report.get("variants"):
+        from eval.variants import variants_markdown
+
+        md += variants_markdown(report["variants"])
+    write_atomic(out_dir / "report.md", md)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,33 @@ from eval.llm_cache import CachingChatLLM, LLMCache
 from eval.rankers import impression_rng
 
 log = logging.getLogger(__name__)
+
+# Per impression, the LLM calls its serving decision made: [calls, cache misses, LLM ms of the misses].
+# Set by `_one` around `Selector.aselect` (a context variable follows the impression's task and the
+# tasks it spawns, so concurrent impressions never mix); counted by `CallCounter`.
+_CALLS: ContextVar[list[float] | None] = ContextVar("eval_llm_calls", default=None)
+
+
+class CallCounter:
+    """ChatLLMLike over the caching client: counts the calls of the impression being served (`_CALLS`);
+    a cache hit (latency 0) is a call but not a miss."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @property
+    def model(self) -> str:
+        return self.inner.model
+
+    async def acomplete(self, messages, *, schema, timeout_s):
+        c = await self.inner.acomplete(messages, schema=schema, timeout_s=timeout_s)
+        counter = _CALLS.get()
+        if counter is not None:
+            counter[0] += 1
+            if c.latency_ms > 0:
+                counter[1] += 1
+                counter[2] += c.latency_ms
+        return c
 
 
 def decoding_params(spec: LLMSpec) -> dict[str, Any]:
@@ -103,7 +131,7 @@ def build_llm_stack(
 
     opts = settings if settings is not None else Settings(_env_file=None)
     reranker = LLMReranker(
-        llm,
+        CallCounter(llm),
         prompt,
         max_candidates=spec.max_candidates,
         max_text_chars=opts.llm_max_text_chars,
@@ -176,6 +204,36 @@ class LazyLocalLLM:
         self._client = self._server = None
 
 
+class SharedServerClient:
+    """ChatLLMLike with its own decoding (a variant's) over a LazyLocalLLM another stack owns: one bundled
+    server for every variant of a run. `close` closes this client only; the owner stops the server."""
+
+    def __init__(self, server: LazyLocalLLM, spec: LLMSpec):
+        self.server, self.spec = server, spec
+        self._client = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> str:
+        return self.spec.model
+
+    def _ensure(self):
+        self.server._ensure()
+        with self._lock:
+            if self._client is None:
+                self._client = _chat_client(self.spec, self.server.url)
+            return self._client
+
+    async def acomplete(self, messages, *, schema, timeout_s):
+        client = self._client or await asyncio.to_thread(self._ensure)
+        return await client.acomplete(messages, schema=schema, timeout_s=timeout_s)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = None
+
+
 def decision_scores(decision: Decision, clicked: frozenset[str]) -> dict[str, list]:
     """The fused score of every ad of the decision, in served order, and where the clicks are: the
     report's pCTR of `default+llm` is fusion.pctr(score), as `RankedAd.pctr` (kept from the score
@@ -229,6 +287,7 @@ async def _one(
     sem: asyncio.Semaphore,
     metrics_of: Callable[[EvalImpression, dict[str, list[str]], int | None], dict[str, dict[str, float | None]]],
     pool_size: int | None,
+    phase: str = "llm",
 ) -> dict[str, Any]:
     timeout_ms = int(spec.timeout_s * 1000)
     req = SelectRequest(
@@ -246,11 +305,16 @@ async def _one(
         stage = await asyncio.to_thread(selector.prior_stage, req)
         prior_ids = [c.ad.ad_id for c in stage.candidates] + stage.tail_ids
         t = time.perf_counter()
-        decision = await selector.aselect(req, stage=stage)
+        counter = [0, 0, 0.0]
+        token = _CALLS.set(counter)
+        try:
+            decision = await selector.aselect(req, stage=stage)
+        finally:
+            _CALLS.reset(token)
         llm_ms = (time.perf_counter() - t) * 1000
         rankings = {"default+llm": decision.ranking, "llm": _llm_ranking(decision, prior_ids) if decision.llm_used else prior_ids}
         rec: dict[str, Any] = {
-            "phase": "llm",
+            "phase": phase,
             "impression_id": imp.impression_id,
             "metrics": metrics_of(imp, rankings, pool_size),
             "top": {s: r[:SLATE_K] for s, r in rankings.items()},  # the served slate of each system: exposure
@@ -261,6 +325,7 @@ async def _one(
             "llm_ranking": [a for a in rankings["llm"][: selector.llm_max_candidates]] if decision.llm_used else None,
             "latency_ms": round(llm_ms, 1),
             "usage": decision.usage,
+            "llm_calls": {"calls": counter[0], "misses": counter[1], "llm_ms": round(counter[2], 1)},
         }
         if imp.candidates is not None:
             rec["scores"] = decision_scores(decision, imp.clicked)
@@ -289,6 +354,7 @@ async def run_llm_phase(
     pool_size_of: Callable[[EvalImpression], int | None],
     on_result: Callable[[dict[str, Any]], None],
     progress=None,
+    phase: str = "llm",
 ) -> float:
     """Run every impression (concurrently up to spec.concurrency); `on_result` gets each record as it finishes."""
     sem = asyncio.Semaphore(spec.concurrency)
@@ -297,7 +363,7 @@ async def run_llm_phase(
     async def guarded(imp: EvalImpression) -> None:
         rec = await _one(
             imp, selector=selector, spec=spec, seed=seed, position_bias=spec.position_bias, sem=sem,
-            metrics_of=metrics_of, pool_size=pool_size_of(imp),
+            metrics_of=metrics_of, pool_size=pool_size_of(imp), phase=phase,
         )  # fmt: skip
         on_result(rec)
         if progress is not None:

@@ -286,3 +286,10 @@ class Settings(BaseSettings):
     understand_concurrency: int = Field(4, ge=1, le=256, description="Concurrent ad-understanding calls at ingest.")
     understand_batch_size: int = Field(8, ge=1, description="Ads per ingest batch (results appended to the store after each).")
     understand_timeout_s: float = Field(60.0, gt=0, description="Deadline of one ad-understanding call.")
+    understand_at_ingest: bool = Field(
+        False, description="`adselect ingest` runs ad understanding over the catalog (cached in data_dir/understanding) "
+        "and stores each record in the ad's metadata (`--understand/--no-understand` overrides)."
+    )
+    understand_summary_in_document: bool = Field(
+        False, description="With understanding at ingest: append the extracted one-line summary to the ad's retrieval document (re-embeds the ads)."
+    )

@@ -6,6 +6,11 @@ from datetime import datetime
 from typing import Any
 
 
+# Ad.metadata key of extra text for the retrieval document (the ingest's LLM summary, when
+# ADSELECT_UNDERSTAND_SUMMARY_IN_DOCUMENT is on; agent.understanding.with_understanding writes it).
+DOCUMENT_EXTRA_KEY = "document_extra"
+
+
 @dataclass(frozen=True, slots=True)
 class Ad:
     ad_id: str
@@ -25,6 +30,9 @@ class Ad:
             parts.append(self.category if not self.subcategory else f"{self.category} / {self.subcategory}")
         if self.text:
             parts.append(self.text)
+        extra = self.metadata.get(DOCUMENT_EXTRA_KEY) if self.metadata else None
+        if isinstance(extra, str) and extra:
+            parts.append(extra)
         return ". ".join(p for p in parts if p)
 
 

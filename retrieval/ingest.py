@@ -8,6 +8,9 @@
 - Resumable: ads are embedded and written batch by batch, each ad with its hashes in the same write, and
   the catalog hash on the collection is set last. Killed at any point, the collection holds whole ads
   only (old or new), and a re-run sees what is already current, writes the rest and finishes the job.
+- `enrich` (optional) maps the validated ads before anything is compared or written: the CLI passes
+  ad understanding (agent.understanding.ingest_hook), whose records land in each ad's metadata; since
+  the catalog and ad hashes cover the metadata, a new record rewrites that ad's metadata only.
 """
 from __future__ import annotations
 
@@ -100,14 +103,20 @@ def ingest_catalog(
     show_progress: bool = False,
     force: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
+    enrich: Callable[[list[Ad]], list[Ad]] | None = None,
 ) -> IngestReport:
     """Make the collection equal to the file at `ads_path`. `force` re-embeds every ad (a new model).
+    `enrich` maps the ads read from the file (same ids, same order) before they are compared and written.
 
     `on_batch(written, to_embed)` is called after each batch of embedded ads is written.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     ads = read_ads(ads_path)  # raises DataFileError(file, line) before anything is written
+    if enrich is not None:
+        t = time.perf_counter()
+        ads = enrich(ads)
+        timings["enrich_s"] = time.perf_counter() - t
     h = catalog_hash(ads)
     timings["read_s"] = time.perf_counter() - t0
     if not force and store.stored_hash() == h and store.count() == len(ads):

@@ -9,6 +9,9 @@ Three sources of exclusion are combined, all case-insensitive:
   that whole day; naive datetimes are UTC), `locales` (list; "en" matches "en-GB"), `devices` (list).
   Targeting that cannot be parsed makes the ad ineligible (fail closed), with reason "invalid_targeting".
 
+An ad without a category of its own is blocked by the category the LLM extracted for it at ingest
+(`blocklist_category`; agent.understanding marks it `category_source: "extracted"`).
+
 `is_eligible()` is authoritative. `chroma_where()` is a prefilter for Chroma queries: it expresses the
 bid and block lists as metadata filters with exact-case values, so it never excludes an ad that
 `is_eligible()` would accept, but it may let through ads that differ only in case; re-check with
@@ -26,6 +29,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from agent.understanding import extracted_category
 from kernel.errors import DataFileError
 from kernel.types import Ad, Candidate, RequestContext
 
@@ -163,12 +167,17 @@ def _targeting(ad: Ad, ctx: RequestContext) -> Eligibility:
     return _OK
 
 
+def blocklist_category(ad: Ad) -> str:
+    """The category block lists match: the ad's own, else the one extracted at ingest (else empty)."""
+    return ad.category or extracted_category(ad) or ""
+
+
 def is_eligible(ad: Ad, ctx: RequestContext, policy: EligibilityPolicy) -> Eligibility:
     """(True, None) or (False, reason code). Checks bid, block lists, then the ad's targeting."""
     if not ad.bid >= policy.min_bid:  # also rejects a NaN bid
         return Eligibility(False, BID_TOO_LOW)
     cats, advs = _blocked(ctx, policy)
-    if cats and not _fold(cats).isdisjoint(_fold((ad.category, ad.subcategory))):
+    if cats and not _fold(cats).isdisjoint(_fold((blocklist_category(ad), ad.subcategory))):
         return Eligibility(False, BLOCKED_CATEGORY)
     if advs and ad.advertiser.strip().casefold() in _fold(advs):
         return Eligibility(False, BLOCKED_ADVERTISER)
@@ -210,7 +219,7 @@ class EligibilityTable:
 
         return cls(
             bid=np.fromiter((a.bid for a in ads), dtype=np.float64, count=n),
-            category=codes((a.category for a in ads), cats),
+            category=codes((blocklist_category(a) for a in ads), cats),
             subcategory=codes((a.subcategory for a in ads), cats),
             advertiser=codes((a.advertiser for a in ads), advs),
             categories=cats,

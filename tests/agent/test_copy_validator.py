@@ -294,3 +294,17 @@ def test_word_lists_are_data_and_limits_are_the_schemas():
     assert check("H" * schema.HEADLINE_MAX, "D" * schema.DESCRIPTION_MAX) == []
     reasons = check("H" * (schema.HEADLINE_MAX + 1), "D" * (schema.DESCRIPTION_MAX + 1))
     assert reasons == ["headline_too_long", "description_too_long"] and all(isinstance(r, ReviewReason) for r in reasons)
+
+
+def test_an_understood_ad_grounds_claims_only_in_its_extracted_claims():
+    from agent.understanding import AdUnderstanding, Claim, with_understanding
+
+    shoe = Ad("run-002", "Tempo Glide daily trainer", "A soft landing. Now $119 with free returns. Weighs 250 g.")
+    record = AdUnderstanding(category="running shoes", claims=[Claim(kind="price", text="$119")], summary="A road running shoe.")
+    understood = with_understanding(shoe, record)
+    good, free, grams = Copy("Tempo Glide", "Now $119."), Copy("Tempo Glide", "Free returns."), Copy("Tempo Glide", "Weighs 250 g.")
+    assert [validate_copy(c, shoe).ok for c in (good, free, grams)] == [True, True, True]  # all in the source text
+    assert validate_copy(good, understood).ok
+    assert validate_copy(free, understood).reasons == ["ungrounded_claim"]  # in the text, not an extracted claim
+    assert validate_copy(grams, understood).reasons == ["ungrounded_number"]
+    assert check("Tempo Glide", "Now $99.", with_understanding(shoe, record.model_copy(update={"claims": [Claim(kind="price", text="$99")]}))) == ["ungrounded_number"]

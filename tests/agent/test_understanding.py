@@ -132,3 +132,14 @@ def test_real_server_small_slice_then_rerun_from_cache(local_llm_url: str, tmp_p
     assert counting.calls == len(ads)
     rerun = AdUnderstander(counting, PROMPT, store=UnderstandingStore(tmp_path), timeout_s=600).run(ads, progress=False)
     assert rerun.cached == len(ads) and counting.calls == len(ads)
+
+
+def test_a_run_that_dies_mid_batch_keeps_every_ad_it_finished(tmp_path: Path) -> None:
+    ads = demo_ads(4)
+    llm = FakeQueueLLM().enqueue(answer(), answer(), RuntimeError("the process dies here"))
+    with pytest.raises(RuntimeError):
+        AdUnderstander(llm, PROMPT, store=UnderstandingStore(tmp_path), concurrency=1, batch_size=8).run(ads, progress=False)
+    assert len(UnderstandingStore(tmp_path)) == 2  # one batch of 8, but the two finished ads were written
+    llm.enqueue(answer(), answer())
+    resumed = AdUnderstander(llm, PROMPT, store=UnderstandingStore(tmp_path)).run(ads, progress=False)
+    assert (resumed.cached, resumed.generated) == (2, 2)

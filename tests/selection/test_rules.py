@@ -7,6 +7,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -228,3 +229,21 @@ def test_chroma_prefilter_never_drops_an_eligible_ad(collection, min_bid, cats, 
     # and the prefilter is exact for everything but case differences
     exact_case_miss = {a.ad_id for a in CATALOG if a.ad_id in passed and a.ad_id not in eligible}
     assert exact_case_miss <= {"c5"}
+
+
+def test_an_ad_without_a_category_is_blocked_by_its_extracted_category():
+    from agent.understanding import AdUnderstanding, with_understanding
+    from selection.rules import BLOCKED_CATEGORY, EligibilityTable
+
+    record = AdUnderstanding(category="Gambling", summary="An online casino.")
+    bare = replace(AD, category="", subcategory="")
+    understood = with_understanding(bare, record)
+    own = with_understanding(AD, record)  # the advertiser's own category wins over the extracted one
+    policy = EligibilityPolicy(blocked_categories=frozenset({"gambling"}))
+    assert understood.metadata["understanding"]["category_source"] == "extracted"
+    assert is_eligible(bare, CTX, policy).ok
+    assert is_eligible(understood, CTX, policy) == (False, BLOCKED_CATEGORY)
+    assert is_eligible(own, CTX, policy).ok
+    ads = [bare, understood, own]
+    keep, reasons = EligibilityTable.from_ads(ads).check(np.arange(3), ads, CTX, policy)
+    assert keep.tolist() == [True, False, True] and reasons == {1: BLOCKED_CATEGORY}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kernel.reasons import degradation_for
+from kernel.reasons import DegradedReason, degradation_for
 from selection.pipeline import Selector
 from kernel.types import Decision, SelectRequest
 from eval.config import LLMSpec
@@ -266,10 +266,20 @@ def _llm_ranking(decision, prior_ids: list[str]) -> list[str]:
     return head + [i for i in prior_ids if i not in seen]
 
 
-async def _top_pick(reranker, stage, cands, *, timeout_s: float, rewrite: bool) -> tuple[str | None, str | None]:
+async def _top_pick(selector: Selector, stage, cands, *, timeout_s: float, rewrite: bool) -> tuple[str | None, str | None]:
+    """The LLM stage's top pick for `cands` in this order: listwise's first ranked id, or in scoring mode
+    the highest averaged log-probability (ties to the earlier candidate); (None, reason) on a failure."""
     try:
+        if selector.llm_mode == "score":
+            sc = await asyncio.wait_for(
+                selector.scorer.ascore(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s),
+                timeout=timeout_s,
+            )
+            if not sc.answered:
+                return None, str(DegradedReason.LLM_INVALID_OUTPUT)
+            return max(sc.candidate_ids, key=lambda a: (sc.logprob.get(a, float("-inf")), -sc.candidate_ids.index(a))), None
         res = await asyncio.wait_for(
-            reranker.arerank(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s, rewrite=rewrite),
+            selector.reranker.arerank(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s, rewrite=rewrite),
             timeout=timeout_s,
         )
     except Exception as e:  # noqa: BLE001 - any failure of the LLM stage is a degradation, named by type
@@ -325,7 +335,10 @@ async def _one(
             "llm_ranking": [a for a in rankings["llm"][: selector.llm_max_candidates]] if decision.llm_used else None,
             "latency_ms": round(llm_ms, 1),
             "usage": decision.usage,
-            "llm_calls": {"calls": counter[0], "misses": counter[1], "llm_ms": round(counter[2], 1)},
+            # scoring calls (one-token logprob requests) bypass the cached client: counted from the decision
+            "llm_calls": {"calls": counter[0], "misses": counter[1], "llm_ms": round(counter[2], 1)}
+            if counter[0] or selector.llm_mode != "score"
+            else {"calls": decision.usage.get("llm_calls", 0), "misses": decision.usage.get("llm_calls", 0), "llm_ms": round(llm_ms, 1)},
         }
         if imp.candidates is not None:
             rec["scores"] = decision_scores(decision, imp.clicked)
@@ -337,7 +350,7 @@ async def _one(
             shuffled = [sent[i] for i in rng.permutation(len(sent))]
             bias: dict[str, Any] = {"prior": {"top": rec["llm_top"], "error": decision.degraded_reason}}
             for name, cands in (("reversed", sent[::-1]), ("shuffled", shuffled)):
-                top, err = await _top_pick(selector.reranker, stage, cands, timeout_s=spec.timeout_s, rewrite=spec.rewrite)
+                top, err = await _top_pick(selector, stage, cands, timeout_s=spec.timeout_s, rewrite=spec.rewrite)
                 bias[name] = {"top": top, "error": err, "order": [c.ad.ad_id for c in cands]}
             bias["prior"]["order"] = [c.ad.ad_id for c in sent]
             rec["position_bias"] = bias

@@ -39,15 +39,23 @@ def phase_name(variant: str) -> str:
     return f"llm@{variant}"
 
 
-def variant_selector(base, *, stack, settings):
+def variant_selector(base, *, stack, settings, llm_url=None):
     """The Selector a variant is served with: the run's Selector with the variant's LLM stage.
 
     The one place a mode is turned into a Selector: listwise swaps the reranker (as experiment arms
-    with their own prompt do, selection.services.arm_policies). Scoring mode (`llm_mode: score`) is
-    wired into the Selector by the scoring-mode change; until then it is refused here."""
+    with their own prompt do, selection.services.arm_policies); scoring mode (`llm_mode: score`) gets the
+    service's scorer (selection.services.make_scorer) over `llm_url()`, the variant's server. Scoring
+    calls are one-token logprob requests: they do not go through the run's LLM cache."""
+    if settings.llm_mode == "score":
+        from selection.services import make_scorer
+
+        url = llm_url() if llm_url is not None else None
+        if not url:
+            raise TaskError("variant mode 'score' needs an OpenAI-compatible server (the variant's url or the bundled one)")
+        return replace(base, llm_mode="score", scorer=make_scorer(settings, llm_url=url), arm_policies={})
     if settings.llm_mode != "listwise":
-        raise TaskError(f"variant mode {settings.llm_mode!r}: this build's Selector serves listwise only")
-    return replace(base, reranker=stack.reranker, arm_policies={})
+        raise TaskError(f"variant mode {settings.llm_mode!r}: listwise or score")
+    return replace(base, llm_mode="listwise", reranker=stack.reranker, arm_policies={})
 
 
 def run_variants(
@@ -89,7 +97,15 @@ def run_variants(
                 cache_path=llm_cache_path,
             )  # fmt: skip
             try:
-                selector = variant_selector(env.services.selector, stack=stack, settings=vsettings)
+                def url_of(spec=spec, server=server):
+                    if spec.url:
+                        return spec.url
+                    if server is not None:
+                        server._ensure()
+                        return server.url
+                    return None
+
+                selector = variant_selector(env.services.selector, stack=stack, settings=vsettings, llm_url=url_of)
                 phase = phase_name(v.name)
                 todo = [i for i in sample if i.impression_id not in results.done.get(phase, {})]
                 bar = _progress(len(todo), f"eval {phase}", show_progress)
@@ -103,7 +119,7 @@ def run_variants(
                 bar.close()
                 out[v.name] = {
                     "spec": v.model_dump(exclude_none=True),
-                    "prompt": stack.prompt_info,
+                    "prompt": selector.scorer.prompt_info if selector.llm_mode == "score" else stack.prompt_info,
                     "model": spec.model,
                     "cache": stack.llm.stats.to_dict(),
                     "seconds": round(seconds, 3),

@@ -86,3 +86,18 @@ def test_two_prompt_files_against_the_real_server(local_llm_url: str, eval_setti
         assert v["llm_latency_ms"]["n"] == 2 and v["llm_latency_ms"]["p50"] > 0  # an empty cache: every serving call reached the model
     pair = rep["paired"]["base - terse"]
     assert pair["valid"]["n"] == 2 and pair["default+llm:ndcg@10"]["n"] == 2
+
+
+def test_a_scoring_mode_variant_beside_listwise_against_the_real_server(local_llm_url: str, eval_settings, tmp_path: Path) -> None:
+    """`mode: score` is served by the service's scorer (P one-token calls, counted from the decision since
+    they bypass the cached client); its top pick under reversed order is the scorer's best label."""
+    doc = doc_for(url=local_llm_url, timeout_s=600, concurrency=1, sample=2)
+    doc["variants"] = [{"name": "listwise"}, {"name": "score", "mode": "score"}]
+    report = run_task(doc, settings=eval_settings, out=tmp_path / "run", llm_cache_path=tmp_path / "cache.sqlite")
+    v = report["variants"]["variants"]["score"]
+    assert v["prompt"]["name"] == eval_settings.score_prompt_name
+    assert v["impressions"] == 2 and v["valid"]["n"] == 2
+    assert v["calls_per_impression"] == eval_settings.score_permutations
+    assert v["completion_tokens_per_impression"] == eval_settings.score_permutations  # one token per call
+    assert v["flip_reversed"]["n"] == 2 and v["llm_latency_ms"]["n"] == 2
+    assert report["variants"]["paired"]["listwise - score"]["valid"]["n"] == 2

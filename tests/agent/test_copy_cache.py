@@ -9,11 +9,12 @@ from typing import Any
 
 from agent.copy_cache import BackgroundCopier, CopyCache, CopyRewriter, Rejected, interest_key
 from agent.copy_validator import validate_copy
-from agent.llm import ChatLLM, ChatLLMLike, Completion, Message
+from agent.llm import ChatLLM, Completion, Message
 from agent.prompts import PromptRegistry
 from kernel.settings import Settings
 from kernel.types import Ad, Copy
 from tests.utils.fakes import FakeQueueLLM
+from tests.utils.counting import CountingLLM
 
 SETTINGS = Settings(_env_file=None)
 PROMPT = PromptRegistry(SETTINGS.prompts_dir).get("copy")
@@ -32,25 +33,6 @@ def lengths_only(copy: Copy, ad: Ad) -> list[str]:
 
 def real_validator(copy: Copy, ad: Ad) -> list[str]:
     return validate_copy(copy, ad).reasons
-
-
-class CountingLLM:
-    """Delegates to a real client and counts the calls that reach it."""
-
-    def __init__(self, llm: ChatLLMLike):
-        self.llm, self.calls = llm, 0
-
-    @property
-    def model(self) -> str:
-        return self.llm.model
-
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        self.calls += 1
-        return self.llm.complete(messages, schema=schema, timeout_s=timeout_s)
-
-    async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        self.calls += 1
-        return await self.llm.acomplete(messages, schema=schema, timeout_s=timeout_s)
 
 
 class FakeHungLLM:

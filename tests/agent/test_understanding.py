@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent.llm import ChatLLM, Completion, Message
+from agent.llm import ChatLLM
 from agent.prompts import PromptRegistry
 from agent.understanding import (
     STORE_FILE,
@@ -23,6 +22,7 @@ from kernel.errors import LLMOutputInvalid, LLMUnavailable
 from kernel.settings import Settings
 from kernel.types import Ad
 from tests.utils.fakes import FakeQueueLLM
+from tests.utils.counting import CountingLLM
 
 SETTINGS = Settings(_env_file=None)
 PROMPT = PromptRegistry(SETTINGS.prompts_dir).get("understand")
@@ -38,23 +38,6 @@ def demo_ads(n: int) -> list[Ad]:
 
 def answer(category: str = "running shoes", claims: list[dict[str, str]] | None = None, **extra: Any) -> str:
     return json.dumps({"category": category, "tags": ["Road", "shoe"], "claims": claims or [], "summary": "A road shoe.\n", **extra})
-
-
-class CountingLLM:
-    def __init__(self, llm: Any):
-        self.llm, self.calls = llm, 0
-
-    @property
-    def model(self) -> str:
-        return self.llm.model
-
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        self.calls += 1
-        return self.llm.complete(messages, schema=schema, timeout_s=timeout_s)
-
-    async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        self.calls += 1
-        return await self.llm.acomplete(messages, schema=schema, timeout_s=timeout_s)
 
 
 def test_parse_validates_and_normalises() -> None:

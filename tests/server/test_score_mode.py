@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from agent.llm import ChatLLMLike, Completion, Message
+from agent.llm import Message
 from agent.local_server import free_port
 from agent.logprob_llm import FirstToken, LogprobLLMLike
 from kernel.settings import Settings
 from selection.services import build_services
 from server.app import create_app
+from tests.utils.counting import CountingLLM as CountingChatLLM
 
 RUN_HISTORY = ["run-001", "run-004", "run-009"]
 DEADLINE_MS = 60000  # the most a request may ask for: the shared CPU is slow, the deadline is not what is tested
@@ -38,25 +39,6 @@ class CountingLogprobLLM:
     async def afirst_token(self, messages: Sequence[Message], *, top_logprobs: int, timeout_s: float) -> FirstToken:
         self.calls += 1
         return await self.llm.afirst_token(messages, top_logprobs=top_logprobs, timeout_s=timeout_s)
-
-
-class CountingChatLLM:
-    """Delegates to the real chat client (the background rewriter's) and counts the calls that reach it."""
-
-    def __init__(self, llm: ChatLLMLike):
-        self.llm, self.calls = llm, 0
-
-    @property
-    def model(self) -> str:
-        return self.llm.model
-
-    def complete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        self.calls += 1
-        return self.llm.complete(messages, schema=schema, timeout_s=timeout_s)
-
-    async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        self.calls += 1
-        return await self.llm.acomplete(messages, schema=schema, timeout_s=timeout_s)
 
 
 def body(**fields: Any) -> dict:

@@ -201,7 +201,7 @@ class LLMReranker:
         except LLMOutputInvalid as e:
             if completion.finish_reason == "length":
                 e = LLMOutputInvalid("truncated", raw=completion.text, detail=f"cut at max_tokens ({e.reason})")
-            logger.warning("llm output invalid", extra={**log, "reason": e.reason})
+            logger.warning("llm output invalid", extra={**log, "reason": e.reason, "output_head": completion.text[:300]})
             raise e from None
         logger.info(
             "llm rerank",

@@ -104,14 +104,16 @@ def _load_json(raw: str) -> Any:
     fenced = _FENCE.match(text)
     if fenced:
         text = fenced.group(1).strip()
+    # strict=False: a raw newline or tab inside a string (what llama.cpp's JSON grammar lets a small model
+    # emit) is still the object it meant; the copy review screens the text itself
     try:
-        return json.loads(text)
+        return json.loads(text, strict=False)
     except json.JSONDecodeError:
         pass
     start = text.find("{")  # prose around the object: take the first complete object
     if start >= 0:
         try:
-            obj, _ = json.JSONDecoder().raw_decode(text[start:])
+            obj, _ = json.JSONDecoder(strict=False).raw_decode(text[start:])
             return obj
         except json.JSONDecodeError:
             pass

@@ -53,6 +53,11 @@ class CallCounter:
     def model(self) -> str:
         return self.inner.model
 
+    @property
+    def stats(self):
+        """The caching client's counters (eval.distributed adds its actors' counts to them)."""
+        return getattr(self.inner, "stats", None)
+
     async def acomplete(self, messages, *, schema, timeout_s):
         c = await self.inner.acomplete(messages, schema=schema, timeout_s=timeout_s)
         counter = _CALLS.get()

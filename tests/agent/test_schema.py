@@ -50,6 +50,14 @@ def test_parse_valid_answer() -> None:
     assert out.justification and out.dropped == 0 and out.copy_rejected is None
 
 
+def test_a_raw_newline_inside_a_string_is_still_the_answer() -> None:
+    """What SmolLM2 under llama.cpp's JSON grammar emitted on the demo (a raw newline inside the description):
+    strict JSON refused it as malformed_json and the whole ranking was lost."""
+    raw = '{"ranking": ["N3", "N1"], "justification": "Runs on Sundays.", "headline": "Tickets", "description": "Seats\n{"}'
+    out = parse_llm_output(raw, IDS)
+    assert out.ranking == ["N3", "N1"] and out.justification == "Runs on Sundays."
+
+
 @pytest.mark.parametrize("raw", ["", "not json", '{"ranking": ["N1"', "Sure! The best ad is N1."])
 def test_malformed_json_raises_with_raw(raw: str) -> None:
     with pytest.raises(LLMOutputInvalid) as exc:

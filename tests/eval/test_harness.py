@@ -228,11 +228,19 @@ def test_reports_carry_the_default_systems_calibration(mind_report, games_report
     assert cal["impressions"] == 54 and cal["rows"] == n_candidates
     assert sum(b["n"] for b in cal["reliability"]) == cal["rows"]
     assert 0 < cal["base_rate"] < 1 and cal["logloss"] > 0 and cal["logloss_base_rate"] > 0
-    assert set(report["calibration"]) == {"default"}  # LLM systems not run
+    # LLM systems not run; the shipped weights' pCTR is prior-corrected, so default is also judged on the
+    # sampled-row scale it was fitted on, over the same rows
+    from eval.report import SAMPLED_SCALE
+
+    assert set(report["calibration"]) == {"default", SAMPLED_SCALE}
+    sampled = report["calibration"][SAMPLED_SCALE]
+    assert sampled["rows"] == cal["rows"] and sampled["mean_predicted"] > cal["mean_predicted"]
     assert "## Calibration" in (out / "report.md").read_text()
     assert (out / "reliability.png").stat().st_size > 1000 and "reliability.png" in report["plots"]
     games = games_report[0]["calibration"]["default"]
     assert games["rows"] == 100 * 20 and games["base_rate"] == pytest.approx(0.05)
+    games_sampled = games_report[0]["calibration"][SAMPLED_SCALE]  # 1 click in 20 rows: the scale the fit was made on
+    assert 0.5 < games_sampled["sum_p_over_sum_y"] < 2 and games["sum_p_over_sum_y"] < 0.2
 
 
 def test_fast_path_pctr_is_the_endpoints_pctr(games_slice, eval_settings) -> None:

@@ -25,8 +25,9 @@ measures the log's write cost: p50/p99 of /v1/select with the impression log on 
 refits the pCTR calibration (eval.log_calibration, as `adselect eval calibrate`) on every decision served with
 the shipped weights (the logging arm and the on-policy `default` arm, all seeds; clicks are reported for both),
 holding out `--cal-holdout` of the users by keyed hash: log loss, NE, Σp/Σy, ECE over `--cal-bins` quantile bins
-with its bootstrap interval and noise floor, on the held-out users and cross-fitted over every row, and
-`--out DIR/reliability.png`. The coverage lines count the seeds whose 95% CI holds the on-policy CTR.
+with its bootstrap interval and noise floor (also per cluster of user + ad: a user shown the same ad again
+clicks again, so repeated rows are not new outcomes), on the held-out users and cross-fitted over every row,
+and `--out DIR/reliability.png`; then the same refit on the logging arm alone (`calibration_refit_logging_arm`). The coverage lines count the seeds whose 95% CI holds the on-policy CTR.
 
     python bench/bench_ope.py --service http --users 2000 --seeds 1 --out /tmp/ope_http
 """
@@ -88,9 +89,12 @@ def one_feature_weights(path: Path, feature: str) -> str:
     return str(path)
 
 
+LOGGING_ARM = "default_explore"
+
+
 def http_arms(work: Path, *, temperature: float, top_m: int) -> dict:
     return {
-        "default_explore": {"exploration": {"method": "softmax", "temperature": temperature, "top_m": top_m}},
+        LOGGING_ARM: {"exploration": {"method": "softmax", "temperature": temperature, "top_m": top_m}},
         "popularity": {"weights": one_feature_weights(work / "popularity.json", "popularity")},
         "covisit": {"weights": one_feature_weights(work / "covisit.json", "covisit")},
         "default": {},
@@ -222,12 +226,18 @@ def main() -> None:
         # seeds, clicks reported for both), users split by keyed hash: --cal-holdout of them judge the refit
         served_weights = FusionModel.load(None)  # what the bench's data dir serves: the shipped weights
         logged, _ = joined_records(proc.log_dir, proc.feedback_path)
-        _, cal = refit_calibration(logged, served_weights, weights_version=weights_version(served_weights),
-                                   holdout=args.cal_holdout, method=args.cal_method, bins=args.cal_bins, arm=args.cal_arm)  # fmt: skip
-        extra["calibration_refit"] = cal
-        print(f"calibration refit: {cal['method']} (cross-validated log loss {cal['cv_logloss']}), split {cal['split']}")
-        for part in ("holdout_before", "holdout_after", "cross_fitted"):
-            print(f"calibration {part}: {calibration_line(cal[part])}")
+        refits = {"calibration_refit": args.cal_arm}
+        if args.cal_arm is None:  # also the logging arm alone (its served ads are drawn by the exploration)
+            refits["calibration_refit_logging_arm"] = LOGGING_ARM
+        for key, arm in refits.items():
+            _, cal = refit_calibration(logged, served_weights, weights_version=weights_version(served_weights),
+                                       holdout=args.cal_holdout, method=args.cal_method, bins=args.cal_bins, arm=arm)  # fmt: skip
+            extra[key] = cal
+            print(f"{key} (arm {arm or 'every arm with the shipped weights'}): {cal['method']} (cross-validated log loss {cal['cv_logloss']}), "
+                  f"split {cal['split']}, block {cal['calibration']}, monotone in a list: {cal['monotone_in_list']}")  # fmt: skip
+            for part in ("holdout_before", "holdout_after", "cross_fitted"):
+                print(f"  {part}: {calibration_line(cal[part])}")
+        cal = extra["calibration_refit"]
         args.out.mkdir(parents=True, exist_ok=True)
         from eval.log_calibration import reliability_plot
 

@@ -269,7 +269,7 @@ def tune(
         help="Run the prompt-injection test at a positive fitted LLM weight; the weight ships only if it passes (else 0).",
     ),  # fmt: skip
     calibration_share: float = typer.Option(CALIBRATION_SHARE, "--calibration-share", help="Share of tuning users (by keyed hash) kept apart: the pCTR calibration is fitted on them, the fusion never sees them."),
-    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto (platt or isotonic, by cross-validated log loss over users), platt, isotonic."),
+    calibration_method: str = typer.Option("auto", "--calibration-method", help="auto (platt, isotonic or platt_list, by cross-validated log loss over users), platt, isotonic, platt_list (list-aware: the score and its place among the scored candidates)."),
     negative_rate: Optional[float] = typer.Option(None, "--negative-rate", help="Share r of negatives the rows keep; the calibration's log-odds move by log(r) (default: counted from the sampling)."),
     base_rate: Optional[float] = typer.Option(None, "--base-rate", help="Or: the true click rate of a scored row; r = odds(base rate) / odds(the rows' rate)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Overrides ADSELECT_DATA_DIR."),
@@ -419,7 +419,7 @@ def calibrate_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Fusion weights the log was served with (default: the service's)."),
     out: Path = typer.Option(..., "--out", help="Weights JSON to write: the same fusion with the refit calibration."),
     holdout: float = typer.Option(HOLDOUT_SHARE, "--holdout", min=0.05, max=0.95, help="Share of users (by keyed hash) held out to judge the fit."),
-    method: str = typer.Option("auto", "--method", help="auto (platt or isotonic, by cross-validated log loss over users), platt, isotonic."),
+    method: str = typer.Option("auto", "--method", help="auto (platt, isotonic or platt_list, by cross-validated log loss over users), platt, isotonic, platt_list (list-aware: the score and its place among the scored candidates)."),
     bins: int = typer.Option(ECE_BINS, "--bins", min=2, help="Equal-count bins of the reliability table and ECE."),
     arm: Optional[str] = typer.Option(None, "--arm", help="Only this arm's records (default: every arm served with these weights)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Calibration report JSON (default: next to --out, .calibration.json; the plot .reliability.png)."),

@@ -3,17 +3,22 @@
 Rows are the served ads of records logged under the given weights (their `weights_version`; another
 version's scores are on another scale), optionally of one arm, labelled clicked or not. Users (the
 record's keyed user hash) are split by a second keyed hash (eval.calibration.user_share) into a fitting
-part and a held-out part (`holdout` share), so no user is on both sides. The method (platt or isotonic,
+part and a held-out part (`holdout` share), so no user is on both sides. Each row carries its place among the record's
+scored candidates (selection.fusion.list_context over the logged `scored` scores: the list the service
+computed the pCTR over), which the list-aware `platt_list` needs. The method (platt, isotonic or platt_list,
 `method="auto"`) is chosen by cross-validated log loss over folds of the fitting users, fitted on the
 fitting part and judged on the held-out part with eval.calibration.summary (log loss, normalised entropy,
 Σp/Σy, ECE over `bins` quantile bins, the reliability table) and ece_uncertainty (bootstrap interval,
-noise floor). `cross_fitted` judges the same method on every row instead: each row predicted by a fit on
+noise floor; and, since a simulated user shown the same ad again clicks again, per cluster of user + ad:
+the floor of that many independent outcomes). `cross_fitted` judges the same method on every row instead: each row predicted by a fit on
 the other folds' users (more rows, so a lower noise floor; the shipped fit is the fitting part's).
 
 The rows are the service's own impressions, not sampled negatives, so no negative-sampling correction
 applies (eval tune's sampled rows are corrected, see eval.calibration.fit_calibration). The refit weights
-keep the fusion coefficients (the order never changes: both methods are monotone) and replace
-`calibration`; POST /admin/reload serves them.
+keep the fusion coefficients and replace `calibration`; POST /admin/reload serves them. platt and
+isotonic are monotone in the score, so the relevance order never changes; platt_list is monotone within a
+list when a + w[log_share] + w[margin] + min(0, w[share]) > 0 (the report's `monotone_in_list`), else
+bid × pCTR may order a list differently from its scores.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import numpy as np
 
 from eval.calibration import ECE_BINS, HOLDOUT_SHARE, METHODS, apply_calibration, choose_method, cross_fitted, ece_uncertainty, fit_calibration, summary, user_share
 from kernel.errors import UserError
-from selection.fusion import FusionModel
+from selection.fusion import LIST_TERMS, FusionModel, list_context
 
 
 @dataclass(frozen=True)
@@ -33,28 +38,46 @@ class ServedRows:
     scores: np.ndarray  # fused score of each served ad
     y: np.ndarray  # clicked 1/0
     users: list[str]  # the record's keyed user hash
+    context: dict[str, np.ndarray]  # list_context of each served ad within its record's scored candidates
+    clusters: list[str]  # user + ad: rows that share one outcome (the same user shown the same ad again)
 
 
 def served_rows(records: Sequence[Mapping[str, Any]], *, weights_version: str | None, arm: str | None = None) -> ServedRows:
     """Each served ad of the records logged under `weights_version` (None: all) and `arm` (None: all)."""
-    s, y, users = [], [], []
+    s, y, users, ctx, clusters = [], [], [], {t: [] for t in LIST_TERMS}, []
     for r in records:
         if weights_version is not None and r.get("weights_version") != weights_version:
             continue
         if arm is not None and r.get("arm") != arm:
             continue
         clicked = set(r.get("clicked") or ())
-        for a in r.get("served_ads") or ():
-            if a.get("score") is None:
-                continue
+        served = [a for a in r.get("served_ads") or () if a.get("score") is not None]
+        scored = [c for c in r.get("scored") or () if c.get("score") is not None]
+        listed = {c["ad_id"]: i for i, c in enumerate(scored)}
+        if not all(a["ad_id"] in listed for a in served):  # no scored list logged: the served ads are the list
+            scored, listed = served, {a["ad_id"]: i for i, a in enumerate(served)}
+        lc = list_context(np.array([float(c["score"]) for c in scored]))
+        for a in served:
+            for t in LIST_TERMS:
+                ctx[t].append(float(lc[t][listed[a["ad_id"]]]))
             s.append(float(a["score"]))
             y.append(1.0 if a["ad_id"] in clicked else 0.0)
             users.append(str(r.get("user_id") or r["request_id"]))
-    return ServedRows(np.array(s), np.array(y), users)
+            clusters.append(f"{users[-1]}\x1f{a['ad_id']}")
+    return ServedRows(np.array(s), np.array(y), users, {t: np.array(v) for t, v in ctx.items()}, clusters)
 
 
-def _judged(p: np.ndarray, y: np.ndarray, *, bins: int, seed: int) -> dict[str, Any]:
-    return {**summary(p, y, bins=bins), **ece_uncertainty(p, y, bins=bins, seed=seed)}
+def monotone_in_list(cal: Mapping[str, Any]) -> bool:
+    """Whether the pCTR increases with the score among one list's candidates (d logit / d score > 0 for
+    every share in [0, 1]); platt and isotonic always do."""
+    if cal.get("method") != "platt_list":
+        return True
+    w = cal["w"]
+    return float(cal["a"]) + w.get("log_share", 0.0) + w.get("margin", 0.0) + min(0.0, w.get("share", 0.0)) > 0
+
+
+def _judged(p: np.ndarray, y: np.ndarray, *, bins: int, seed: int, clusters: Sequence[str]) -> dict[str, Any]:
+    return {**summary(p, y, bins=bins), **ece_uncertainty(p, y, bins=bins, seed=seed, clusters=clusters)}
 
 
 def refit_calibration(
@@ -71,24 +94,29 @@ def refit_calibration(
 ) -> tuple[FusionModel, dict[str, Any]]:
     """The weights with a calibration refit on the log's feedback, and the report (before/after on held-out users)."""
     rows = served_rows(records, weights_version=weights_version, arm=arm)
-    scores, y = rows.scores, rows.y
+    scores, y, ctx = rows.scores, rows.y, rows.context
     if len(y) == 0:
         raise UserError("no served ads logged under these weights (check --weights against the log's weights_version)")
     if method != "auto" and method not in METHODS:
         raise UserError(f"unknown calibration method {method!r} (auto, {', '.join(METHODS)})")
     test = np.array([user_share(u) < holdout for u in rows.users])
     fit = ~test
+
+    def part(mask: np.ndarray) -> dict[str, np.ndarray]:
+        return {k: v[mask] for k, v in ctx.items()}
+
     if test.all() or not test.any() or y[fit].sum() == 0 or y[fit].sum() == fit.sum():
         raise UserError("too few rows (or no clicks / only clicks) to fit and hold out a calibration")
     fit_users = [u for u, f in zip(rows.users, fit) if f]
     cv_logloss = None
     if method == "auto":
-        method, cv_logloss = choose_method(scores[fit], y[fit], fit_users, folds=folds)
-    cal = fit_calibration(scores[fit], y[fit], method=method)
-    block = {k: v for k, v in cal.items() if k in ("method", "a", "b", "x", "p")}
+        method, cv_logloss = choose_method(scores[fit], y[fit], fit_users, folds=folds, context=part(fit))
+    cal = fit_calibration(scores[fit], y[fit], method=method, context=part(fit))
+    block = {k: v for k, v in cal.items() if k in ("method", "a", "b", "x", "p", "w")}
     refit = FusionModel.from_json({**fusion.to_json(), "calibration": block})
     refit.meta = {**fusion.meta, "calibration_source": "impression log feedback", "calibration_rows": int(fit.sum())}
-    oof = cross_fitted(scores, y, rows.users, method=method, folds=folds)
+    held_clusters = [c for c, k in zip(rows.clusters, test) if k]
+    oof = cross_fitted(scores, y, rows.users, method=method, folds=folds, context=ctx)
     ok = ~np.isnan(oof)
     report = {
         "weights_version": weights_version,
@@ -101,10 +129,11 @@ def refit_calibration(
         "folds": folds,
         "fit_rows": int(fit.sum()),
         "calibration": block,
-        "holdout_before": _judged(fusion.pctr(scores[test]), y[test], bins=bins, seed=seed),
-        "holdout_after": _judged(apply_calibration(block, scores[test]), y[test], bins=bins, seed=seed),
+        "monotone_in_list": monotone_in_list(block),
+        "holdout_before": _judged(fusion.pctr(scores[test], context=part(test)), y[test], bins=bins, seed=seed, clusters=held_clusters),
+        "holdout_after": _judged(apply_calibration(block, scores[test], context=part(test)), y[test], bins=bins, seed=seed, clusters=held_clusters),
         "cross_fitted": {"rows": int(ok.sum()), "note": f"every row predicted by a {method} fit on the other {folds - 1} folds' users",
-                         **_judged(oof[ok], y[ok], bins=bins, seed=seed)},  # fmt: skip
+                         **_judged(oof[ok], y[ok], bins=bins, seed=seed, clusters=[c for c, k in zip(rows.clusters, ok) if k])},  # fmt: skip
     }
     return refit, report
 

@@ -31,6 +31,7 @@ from eval.tune import TrainingSet, build_training_set, fit_fusion, fit_llm_weigh
 from kernel.errors import UserError
 from retrieval.features import build_profile
 from retrieval.records import iter_impressions
+from selection.fusion import list_context
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def fit_tune_calibration(model, cal_ts: TrainingSet, *, opts: TuneOptions) -> tu
     """The calibration block for `model` fitted on `cal_ts` (users the fusion did not see), prior-corrected for
     the negative sampling, and its record (method choice, r and where it came from, the in-sample fit)."""
     scores = model.prior_scores(cal_ts.X)
+    context = list_context(scores, groups=cal_ts.group)  # each row's place among its impression's candidates (platt_list)
     if opts.negative_rate is not None and opts.base_rate is not None:
         raise UserError("give --negative-rate or --base-rate, not both")
     if opts.negative_rate is not None:
@@ -191,12 +193,12 @@ def fit_tune_calibration(model, cal_ts: TrainingSet, *, opts: TuneOptions) -> tu
         r, source = cal_ts.negative_rate(), "counted: negatives in the rows / negatives they were drawn from"
     method, cv = opts.calibration_method, None
     if method == "auto":
-        method, cv = choose_method(scores, cal_ts.y, [cal_ts.users[g] for g in cal_ts.group])
+        method, cv = choose_method(scores, cal_ts.y, [cal_ts.users[g] for g in cal_ts.group], context=context)
     try:
-        cal = fit_calibration(scores, cal_ts.y, method=method, negative_rate=r)
+        cal = fit_calibration(scores, cal_ts.y, method=method, negative_rate=r, context=context)
     except ValueError as e:
         raise UserError(str(e)) from e
-    uncorrected = fit_calibration(scores, cal_ts.y, method=method)
+    uncorrected = fit_calibration(scores, cal_ts.y, method=method, context=context)
     record = {
         "method": method,
         "cv_logloss": cv,
@@ -207,9 +209,9 @@ def fit_tune_calibration(model, cal_ts: TrainingSet, *, opts: TuneOptions) -> tu
         "correction": "prior correction (King & Zeng 2001): logit p = logit p_sampled + log(r)",
         "hard_negatives_note": "n_hard > 0: hard negatives are not a uniform sample; r counts them as drawn from the same pool" if opts.n_hard else None,
         # in-sample on the sampled rows, before the correction (after it, Σp/Σy on sampled rows is r-shrunk by design)
-        "sampled_rows_fit": {k: v for k, v in summary(apply_calibration(uncorrected, scores), cal_ts.y).items() if k != "reliability"},
+        "sampled_rows_fit": {k: v for k, v in summary(apply_calibration(uncorrected, scores, context=context), cal_ts.y).items() if k != "reliability"},
     }
-    return {k: v for k, v in cal.items() if k in ("method", "a", "b", "x", "p", "prior_correction")}, record
+    return {k: v for k, v in cal.items() if k in ("method", "a", "b", "x", "p", "w", "prior_correction")}, record
 
 
 def run_tune(

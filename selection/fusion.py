@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,18 +29,67 @@ def llm_feature(llm_rank: int | None, n: int) -> float:
     return 1.0 / (1.0 + llm_rank)
 
 
+LIST_TERMS = ("log_share", "share", "margin")  # platt_list's terms for the ad's place among the scored candidates
+
+
+def list_context(scores: np.ndarray, *, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Each row's place in its list of scored candidates (`groups`: a list id per row; None: one list, as
+    the hot path scores one request's candidates): `log_share` = s − logsumexp(the list's scores) (its
+    conditional-logit share of the list, log), `share` = exp(log_share), `margin` = s − max(the list's scores)."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if len(s) == 0:
+        return {k: np.zeros(0) for k in LIST_TERMS}
+    if groups is None:
+        top = np.full(len(s), s.max())
+        lse = top + np.log(np.exp(s - top).sum())
+    else:
+        _, g = np.unique(np.asarray(groups), return_inverse=True)
+        mx = np.full(g.max() + 1, -np.inf)
+        np.maximum.at(mx, g, s)
+        top = mx[g]
+        lse = top + np.log(np.bincount(g, weights=np.exp(s - top))[g])
+    log_share = s - lse
+    return {"log_share": log_share, "share": np.exp(log_share), "margin": s - top}
+
+
+def calibrated_pctr(
+    cal: dict, scores: np.ndarray, *, context: dict[str, np.ndarray] | None = None, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """THE pCTR formula of a calibration block (eval/calibration.py fits it; serving, the log's pCTR field,
+    eval's reports and the refit all call this): `platt` sigmoid(a·score + b); `isotonic` linear
+    interpolation between knots (x, p), constant beyond the end knots; `platt_list` sigmoid(a·score + b +
+    Σ w[t]·term t of list_context) — the terms from `context` when given (rows picked out of their lists),
+    else computed over `scores` (split into lists by `groups`; None: one list)."""
+    s = np.asarray(scores, dtype=np.float64)
+    method = cal.get("method", "platt")
+    if method == "isotonic":
+        return np.interp(s, cal["x"], cal["p"])
+    z = float(cal.get("a", 1.0)) * s + float(cal.get("b", 0.0))
+    if method == "platt_list":
+        ctx = context if context is not None else list_context(s, groups=groups)
+        for term, w in cal["w"].items():
+            z = z + float(w) * np.asarray(ctx[term], dtype=np.float64).reshape(s.shape)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 def _checked_calibration(cal: dict) -> dict:
     """The calibration block, or ValueError (a reload refuses the file): platt needs a and b; isotonic
-    needs knots x strictly increasing and p non-decreasing in [0, 1], of one length."""
+    needs knots x strictly increasing and p non-decreasing in [0, 1], of one length; platt_list needs a,
+    b and finite weights w over LIST_TERMS."""
     method = cal.get("method", "platt")
-    if method == "platt":
-        float(cal.get("a", 1.0)), float(cal.get("b", 0.0))
+    if method in ("platt", "platt_list"):
+        if not all(math.isfinite(float(cal.get(k, 0.0))) for k in ("a", "b")):
+            raise ValueError(f"{method} calibration needs finite a and b")
+    if method == "platt_list":
+        w = cal.get("w")
+        if not isinstance(w, dict) or not w or set(w) - set(LIST_TERMS) or not all(math.isfinite(float(v)) for v in w.values()):
+            raise ValueError(f"platt_list calibration needs weights w: a non-empty map of {', '.join(LIST_TERMS)} to finite numbers")
     elif method == "isotonic":
         x, p = np.asarray(cal.get("x", []), dtype=np.float64), np.asarray(cal.get("p", []), dtype=np.float64)
         if len(x) < 2 or len(x) != len(p) or np.any(np.diff(x) <= 0) or np.any(np.diff(p) < 0) or p.min() < 0 or p.max() > 1:
             raise ValueError("isotonic calibration needs knots x (strictly increasing) and p (non-decreasing, in [0, 1]) of one length >= 2")
-    else:
-        raise ValueError(f"unknown calibration method {method!r} (platt, isotonic)")
+    elif method != "platt":
+        raise ValueError(f"unknown calibration method {method!r} (platt, isotonic, platt_list)")
     return dict(cal)
 
 
@@ -57,21 +107,17 @@ class FusionModel:
     llm_score_coef: float = 0.0  # scoring mode: weight of the averaged label log-probability; 0 = no fit earned it a say
     _pairs_cache: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
-    def pctr(self, scores: np.ndarray) -> np.ndarray:
-        """Calibrated click probability of the fused score, fitted on logged clicks (eval/calibration.py):
-        `platt` sigmoid(a·score + b), or `isotonic` linear interpolation between knots (x, p), constant
-        beyond the end knots."""
-        s = np.asarray(scores, dtype=np.float64)
-        if self.calibration.get("method") == "isotonic":
-            return np.interp(s, self.calibration["x"], self.calibration["p"])
-        a, b = float(self.calibration.get("a", 1.0)), float(self.calibration.get("b", 0.0))
-        return 1.0 / (1.0 + np.exp(-(a * s + b)))
+    def pctr(self, scores: np.ndarray, *, groups: np.ndarray | None = None, context: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Calibrated click probability of the fused scores (calibrated_pctr of this calibration block):
+        `scores` are one list of scored candidates unless `groups` splits them (a list id per row) or
+        `context` gives each row's list terms (list_context of its own list)."""
+        return calibrated_pctr(self.calibration, scores, context=context, groups=groups)
 
-    def sampled_pctr(self, scores: np.ndarray) -> np.ndarray:
+    def sampled_pctr(self, scores: np.ndarray, *, groups: np.ndarray | None = None, context: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """pCTR on the scale of the sampled rows the calibration was fitted on: the prior correction
         (logit p = logit p_sampled + log r, eval/calibration.py) undone. What a protocol that samples its
         negatives the same way should be judged against; `pctr` itself is the catalog-scale probability."""
-        p = self.pctr(scores)
+        p = self.pctr(scores, groups=groups, context=context)
         offset = (self.calibration.get("prior_correction") or {}).get("log_odds_offset")
         if not offset:
             return p

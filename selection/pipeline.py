@@ -389,8 +389,9 @@ class Selector:
         sent = stage.candidates[: self.llm_max_candidates]
         # The justification and copy are written for the ad the service expects to serve: the first of the
         # final order computed without the LLM (the LLM's ranking moves it only through its learned weight).
-        prior = np.array([c.prior_score for c in sent], dtype=np.float64)
-        target = sent[int(self._order(prior, sent)[0])].ad.ad_id
+        # The order is of every scored candidate (a list-aware pCTR is computed over the whole list), restricted to those sent.
+        prior = np.array([c.prior_score for c in stage.candidates], dtype=np.float64)
+        target = next(stage.candidates[int(i)].ad.ad_id for i in self._order(prior, stage.candidates) if int(i) < len(sent))
         rewrite = req.rewrite and self.copier is None  # with a copier the copy comes from its cache, not this call
         return dict(history_ads=stage.history_ads, events=req.events, candidates=sent, rewrite=rewrite, target_id=target)
 

@@ -237,6 +237,8 @@ def main() -> None:
                   f"split {cal['split']}, block {cal['calibration']}, monotone in a list: {cal['monotone_in_list']}")  # fmt: skip
             for part in ("holdout_before", "holdout_after", "cross_fitted"):
                 print(f"  {part}: {calibration_line(cal[part])}")
+            for a, c in (cal.get("holdout_after_by_arm") or {}).items():
+                print(f"  holdout_after, arm {a}: {calibration_line(c)}")
         cal = extra["calibration_refit"]
         args.out.mkdir(parents=True, exist_ok=True)
         from eval.log_calibration import reliability_plot

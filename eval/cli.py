@@ -445,6 +445,8 @@ def calibrate_cmd(
     typer.echo(f"method {rep['method']} (cross-validated log loss {rep['cv_logloss']}); {bins} quantile bins")
     for part in ("holdout_before", "holdout_after", "cross_fitted"):
         typer.echo(f"{part}: {calibration_line(rep[part])}")
+    for a, c in (rep.get("holdout_after_by_arm") or {}).items():
+        typer.echo(f"holdout_after, arm {a}: {calibration_line(c)}")
     typer.echo(f"wrote {out}, {rpath} and {plot}")
 
 

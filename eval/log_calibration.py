@@ -40,11 +40,12 @@ class ServedRows:
     users: list[str]  # the record's keyed user hash
     context: dict[str, np.ndarray]  # list_context of each served ad within its record's scored candidates
     clusters: list[str]  # user + ad: rows that share one outcome (the same user shown the same ad again)
+    arms: list[str]  # the record's arm
 
 
 def served_rows(records: Sequence[Mapping[str, Any]], *, weights_version: str | None, arm: str | None = None) -> ServedRows:
     """Each served ad of the records logged under `weights_version` (None: all) and `arm` (None: all)."""
-    s, y, users, ctx, clusters = [], [], [], {t: [] for t in LIST_TERMS}, []
+    s, y, users, ctx, clusters, arms = [], [], [], {t: [] for t in LIST_TERMS}, [], []
     for r in records:
         if weights_version is not None and r.get("weights_version") != weights_version:
             continue
@@ -64,7 +65,8 @@ def served_rows(records: Sequence[Mapping[str, Any]], *, weights_version: str | 
             y.append(1.0 if a["ad_id"] in clicked else 0.0)
             users.append(str(r.get("user_id") or r["request_id"]))
             clusters.append(f"{users[-1]}\x1f{a['ad_id']}")
-    return ServedRows(np.array(s), np.array(y), users, {t: np.array(v) for t, v in ctx.items()}, clusters)
+            arms.append(str(r.get("arm")))
+    return ServedRows(np.array(s), np.array(y), users, {t: np.array(v) for t, v in ctx.items()}, clusters, arms)
 
 
 def monotone_in_list(cal: Mapping[str, Any]) -> bool:
@@ -116,6 +118,8 @@ def refit_calibration(
     refit = FusionModel.from_json({**fusion.to_json(), "calibration": block})
     refit.meta = {**fusion.meta, "calibration_source": "impression log feedback", "calibration_rows": int(fit.sum())}
     held_clusters = [c for c, k in zip(rows.clusters, test) if k]
+    p_after = apply_calibration(block, scores[test], context=part(test))
+    held_arms = np.array([a for a, k in zip(rows.arms, test) if k])
     oof = cross_fitted(scores, y, rows.users, method=method, folds=folds, context=ctx)
     ok = ~np.isnan(oof)
     report = {
@@ -131,7 +135,11 @@ def refit_calibration(
         "calibration": block,
         "monotone_in_list": monotone_in_list(block),
         "holdout_before": _judged(fusion.pctr(scores[test], context=part(test)), y[test], bins=bins, seed=seed, clusters=held_clusters),
-        "holdout_after": _judged(apply_calibration(block, scores[test], context=part(test)), y[test], bins=bins, seed=seed, clusters=held_clusters),
+        "holdout_after": _judged(p_after, y[test], bins=bins, seed=seed, clusters=held_clusters),
+        # the same held-out rows per arm (one fit for all): whether one arm's served ads are miscalibrated
+        "holdout_after_by_arm": {a: _judged(p_after[held_arms == a], y[test][held_arms == a], bins=bins, seed=seed,
+                                            clusters=[c for c, h in zip(held_clusters, held_arms) if h == a])
+                                 for a in sorted(set(held_arms.tolist()))} if len(set(held_arms.tolist())) > 1 else None,  # fmt: skip
         "cross_fitted": {"rows": int(ok.sum()), "note": f"every row predicted by a {method} fit on the other {folds - 1} folds' users",
                          **_judged(oof[ok], y[ok], bins=bins, seed=seed, clusters=[c for c, k in zip(rows.clusters, ok) if k])},  # fmt: skip
     }

@@ -6,7 +6,7 @@
   the fitted range and never reorders there). With `negative_rate` r (the share of negatives kept when
   the rows were negatively sampled) the fit is prior-corrected (King & Zeng 2001): the log-odds move by
   log(r) — Platt's b' = b + log(r), isotonic's knots p' = r·p / (r·p + 1 − p) — so the pCTR refers to
-  the unsampled rows. `selection.fusion.FusionModel.pctr` applies either at serving time.
+  the unsampled rows. `selection.fusion.calibrated_pctr` (FusionModel.pctr) is the formula serving applies.
   `platt_list` is list-aware: sigmoid(a·score + b + Σ w[t]·t) over the ad's place among the scored
   candidates (selection.fusion.list_context: log_share = s − logsumexp of the list's scores, its
   conditional-logit share; share = exp(log_share); margin = s − the list's best score), a logistic

@@ -112,7 +112,7 @@ def ingest(
     """Load a catalog into Chroma (upsert by ad_id) and learn co-visitation/popularity from histories."""
     import contextlib
 
-    from selection.services import behaviour_dir, make_embedder, make_store, sequence_config
+    from selection.services import behaviour_dir, embedder_key_for, make_embedder, make_store, sequence_config
     from retrieval.ingest import ingest_catalog, learn_behaviour, learn_sequence
 
     s = _settings(data_dir)
@@ -131,7 +131,9 @@ def ingest(
                 from agent.understanding import understanding_at_ingest
 
                 enrich = understanding_at_ingest(s, stack, reports=reports)
-            rep = ingest_catalog(ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich)
+            rep = ingest_catalog(
+                ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich, embedder_key=embedder_key_for(s)
+            )
         for r in reports:
             typer.echo(f"understanding: {json.dumps(r.as_dict())}")
         typer.echo(f"{rep.summary()} (collection {s.collection!r})")

@@ -1,6 +1,11 @@
 """cProfile of the fast path (use_llm false) in process: request body -> core -> Selector -> wire JSON.
 
     python bench/profile_fast.py --data-dir GAMES_VAR [--collection NAME] [--requests 1000] [--top 25]
+    python bench/profile_fast.py --data-dir GAMES_VAR --eval games_sampled [--requests 6000]   # the eval fast phase
+
+--eval: the `adselect eval run --no-llm` fast phase of TASK in one process (the harness's fast_record
+per impression + its results line), first unprofiled (CPU ms per impression, the figure a shared
+machine's load moves least), then under cProfile with a CPU-time clock.
 
 Real Games histories (impressions_full_dev.jsonl, one distinct user per request), serving=True
 (eligibility rules, frequency caps in SQLite in a scratch copy of the data dir, audit lines to a
@@ -28,7 +33,10 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval", default=None, metavar="TASK", help="Profile the eval fast phase of this task instead.")
     args = ap.parse_args()
+    if args.eval:
+        return profile_eval(args)
 
     from selection.services import build_services
     from server.convert import to_core, to_wire
@@ -78,6 +86,69 @@ def main() -> None:
         pstats.Stats(prof, stream=out).sort_stats(key).print_stats(args.top)
         text = out.getvalue()
         print(text[text.find("   ncalls"):])
+
+
+def print_tables(prof: cProfile.Profile, top: int) -> None:
+    for key in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(top)
+        text = out.getvalue()
+        print(text[text.find("   ncalls"):])
+
+
+def profile_eval(args) -> None:
+    import json
+    import os
+
+    from eval.config import load_task, resolve_path
+    from eval.data import load_impressions
+    from eval.env import prepare_env
+    from eval.exposure import read_catalog
+    from eval.harness import fast_record
+    from eval.metrics import metrics_by_protocol
+    from eval.rankers import FastRankers
+    from eval.report import metric_names
+    from eval.systems import FAST_SYSTEMS, resolve_systems
+
+    task = load_task(args.eval, overrides={"no_llm": True})
+    s = Settings().model_copy(update={"data_dir": args.data_dir})
+    ads_path, imp_path = resolve_path(task.data.ads), resolve_path(task.data.impressions)
+    env = prepare_env(s, ads_path=ads_path, train_paths=[resolve_path(p) for p in task.data.train] or [imp_path], show_progress=False)
+    sel = env.services.selector
+    sel.generator.use_chroma = task.protocol.use_chroma
+    names = metric_names(task.protocol.recall_ks)
+    catalog = read_catalog(ads_path)
+    bids = {a.ad_id: a.bid for a in env.services.index.ads} if any(m["bid"] is not None for m in catalog.values()) else None
+    metrics_of = metrics_by_protocol([m for m in names if not m.startswith("recall@")], names, bids=bids)
+    systems = [x for x in resolve_systems(task.systems) if x in FAST_SYSTEMS and (x != "sequence" or sel.generator.sequence is not None)]
+    from eval.bm25 import BM25Index
+
+    bm25 = BM25Index(env.services.index.ads) if "bm25" in systems else None
+    rankers = FastRankers(
+        selector=sel, bm25=bm25, systems=systems, n_retrieve=task.protocol.n_retrieve, use_chroma=task.protocol.use_chroma,
+        seed=task.protocol.seed, rank_by=env.settings.rank_by,
+    )  # fmt: skip
+    items = load_impressions(imp_path, catalog=env.services.index.row, limit=args.requests).items
+    for imp in items:
+        imp.candidates = rankers.canonical(imp.candidates)
+
+    def run_all() -> None:
+        with open(os.devnull, "w", encoding="utf-8") as sink:
+            for imp in items:
+                sink.write(json.dumps(fast_record(imp, rankers, metrics_of), ensure_ascii=False) + "\n")  # as ResultsLog.append
+
+    run_all()  # warm
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    run_all()
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+    prof = cProfile.Profile(time.process_time)
+    prof.enable()
+    run_all()
+    prof.disable()
+    print(f"[eval {args.eval}] {len(items)} impressions, systems {','.join(systems)}, one process, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}: {1000 * cpu / len(items):.3f} ms CPU per impression "
+          f"= {len(items) / cpu:.0f} impressions per CPU-second (wall {len(items) / wall:.0f}/s)")  # fmt: skip
+    print_tables(prof, args.top)
 
 
 if __name__ == "__main__":

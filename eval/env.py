@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.provenance import file_sha256
-from selection.services import Services, behaviour_dir, build_services, make_embedder, make_store, sequence_config
+from selection.services import Services, behaviour_dir, build_services, embedder_key_for, make_embedder, make_store, sequence_config
 from kernel.settings import Settings
 from retrieval.ingest import ingest_catalog, learn_behaviour, learn_sequence
+from retrieval.embedder import catalog_embedder_ok
 from retrieval.records import read_ads
 from retrieval.store import catalog_hash
 
@@ -38,6 +39,7 @@ class LazyEmbedder:
     def __init__(self, settings: Settings):
         self._settings = settings
         self._real = None
+        self.key = embedder_key_for(settings)  # the catalog check needs no model load
 
     @property
     def real(self):
@@ -99,11 +101,11 @@ def prepare_env(
     s = settings.model_copy(update={"collection": collection})
     store = make_store(s)
     embedder = LazyEmbedder(s)
-    if store.stored_hash() == content_hash and store.count() == len(ads):
+    if store.stored_hash() == content_hash and store.count() == len(ads) and catalog_embedder_ok(store.stored_embedder(), embedder.key):
         reused["catalog"] = True
     else:
         log.info("ingesting catalog", extra={"ads": len(ads), "collection": collection})
-        ingest_catalog(ads_path=ads_path, store=store, embedder=embedder.real, show_progress=show_progress)
+        ingest_catalog(ads_path=ads_path, store=store, embedder=embedder.real, show_progress=show_progress, embedder_key=embedder.key)
         reused["catalog"] = False
     timings["ingest_s"] = time.perf_counter() - t
 

@@ -215,6 +215,21 @@ class SequenceModelMismatch(CatalogError):
         super().__init__(f"{path}: sequence model built for catalog ids {found[:12]}, catalog is {expected[:12]}")
 
 
+class EmbedderMismatch(CatalogError):
+    """The stored catalog's vectors came from another embedder (backend or model) than the one configured:
+    queries and catalog would live in different vector spaces. Re-ingest (`adselect ingest`, which re-embeds
+    on a new key) or set ADSELECT_EMBED_BACKEND back to the stored one."""
+
+    code = "embedder_mismatch"
+
+    def __init__(self, collection: str, *, stored: str, configured: str):
+        self.collection, self.stored, self.configured = collection, stored, configured
+        super().__init__(
+            f"collection {collection!r} was embedded by {stored}, the configured embedder is {configured}: "
+            "run `adselect ingest` (it re-embeds the catalog) or set ADSELECT_EMBED_BACKEND to the stored backend"
+        )
+
+
 # --- serving artifacts (selection/artifact.py) -----------------------------------------------------------
 
 

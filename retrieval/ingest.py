@@ -104,9 +104,12 @@ def ingest_catalog(
     force: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
     enrich: Callable[[list[Ad]], list[Ad]] | None = None,
+    embedder_key: str | None = None,
 ) -> IngestReport:
     """Make the collection equal to the file at `ads_path`. `force` re-embeds every ad (a new model).
     `enrich` maps the ads read from the file (same ids, same order) before they are compared and written.
+    `embedder_key` (retrieval.embedder.embedder_key; default: the embedder's own `key`, when it has one)
+    is recorded on the collection; a collection whose recorded key differs (or is missing) is re-embedded whole.
 
     `on_batch(written, to_embed)` is called after each batch of embedded ads is written.
     """
@@ -119,6 +122,10 @@ def ingest_catalog(
         timings["enrich_s"] = time.perf_counter() - t
     h = catalog_hash(ads)
     timings["read_s"] = time.perf_counter() - t0
+    key = embedder_key or getattr(embedder, "key", None)
+    if key is not None and store.stored_embedder() != key and store.count() > 0:
+        log.info("re-embedding the catalog", extra={"stored_embedder": store.stored_embedder(), "embedder": key})
+        force = True  # one collection, one embedder: vectors of two backends never mix
     if not force and store.stored_hash() == h and store.count() == len(ads):
         secs = time.perf_counter() - t0
         return IngestReport(len(ads), secs, 0.0, True, h, unchanged=len(ads), timings_s=timings)
@@ -161,7 +168,7 @@ def ingest_catalog(
     store.update_metadata(plan.metadata_only, batch_size=batch_size)
     # Ads that left the catalog file leave the collection too: the file is the catalog.
     store.delete(plan.remove)
-    store.set_content_hash(h)  # last: "this collection is exactly catalog h"
+    store.set_content_hash(h, embedder_key=key)  # last: "this collection is exactly catalog h, embedded by key"
     timings["finish_s"] = time.perf_counter() - t
     secs = time.perf_counter() - t0
     return IngestReport(

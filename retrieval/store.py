@@ -27,6 +27,7 @@ _META_FIELDS = ("title", "text", "category", "subcategory", "advertiser", "landi
 # collection itself says which ads are current: an interrupted ingest resumes from them.
 CONTENT_KEY = "content_sha256"  # everything stored for the ad: a change means the ad must be rewritten
 DOCUMENT_KEY = "document_sha256"  # the embedded text: unchanged means the stored vector is still right
+EMBEDDER_KEY = "embedder"  # collection metadata: the embedder key every stored vector came from
 
 
 def ad_to_metadata(ad: Ad) -> dict[str, str | float]:
@@ -174,10 +175,16 @@ class AdStore:
         for start in range(0, len(ids), batch_size):
             self.collection.delete(ids=list(ids[start : start + batch_size]))
 
-    def set_content_hash(self, content_hash: str) -> None:
+    def stored_embedder(self) -> str | None:
+        """The key (retrieval.embedder.embedder_key) of the embedder that wrote the stored vectors."""
+        return (self.collection.metadata or {}).get(EMBEDDER_KEY)
+
+    def set_content_hash(self, content_hash: str, *, embedder_key: str | None = None) -> None:
         meta = dict(self.collection.metadata or {})
         meta.pop("hnsw:space", None)  # immutable after creation; modify() rejects it
         meta["content_hash"] = content_hash
+        if embedder_key is not None:
+            meta[EMBEDDER_KEY] = embedder_key
         self.collection.modify(metadata=meta)
 
     def load_index(self, *, page: int = 5000) -> CatalogIndex:

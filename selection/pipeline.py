@@ -53,6 +53,7 @@ from selection.fusion import FusionModel
 from selection.impression_log import ImpressionLogWriter, NullImpressionLog, ScoredEntry, ServedEntry, build_record
 from selection.rules import EligibilityPolicy, EligibilityTable, chroma_where, is_eligible
 
+_PRIOR_DIGITS = (6,) * len(FEATURES)  # each prior feature is reported rounded to 6 decimals (round(v, 6), in C via map)
 log = logging.getLogger(__name__)
 
 AuditSink = Callable[[dict], None]
@@ -344,7 +345,7 @@ class Selector:
         top = order[:head]
         ads = self.index.ads
         cands = [
-            Candidate(ad=ads[row], priors={f: round(v, 6) for f, v in zip(FEATURES, feats)}, prior_score=score, prior_rank=rank)
+            Candidate(ad=ads[row], priors=dict(zip(FEATURES, map(round, feats, _PRIOR_DIGITS))), prior_score=score, prior_rank=rank)
             for rank, (row, feats, score) in enumerate(
                 zip(cset.rows[top].tolist(), cset.features[top].tolist(), scores[top].tolist())
             )

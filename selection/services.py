@@ -23,7 +23,7 @@ from agent.review import ModelTextReviewer
 from retrieval.behaviour import BehaviourStats
 from retrieval.candidates import CandidateGenerator
 from retrieval.chroma import make_chroma_client
-from retrieval.embedder import Embedder
+from retrieval.embedder import Embedder, check_catalog_embedder, embedder_key
 from retrieval.ingest import SEQUENCE_DIR
 from retrieval.sequence import SequenceConfig, SequenceModel
 from retrieval.store import AdStore, CatalogIndex
@@ -40,7 +40,15 @@ def make_store(settings: Settings) -> AdStore:
 
 
 def make_embedder(settings: Settings) -> Embedder:
-    return Embedder(settings.embedder_path, batch_size=settings.embed_batch_size, cache_size=settings.event_cache_size)
+    return Embedder(
+        settings.embedder_path, backend=settings.embed_backend, onnx_dir=settings.onnx_dir,
+        batch_size=settings.embed_batch_size, cache_size=settings.event_cache_size,
+    )  # fmt: skip
+
+
+def embedder_key_for(settings: Settings) -> str:
+    """The key make_embedder's embedder will have, without loading it (retrieval.embedder.embedder_key)."""
+    return embedder_key(settings.embedder_path, settings.embed_backend)
 
 
 def load_behaviour(settings: Settings, index: CatalogIndex) -> BehaviourStats:
@@ -246,6 +254,7 @@ def build_services(
     experiment = experiment_from_settings(settings, prompt_names=prompt_names)
     reranker_injected = reranker is not None
     embedder = embedder or make_embedder(settings)
+    check_catalog_embedder(collection=settings.collection, stored=store.stored_embedder(), configured=getattr(embedder, "key", None))
     if reranker is None and llm_url and settings.llm_enabled:
         reranker = make_reranker(settings, llm_url=llm_url)
     generator = CandidateGenerator(

@@ -122,6 +122,7 @@ def ingest(
     try:
         store = make_store(s)
         embedder = lambda: make_embedder(s)  # noqa: E731 - a factory: the model loads only when work is due
+        embedders: list = []  # --ray: the embedding actors, stopped once the catalog is written (before counting)
         with contextlib.ExitStack() as stack:
             count = None  # behaviour counted in this process; with --ray, on actors (the same counts)
             if ray is not None:
@@ -130,14 +131,24 @@ def ingest(
                 from eval.distributed.embed import RayEmbedder
 
                 stack.enter_context(ray_session(ray))
-                embedder = lambda: RayEmbedder(s, workers=s.ray_workers)  # noqa: E731
+
+                def ray_embedder() -> RayEmbedder:
+                    made = RayEmbedder(s, workers=s.ray_workers)
+                    embedders.append(made)
+                    return made
+
+                embedder = ray_embedder
                 count = RayBehaviourCounter(workers=s.ray_workers)
             enrich, reports = None, []
             if s.understand_at_ingest if understand is None else understand:
                 from agent.understanding import understanding_at_ingest
 
                 enrich = understanding_at_ingest(s, stack, reports=reports)
-            rep = ingest_catalog(ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich)
+            try:
+                rep = ingest_catalog(ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich)
+            finally:
+                for e in embedders:
+                    e.close()
             for r in reports:
                 typer.echo(f"understanding: {json.dumps(r.as_dict())}")
             typer.echo(f"{rep.summary()} (collection {s.collection!r})")

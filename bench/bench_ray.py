@@ -1,7 +1,7 @@
 """Eval on Ray vs one process: the fast phase on the sampled Games impressions (6,000; `--task games_full`
 for the 50,546 full-catalog ones), impressions/s of each, their ratio, and the identical-metrics check.
 
-    python bench/bench_ray.py --data-dir DIR [--task games_sampled] [--limit N] [--workers 2] [--ray ADDRESS]
+    python bench/bench_ray.py --data-dir DIR [--task games_sampled] [--limit N] [--impressions FILE] [--workers 2] [--ray ADDRESS]
 
 Single process: eval.harness with protocol.workers=1 (no forked pool). Ray: `--ray` (a local Ray with 2
 CPUs unless an address is given), `workers` FastActors. Both runs share the data dir, so the catalog,
@@ -63,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="games_sampled")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--impressions", type=Path, default=None, help="another impressions file for the task (e.g. chosen impressions)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--ray", default="local", help="local (a local Ray, 2 CPUs), auto, or an address")
@@ -74,6 +75,8 @@ def main() -> None:
     overrides = {"no_llm": True, "protocol": {"workers": 1}}
     if args.limit:
         overrides["data"] = {"limit": args.limit}
+    if args.impressions:
+        overrides["data"] = {**overrides.get("data", {}), "impressions": str(args.impressions.resolve())}
     task = load_task(args.task, overrides=overrides)
 
     # Builds (or finds) the catalog, behaviour and sequence model; a few impressions are enough for that.

@@ -200,7 +200,7 @@ def count_behaviour(
     return counter.result()
 
 
-def history_partition(history: Sequence[str], row: dict[str, int], parts: int) -> int:
+def history_partition(history: Sequence[str], row: dict[str, int], *, parts: int) -> int:
     """Which of `parts` counters a history goes to: a hash of its de-duplication key (its catalog rows, ids
     outside the catalog dropped), so every copy of a history meets the same counter and counts once."""
     codes = np.fromiter((row[a] for a in history if a in row), dtype=np.int32)

@@ -68,8 +68,9 @@ class CandidateGenerator:
         """Dense neighbours by exact in-memory search, or by a Chroma HNSW query: the one rule the dense
         source and eval's dense baseline (eval.baselines.dense_full) follow. Exact search finds the same
         neighbours in every process; an embedded Chroma's HNSW does not (each process replays the
-        collection's unpersisted tail into its own graph on several threads, so its approximate
-        neighbours differ now and then between processes: a `chroma run` server has one graph)."""
+        collection's unpersisted tail, up to hnsw sync_threshold - 1 records, into its own in-memory graph,
+        and the graphs differ, so its approximate neighbours differ now and then between processes; a
+        `chroma run` server has one graph)."""
         return not self.use_chroma or self.store is None or len(self.index) <= self.exact_max_ads
 
     def _dense(self, profile: UserProfile, n: int, where: dict | None) -> list[int]:

@@ -62,7 +62,7 @@ class RayBehaviourCounter:
 
             n = 0
             for hist in histories:
-                p = history_partition(hist, row, len(actors))
+                p = history_partition(hist, row, parts=len(actors))
                 buffers[p].append(list(hist))
                 sizes[p] += len(hist) + 1
                 n += 1

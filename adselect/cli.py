@@ -103,7 +103,10 @@ def ingest(
     history: list[Path] = typer.Option([], "--history", help="Logged impressions (canonical JSONL); only their histories are used."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=DATA_DIR_HELP),
     force: bool = typer.Option(False, "--force", help="Re-embed even when the catalog is unchanged."),
-    ray: Optional[str] = typer.Option(None, "--ray", help=RAY_HELP + " The embedding batches run on actors (behaviour learning stays here: it is vectorised)."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray",
+        help=RAY_HELP + " The embedding batches run on actors, and so does the counting of --history (partial counts merged here; the same tables).",
+    ),  # fmt: skip
     understand: Optional[bool] = typer.Option(
         None, "--understand/--no-understand",
         help="Run ad understanding (LLM at ADSELECT_LLM_URL, else the bundled model) and store it with each ad; default ADSELECT_UNDERSTAND_AT_INGEST.",
@@ -119,38 +122,53 @@ def ingest(
     try:
         store = make_store(s)
         embedder = lambda: make_embedder(s)  # noqa: E731 - a factory: the model loads only when work is due
+        embedders: list = []  # --ray: the embedding actors, stopped once the catalog is written (before counting)
         with contextlib.ExitStack() as stack:
+            count = None  # behaviour counted in this process; with --ray, on actors (the same counts)
             if ray is not None:
                 from eval.distributed import ray_session
+                from eval.distributed.behaviour import RayBehaviourCounter
                 from eval.distributed.embed import RayEmbedder
 
                 stack.enter_context(ray_session(ray))
-                embedder = lambda: RayEmbedder(s, workers=s.ray_workers)  # noqa: E731
+
+                def ray_embedder() -> RayEmbedder:
+                    made = RayEmbedder(s, workers=s.ray_workers)
+                    embedders.append(made)
+                    return made
+
+                embedder = ray_embedder
+                count = RayBehaviourCounter(workers=s.ray_workers)
             enrich, reports = None, []
             if s.understand_at_ingest if understand is None else understand:
                 from agent.understanding import understanding_at_ingest
 
                 enrich = understanding_at_ingest(s, stack, reports=reports)
-            rep = ingest_catalog(
-                ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich, embedder_key=embedder_key_for(s)
-            )
-        for r in reports:
-            typer.echo(f"understanding: {json.dumps(r.as_dict())}")
-        typer.echo(f"{rep.summary()} (collection {s.collection!r})")
-        if history:
-            index = store.load_index()
-            stats = learn_behaviour(
-                history_paths=history, catalog_ids=index.ids, out_dir=behaviour_dir(s),
-                window=s.covisit_window, decay=s.recency_decay, cf_dims=s.cf_dims,
-            )
-            typer.echo(f"behaviour: {stats.n_histories} histories, {stats.forward.nnz} co-visit pairs -> {behaviour_dir(s)}")
-            if s.sequence_enabled:
-                model = learn_sequence(
-                    history_paths=history, index=index, behaviour_dir=behaviour_dir(s), config=sequence_config(s),
-                    show_progress=True, threads=s.sequence_threads,
+            try:
+                rep = ingest_catalog(
+                    ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich, embedder_key=embedder_key_for(s)
                 )
-                how = "reused" if model.meta.get("reused") else f"trained in {model.meta.get('train', {}).get('seconds')}s"
-                typer.echo(f"sequence model: {how} -> {behaviour_dir(s)}")
+            finally:
+                for e in embedders:
+                    e.close()
+            for r in reports:
+                typer.echo(f"understanding: {json.dumps(r.as_dict())}")
+            typer.echo(f"{rep.summary()} (collection {s.collection!r})")
+            index = store.load_index() if history else None
+            if index is not None:
+                stats = learn_behaviour(
+                    history_paths=history, catalog_ids=index.ids, out_dir=behaviour_dir(s),
+                    window=s.covisit_window, decay=s.recency_decay, cf_dims=s.cf_dims, count=count,
+                )  # fmt: skip
+                where = f" (counted on {s.ray_workers} Ray actors)" if ray is not None else ""
+                typer.echo(f"behaviour: {stats.n_histories} histories, {stats.forward.nnz} co-visit pairs{where} -> {behaviour_dir(s)}")
+        if index is not None and s.sequence_enabled:  # not on Ray (one process, ADSELECT_SEQUENCE_THREADS)
+            model = learn_sequence(
+                history_paths=history, index=index, behaviour_dir=behaviour_dir(s), config=sequence_config(s),
+                show_progress=True, threads=s.sequence_threads,
+            )
+            how = "reused" if model.meta.get("reused") else f"trained in {model.meta.get('train', {}).get('seconds')}s"
+            typer.echo(f"sequence model: {how} -> {behaviour_dir(s)}")
     except AdSelectError as e:
         _fail(e)
 

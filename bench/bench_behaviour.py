@@ -1,7 +1,7 @@
 """Behaviour learning at 1x, 4x and 16x the Games histories: seconds and peak memory per size, the growth
 per 4x of data, and the pre-vectorised implementation (the tests' oracle) against today's at 1x.
 
-    python bench/bench_behaviour.py [--sizes 1,4,16] [--no-old] [--blas-threads 1] [--ads PATH --impressions PATH]
+    python bench/bench_behaviour.py [--sizes 1,4,16] [--no-old] [--ray] [--blas-threads 1] [--ads PATH --impressions PATH]
 
 1x is the histories of ../shared/data/amazon_games_6k/impressions_full_dev.jsonl as logged (50,546 users).
 kx adds (k-1) x as many resampled users with new ids: each copies a random real user's history and
@@ -14,6 +14,9 @@ process's size once the histories are in memory, so it covers numpy, scipy's C++
 "count" is popularity + co-visitation + same-history co-occurrence (`count_behaviour`); "cf" is the PMI
 matrix and its truncated SVD (ARPACK, as before: its iterations depend on the spectrum, not only on the
 size). BLAS threads default to 1: two threads on two shared cores made the SVD five times slower here.
+`--ray`: the counting also on a local Ray (2 CPUs, 2 actors: eval.distributed.behaviour, as `adselect ingest
+--ray`), per size: its seconds (actor start included), the driver's peak MB, and whether the tables equal
+the single-process ones at 1x.
 """
 from __future__ import annotations
 
@@ -74,7 +77,23 @@ def worker(args: argparse.Namespace) -> None:
     base_rss = _rss_mb()
     out: dict = {"users": len(hists), "events": sum(map(len, hists))}
     t0 = time.perf_counter()
-    if args.worker == "old":
+    if args.worker == "ray":
+        from eval.distributed import ray_session
+        from eval.distributed.behaviour import RayBehaviourCounter
+        from retrieval.behaviour import collaborative_vectors
+
+        with ray_session():
+            t0 = time.perf_counter()
+            counts = RayBehaviourCounter(workers=2)(hists, ids, window=args.window, decay=args.decay)
+            out["count_s"] = time.perf_counter() - t0
+        out["count_peak_mb"] = _peak_mb() - base_rss
+        t1 = time.perf_counter()
+        cf = collaborative_vectors(counts, dims=args.cf_dims)
+        out["cf_s"] = time.perf_counter() - t1
+        out["total_s"] = time.perf_counter() - t0
+        fwd, pop, nh = counts.forward.astype(np.float32), counts.popularity.astype(np.float32), counts.n_histories
+        out["co_pairs"] = counts.co.nnz
+    elif args.worker == "old":
         sys.path.insert(0, str(REPO_ROOT / "tests" / "retrieval"))
         from reference_behaviour import reference_learn
 
@@ -143,7 +162,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--blas-threads", type=int, default=1, help="0 = the BLAS default.")
     ap.add_argument("--no-old", action="store_true", help="Skip the old implementation at 1x.")
-    ap.add_argument("--worker", choices=["old", "new"], help=argparse.SUPPRESS)
+    ap.add_argument("--ray", action="store_true", help="Also count on a local Ray (2 actors) at every size.")
+    ap.add_argument("--worker", choices=["old", "new", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--dump", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -167,6 +187,11 @@ def main() -> None:
                   f"total {rb['total_s'] / ra['total_s']:.2f}x time; peak memory count {rb['count_peak_mb'] / max(ra['count_peak_mb'], 1e-9):.2f}x, "
                   f"total {rb['peak_mb'] / max(ra['peak_mb'], 1e-9):.2f}x, "
                   f"co-visit pairs {rb['pairs'] / ra['pairs']:.2f}x, co pairs {rb['co_pairs'] / ra['co_pairs']:.2f}x")  # fmt: skip
+        for k in sizes if args.ray else []:
+            r, new = run("ray", k, args, Path(tmp) / "ray.npz" if k == 1 else None), rows[k]
+            same = f"; tables vs one process: {compare(Path(tmp) / 'new.npz', Path(tmp) / 'ray.npz')}" if k == 1 else ""
+            print(f"ray, 2 actors, {k}x: count {r['count_s']:.2f}s (incl. actor start) vs {new['count_s']:.2f}s in one process "
+                  f"({r['count_s'] / new['count_s']:.2f}x); driver peak {r['peak_mb']:.0f} MB vs {new['peak_mb']:.0f} MB{same}", flush=True)  # fmt: skip
         if not args.no_old and 1 in rows:
             old = run("old", 1, args, Path(tmp) / "old.npz")
             new = rows[1]

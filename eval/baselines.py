@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.features import build_profile, covisit_scores
+from retrieval.similarity import row_dots
 
 
 def tie_key(seed: int, ad_id: str) -> int:
@@ -62,7 +63,7 @@ class Resources:
     bm25: Any | None  # eval.bm25.BM25Index
     seed: int
     n_retrieve: int
-    use_chroma: bool
+    use_chroma: bool  # dense baseline from Chroma's HNSW; False when the generator searches exactly (its rule)
     recency_decay: float
     exclude_history: bool
     sequence: Any | None = None  # retrieval.sequence.SequenceModel (the generator's), None: no `sequence` system
@@ -186,6 +187,8 @@ def popularity_full(r: Resources, v: FullView) -> list[str]:
 
 
 def dense_full(r: Resources, v: FullView) -> list[str]:
+    """The n nearest ads to the profile: exact (ties by tie key) whenever the pipeline's dense source
+    searches exactly (CandidateGenerator.searches_exactly), else Chroma's approximate HNSW."""
     vector = v.profile(r).vector
     if vector is None:
         return []
@@ -194,7 +197,7 @@ def dense_full(r: Resources, v: FullView) -> list[str]:
         hits = r.store.nearest(vector, min(n + len(v.exclude), len(r.index)))
         rows = [r.index.row[i] for i, _ in hits if i in r.index.row]
         return [ids[x] for x in rows if x not in v.exclude][:n]
-    return [ids[x] for x in r.top(r.index.vectors @ vector, v.exclude, n)]
+    return [ids[x] for x in r.top(row_dots(r.index.vectors, vector), v.exclude, n)]
 
 
 def covisit_full(r: Resources, v: FullView) -> list[str]:

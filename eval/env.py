@@ -90,8 +90,10 @@ def prepare_env(
     weights_path: Path | None = None,
     reranker=None,
     show_progress: bool = True,
+    count_behaviour=None,
 ) -> EvalEnv:
-    """Ingest (or reuse) the catalog, learn (or reuse) behaviour, build the services."""
+    """Ingest (or reuse) the catalog, learn (or reuse) behaviour, build the services. `count_behaviour`:
+    how learn_behaviour counts the histories (None: here; --ray: RayBackend.behaviour_counter())."""
     timings: dict[str, float] = {}
     reused: dict[str, bool] = {}
     t = time.perf_counter()
@@ -122,7 +124,7 @@ def prepare_env(
     else:
         learn_behaviour(
             history_paths=list(train_paths), catalog_ids=list(index.ids), out_dir=bdir,
-            window=s.covisit_window, decay=s.recency_decay, cf_dims=s.cf_dims,
+            window=s.covisit_window, decay=s.recency_decay, cf_dims=s.cf_dims, count=count_behaviour,
         )  # fmt: skip
         (bdir / "train.json").write_text(json.dumps({"train": train, "key": key}, indent=2))
         reused["behaviour"] = False

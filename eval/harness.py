@@ -214,7 +214,10 @@ def run_eval(
                 cache_path=llm_cache_path,
             )
         env_args = {"ads_path": ads_path, "train_paths": train_paths, "weights_path": weights_path}
-        env = prepare_env(eval_settings, **env_args, reranker=stack.reranker if stack else None, show_progress=show_progress)
+        env = prepare_env(
+            eval_settings, **env_args, reranker=stack.reranker if stack else None, show_progress=show_progress,
+            count_behaviour=backend.behaviour_counter() if backend is not None else None,
+        )  # fmt: skip
         if backend is not None:  # its actors build the same environment (reused from the data dir) once each
             backend = backend.bind(settings=eval_settings, env_args=env_args, llm_cache_path=llm_cache_path)
         report = _run(

@@ -53,7 +53,7 @@ class FastRankers:
         self.seed = seed
         self.res = Resources(
             index=selector.index, behaviour=selector.generator.behaviour, store=selector.generator.store, bm25=bm25,
-            seed=seed, n_retrieve=n_retrieve, use_chroma=use_chroma,
+            seed=seed, n_retrieve=n_retrieve, use_chroma=use_chroma and not selector.generator.searches_exactly(),
             recency_decay=selector.recency_decay, exclude_history=selector.exclude_history, sequence=sequence,
             pctr=selector.fusion.pctr, rank_by=rank_by,
         )  # fmt: skip

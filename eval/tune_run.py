@@ -227,7 +227,10 @@ def run_tune(
     (eval.distributed.RayBackend) computes the feature rows on Ray actors; the fit stays here."""
     t0 = time.perf_counter()
     train_hist = opts.train_histories or [opts.impressions]
-    env = prepare_env(settings, ads_path=opts.ads, train_paths=train_hist, show_progress=show_progress)
+    env = prepare_env(
+        settings, ads_path=opts.ads, train_paths=train_hist, show_progress=show_progress,
+        count_behaviour=backend.behaviour_counter() if backend is not None else None,
+    )  # fmt: skip
     sources = exclusion_sources(files=opts.exclude, tasks=opts.exclude_tasks)
     exclude_users = excluded_users(sources)
     many = {}

@@ -14,6 +14,9 @@ merged into the running totals (`PairSum`). Time is linear in the history events
 to a log factor in the merges) and memory is bounded by the distinct pairs kept, plus one chunk and the
 de-duplication key of each distinct history (its bytes). Sums are float64; the tables are float32, each
 value the exact sum rounded once (the loop this replaced summed in float32: up to a few ulp apart).
+The counting (`BehaviourCounter`) can run on disjoint partitions of the histories, split by their
+de-duplication key (`history_partition`), whose partial counts add up to the same tables (`merge_counts`,
+then `BehaviourStats.from_counts`): `adselect ingest --ray` counts on Ray actors that way.
 
 All tables are indexed by the catalog's row numbers and saved under the data dir: the data files first,
 each under a new generation name, then the manifest `behaviour.json` that names them, each write a temp
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import secrets
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -99,33 +103,43 @@ class BehaviourCounts:
     n_histories: int  # distinct non-empty histories (after dropping ids outside the catalog)
 
 
-def count_behaviour(
-    histories: Iterable[Sequence[str]],
-    ids: Sequence[str],
-    *,
-    window: int,
-    decay: float,
-    chunk_events: int = CHUNK_EVENTS,
-) -> BehaviourCounts:
-    """One streaming pass over `histories`: per chunk, ids become rows in one C-level map, and the only
-    per-history Python left is the de-duplication key; every pair is counted by whole-array operations."""
-    row = {a: i for i, a in enumerate(ids)}
-    n = len(ids)
-    pop = np.zeros(n, dtype=np.float64)
-    fwd, co = PairSum(n), PairSum(n)
-    weights = [decay ** (gap - 1) for gap in range(1, window + 1)]
-    # Users appear in several logged impressions with the same history: each distinct history counts once
-    # (compared after dropping ids outside the catalog, by its exact bytes).
-    seen: set[bytes] = set()
-    raw: list[str] = []
-    raw_lens: list[int] = []
-    used = 0
+class BehaviourCounter:
+    """One streaming pass over histories, fed in any number of `add` calls: per chunk, ids become rows in one
+    C-level map, and the only per-history Python left is the de-duplication key; every pair is counted by
+    whole-array operations. `count_behaviour` runs one over an iterable; `adselect ingest --ray` runs one per
+    actor over a partition (`history_partition`) and adds the partial counts up (`merge_counts`)."""
 
-    def flush() -> None:
-        nonlocal used
+    def __init__(self, ids: Sequence[str], *, window: int, decay: float, chunk_events: int = CHUNK_EVENTS):
+        self.row = {a: i for i, a in enumerate(ids)}
+        self.n = len(ids)
+        self.chunk_events = chunk_events
+        self.pop = np.zeros(self.n, dtype=np.float64)
+        self.fwd, self.co = PairSum(self.n), PairSum(self.n)
+        self.weights = [decay ** (gap - 1) for gap in range(1, window + 1)]
+        # Users appear in several logged impressions with the same history: each distinct history counts once
+        # (compared after dropping ids outside the catalog, by its exact bytes).
+        self.seen: set[bytes] = set()
+        self.raw: list[str] = []
+        self.raw_lens: list[int] = []
+        self.used = 0
+
+    def add(self, histories: Iterable[Sequence[str]]) -> None:
+        raw, raw_lens = self.raw, self.raw_lens
+        for hist in histories:
+            raw.extend(hist)
+            raw_lens.append(len(hist))
+            if len(raw) >= self.chunk_events:
+                self._flush()
+
+    def result(self) -> BehaviourCounts:
+        self._flush()
+        return BehaviourCounts(self.pop, self.fwd.result(), self.co.result(), self.used)
+
+    def _flush(self) -> None:
+        raw, raw_lens, n, seen = self.raw, self.raw_lens, self.n, self.seen
         if not raw_lens:
             return
-        codes = np.fromiter(map(row.get, raw, repeat(-1)), dtype=np.int32, count=len(raw))
+        codes = np.fromiter(map(self.row.get, raw, repeat(-1)), dtype=np.int32, count=len(raw))
         hid_raw = np.repeat(np.arange(len(raw_lens), dtype=np.int64), raw_lens)
         known = codes >= 0
         codes, hid_raw = codes[known], hid_raw[known]
@@ -144,11 +158,11 @@ def count_behaviour(
         sel = keep[hid_raw]
         flat = codes[sel]
         _, hid = np.unique(hid_raw[sel], return_inverse=True)  # kept histories renumbered 0..H-1, in order
-        used += int(keep.sum())
+        self.used += int(keep.sum())
         if len(flat) == 0:
             return
         rows, cols, vals = [], [], []
-        for gap, w in enumerate(weights, start=1):
+        for gap, w in enumerate(self.weights, start=1):
             if gap >= len(flat):
                 break
             a, b = flat[:-gap], flat[gap:]
@@ -157,7 +171,7 @@ def count_behaviour(
             cols.append(b[pair])
             vals.append(np.full(len(rows[-1]), w))
         if rows:
-            fwd.add(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals))
+            self.fwd.add(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals))
             del rows, cols, vals
         # The distinct ads of each history ("baskets"): popularity and same-history co-occurrence.
         order = np.lexsort((flat, hid))
@@ -165,18 +179,46 @@ def count_behaviour(
         first = np.ones(len(sf), dtype=bool)
         first[1:] = (sf[1:] != sf[:-1]) | (sh[1:] != sh[:-1])
         items, owners = sf[first], sh[first]
-        pop[:] += np.bincount(items, minlength=n)
+        self.pop[:] += np.bincount(items, minlength=n)
         ui = sp.csr_matrix((np.ones(len(items), dtype=np.float64), (owners, items)), shape=(int(hid[-1]) + 1, n))
         both = (ui.T.tocsr() @ ui).tocoo()
         off = both.row != both.col
-        co.add_matrix(sp.coo_matrix((both.data[off], (both.row[off], both.col[off])), shape=(n, n)))
+        self.co.add_matrix(sp.coo_matrix((both.data[off], (both.row[off], both.col[off])), shape=(n, n)))
 
-    for hist in histories:
-        raw.extend(hist)
-        raw_lens.append(len(hist))
-        if len(raw) >= chunk_events:
-            flush()
-    flush()
+
+def count_behaviour(
+    histories: Iterable[Sequence[str]],
+    ids: Sequence[str],
+    *,
+    window: int,
+    decay: float,
+    chunk_events: int = CHUNK_EVENTS,
+) -> BehaviourCounts:
+    """The counts of every history, in one streaming pass (BehaviourCounter)."""
+    counter = BehaviourCounter(ids, window=window, decay=decay, chunk_events=chunk_events)
+    counter.add(histories)
+    return counter.result()
+
+
+def history_partition(history: Sequence[str], row: dict[str, int], *, parts: int) -> int:
+    """Which of `parts` counters a history goes to: a hash of its de-duplication key (its catalog rows, ids
+    outside the catalog dropped), so every copy of a history meets the same counter and counts once."""
+    codes = np.fromiter((row[a] for a in history if a in row), dtype=np.int32)
+    return zlib.crc32(codes.tobytes()) % parts
+
+
+def merge_counts(parts: Sequence[BehaviourCounts], n: int) -> BehaviourCounts:
+    """The counts of disjoint partitions added up. Popularity and co-occurrence are whole numbers (exact in
+    any order); the forward sums are float64, so they may differ from one pass's in the last bit (1e-16),
+    far below the float32 rounding of the tables, which come out the same (the exact sums rounded once)."""
+    pop = np.zeros(n, dtype=np.float64)
+    fwd, co = PairSum(n), PairSum(n)
+    used = 0
+    for p in parts:
+        pop += p.popularity
+        fwd.add_matrix(p.forward)
+        co.add_matrix(p.co)
+        used += p.n_histories
     return BehaviourCounts(pop, fwd.result(), co.result(), used)
 
 
@@ -209,6 +251,11 @@ class BehaviourStats:
         chunk_events: int = CHUNK_EVENTS,
     ) -> "BehaviourStats":
         counts = count_behaviour(histories, ids, window=window, decay=decay, chunk_events=chunk_events)
+        return cls.from_counts(counts, ids, window=window, decay=decay, cf_dims=cf_dims)
+
+    @classmethod
+    def from_counts(cls, counts: BehaviourCounts, ids: list[str], *, window: int, decay: float, cf_dims: int = 64) -> "BehaviourStats":
+        """The tables from the counts (one pass's, or the merged partitions' of `adselect ingest --ray`)."""
         fwd = counts.forward.astype(np.float32)
         sym = (fwd + fwd.T).tocsr()
         cf = collaborative_vectors(counts, dims=cf_dims)

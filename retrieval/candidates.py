@@ -13,6 +13,7 @@ import numpy as np
 from retrieval.behaviour import BehaviourStats
 from retrieval.features import UserProfile, cf_profile, compute_features, covisit_scores
 from retrieval.sequence import SequenceModel
+from retrieval.similarity import row_dots
 from retrieval.store import AdStore, CatalogIndex
 
 
@@ -63,18 +64,27 @@ class CandidateGenerator:
     # there (retrieval.metadata_mask): at 16,859 x 384 one matrix-vector product beats a Chroma query.
     exact_max_ads: int = 0
 
+    def searches_exactly(self) -> bool:
+        """Dense neighbours by exact in-memory search, or by a Chroma HNSW query: the one rule the dense
+        source and eval's dense baseline (eval.baselines.dense_full) follow. Exact search finds the same
+        neighbours in every process; an embedded Chroma's HNSW does not (each process replays the
+        collection's unpersisted tail, up to hnsw sync_threshold - 1 records, into its own in-memory graph,
+        and the graphs differ, so its approximate neighbours differ now and then between processes; a
+        `chroma run` server has one graph)."""
+        return not self.use_chroma or self.store is None or len(self.index) <= self.exact_max_ads
+
     def _dense(self, profile: UserProfile, n: int, where: dict | None) -> list[int]:
         if profile.vector is None or n <= 0:
             return []
         mask = None  # None: every row may be returned
         if self.use_chroma and self.store is not None:
-            exact = len(self.index) <= self.exact_max_ads
+            exact = self.searches_exactly()
             if exact and where is not None:
                 mask = self.index.columns.mask(where)
             if not exact or (where is not None and mask is None):
                 hits = self.store.nearest(profile.vector, min(n, len(self.index)), where=where)
                 return [self.index.row[i] for i, _ in hits if i in self.index.row]
-        sims = self.index.vectors @ profile.vector
+        sims = row_dots(self.index.vectors, profile.vector)
         if mask is not None and not mask.all():
             allowed = np.flatnonzero(mask)
             k = min(n, len(allowed))
@@ -100,7 +110,7 @@ class CandidateGenerator:
         v = cf_profile(self.behaviour, profile) if n > 0 else None
         if v is None:
             return []
-        sims = self.behaviour.cf @ v
+        sims = row_dots(self.behaviour.cf, v)
         k = min(n, len(sims))
         top = np.argpartition(-sims, k - 1)[:k]
         return top[np.argsort(-sims[top], kind="stable")].tolist()

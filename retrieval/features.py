@@ -1,7 +1,8 @@
 """Prior features of (user, candidate) pairs: dense similarity, co-visitation, popularity, next-item score.
 
 Every feature is computed for any list of catalog rows with a few matrix products, so the same code
-scores retrieved candidates (full catalog) and logged candidates (rank what was shown).
+scores retrieved candidates (full catalog) and logged candidates (rank what was shown). The products
+go through retrieval.similarity (no BLAS): the same bits in every process and at any BLAS thread count.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from retrieval.behaviour import BehaviourStats
+from retrieval.similarity import pair_dots, row_dots
 from retrieval.store import CatalogIndex
 
 FEATURES: tuple[str, ...] = (
@@ -92,7 +94,7 @@ def _row_mix(matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def cf_profile(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray | None:
     if behaviour.cf is None or len(profile.rows) == 0:
         return None
-    v = profile.weights @ behaviour.cf[profile.rows]
+    v = row_dots(behaviour.cf[profile.rows].T, profile.weights)
     norm = float(np.linalg.norm(v))
     return (v / norm).astype(np.float32) if norm > 0 else None
 
@@ -117,9 +119,9 @@ def compute_features(
     cv = index.vectors[c]
     h = profile.rows
     if profile.vector is not None:
-        out[:, 0] = cv @ profile.vector
+        out[:, 0] = row_dots(cv, profile.vector)
     if len(h):
-        sims = cv @ index.vectors[h].T  # (c, h)
+        sims = pair_dots(cv, index.vectors[h])  # (c, h)
         out[:, 1] = sims[:, -1]
         out[:, 2] = sims.max(axis=1)
         w = profile.weights
@@ -138,10 +140,10 @@ def compute_features(
             cfp = cf_profile(behaviour, profile)
             cc = behaviour.cf[c]
             if cfp is not None:
-                out[:, 7] = cc @ cfp
-            out[:, 8] = (cc @ behaviour.cf[h].T).max(axis=1)
+                out[:, 7] = row_dots(cc, cfp)
+            out[:, 8] = pair_dots(cc, behaviour.cf[h]).max(axis=1)
     elif profile.vector is not None and profile.event_vectors is not None:
-        sims = cv @ profile.event_vectors.T
+        sims = pair_dots(cv, profile.event_vectors)
         out[:, 1] = sims[:, -1]
         out[:, 2] = sims.max(axis=1)
     out[:, 6] = np.log1p(behaviour.popularity[c])

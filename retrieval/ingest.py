@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernel.types import Ad
-from retrieval.behaviour import BehaviourStats
+from retrieval.behaviour import BehaviourCounts, BehaviourStats, count_behaviour
 from retrieval.embedder import Embedder
 from retrieval.records import iter_histories, read_ads
 from retrieval.sequence import SequenceConfig, SequenceModel, train_or_load
@@ -199,15 +199,19 @@ def learn_behaviour(
     window: int,
     decay: float,
     cf_dims: int = 64,
+    count: Callable[..., BehaviourCounts] | None = None,
 ) -> BehaviourStats:
     """Co-visitation + popularity from the histories of logged impressions (never their `clicked`),
-    streamed file by file; the tables are written atomically (BehaviourStats.save)."""
+    streamed file by file; the tables are written atomically (BehaviourStats.save). `count` counts the
+    histories: None, count_behaviour in this process; with --ray, eval.distributed.behaviour.RayBehaviourCounter
+    (the same counts, on actors)."""
 
     def histories() -> Iterator[list[str]]:
         for p in history_paths:
             yield from iter_histories(p)
 
-    stats = BehaviourStats.learn(histories(), catalog_ids, window=window, decay=decay, cf_dims=cf_dims)
+    counts = (count or count_behaviour)(histories(), catalog_ids, window=window, decay=decay)
+    stats = BehaviourStats.from_counts(counts, catalog_ids, window=window, decay=decay, cf_dims=cf_dims)
     stats.save(out_dir)
     return stats
 

@@ -5,11 +5,12 @@
 - eval_actors.py / backend.py: the eval fast phase on an actor pool (one Selector per actor) and the
   LLM phase on LLM actors spread over one or more OpenAI-compatible endpoints; eval.harness writes the
   same report.json from the records gathered back in input order;
-- tune.py: `eval tune`'s feature rows computed on the actor pool, the fit in the driver;
-- embed.py: catalog embedding batches on actors (one model per actor) for ingest.
+- eval_actors.TuneActor / RayBackend.tune_featurizer: `eval tune`'s feature rows on the actor pool, the fit in the driver;
+- embed.py: catalog embedding batches on actors (one model per actor) for ingest;
+- behaviour.py: behaviour learning's counting on actors (histories partitioned by their de-duplication
+  key, partial counts merged exactly in the driver, the tables computed there from the merged counts).
 
-Behaviour learning stays in the driver: it is already vectorised (retrieval/behaviour.py). The sequence
-model's training does not run on Ray.
+The sequence model's training does not run on Ray.
 """
 from eval.distributed.backend import RayBackend
 from eval.distributed.cluster import RayConnectError, ray_session

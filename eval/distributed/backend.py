@@ -100,6 +100,12 @@ class RayBackend:
         }
         return out.result(), speed
 
+    def behaviour_counter(self):
+        """How prepare_env counts the training histories when it learns behaviour: on `workers` actors."""
+        from eval.distributed.behaviour import RayBehaviourCounter
+
+        return RayBehaviourCounter(workers=self.workers)
+
     def tune_featurizer(self, *, settings: Settings, env_args: dict[str, Any], n_hard: int) -> dict[str, Any]:
         """eval.tune.build_training_set's `featurize_many` over `workers` TuneActors (eval tune --ray): each
         chunk of planned impressions split into slices for the actors, the results put back in input order."""

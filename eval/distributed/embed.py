@@ -34,6 +34,14 @@ class RayEmbedder:
         self.actors = [remote.remote(settings) for _ in range(workers)]
         self.dim = None
 
+    def close(self) -> None:
+        """Stop the actors (left to ray.shutdown, their processes outlived the local Ray)."""
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
     def encode(self, texts: list[str], *, show_progress: bool = False) -> np.ndarray:
         import ray
 

@@ -262,8 +262,10 @@ def fit_llm_term(
     """The LLM's say, earned: returns (the weight to ship, the fits), the weight in prior-score units (≥ 0).
 
     `llm` is the LLM term per row as serving adds it (listwise: llm_feature of the rank; scoring mode: the
-    averaged label log-probability), `position` a feature of where the row was shown (larger = shown
-    nearer the top; listwise: llm_feature of the shown rank; scoring mode: its mean over the permutations).
+    averaged label log-probability), `position` a feature of where the row was shown, larger where a
+    position-following model puts it higher (listwise: llm_feature of the shown rank; scoring mode: the
+    position-only LLM term, eval.tune_score.position_control). `llm_top_was_shown_first`: how often the
+    LLM's top row sits at its impression's largest position feature.
     Plain fit: logistic y ~ a·prior + b·llm (`weight` = b/a, 0 when b ≤ 0). With `groups` (one id per
     impression), `weight_ci` / `llm_coef_raw_ci` come from refits on impressions resampled `n_boot` times
     (eval.bootstrap), and `share_positive` is how often b > 0. With `position`, `position_control` refits
@@ -326,8 +328,8 @@ def fit_llm_term(
 
 
 def _top_shown_first(llm: np.ndarray, position: np.ndarray, rows_of: list[np.ndarray] | None) -> float | None:
-    """Share of impressions whose LLM top row (the first with the impression's largest LLM term) was shown
-    at the impression's top position (its largest position feature); None without impressions."""
+    """Share of impressions whose LLM top row (the first with the impression's largest LLM term) has the
+    impression's largest position feature (listwise: shown first); None without impressions."""
     if not rows_of:
         return None
     hits = [float(position[r[int(np.argmax(llm[r]))]] >= position[r].max() - 1e-12) for r in rows_of if len(r)]

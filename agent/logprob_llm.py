@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import httpx
 import openai
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_openai import ChatOpenAI
@@ -96,8 +97,10 @@ class LogprobChatLLM:
             "timeout": timeout_s,
             "max_retries": 0,
         }
-        # One async client per event loop (a pooled connection from a closed loop fails).
+        # One async client per event loop (a pooled connection from a closed loop fails), and its HTTP client.
         self._chats: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ChatOpenAI] = weakref.WeakKeyDictionary()
+        self._http: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+        self.clients_opened = self.clients_closed = 0  # HTTP clients made (one per event loop) and closed
 
     @property
     def model(self) -> str:
@@ -107,9 +110,40 @@ class LogprobChatLLM:
         loop = asyncio.get_running_loop()
         chat = self._chats.get(loop)
         if chat is None:
-            chat = ChatOpenAI(**self._options, http_async_client=openai.DefaultAsyncHttpxClient())
-            self._chats[loop] = chat
+            http = openai.DefaultAsyncHttpxClient()
+            chat = ChatOpenAI(**self._options, http_async_client=http)
+            self._chats[loop], self._http[loop] = chat, http
+            self.clients_opened += 1
         return chat
+
+    async def aclose(self) -> None:
+        """Close the running loop's HTTP client (its pooled connections) and forget it; call it in the loop
+        that made the calls, before that loop ends (`async with`). A later call opens a new client."""
+        loop = asyncio.get_running_loop()
+        self._chats.pop(loop, None)
+        http = self._http.pop(loop, None)
+        if http is not None:
+            await http.aclose()
+            self.clients_closed += 1
+
+    def close(self) -> None:
+        """Close the HTTP clients of loops that are open and not running; forget every client. A client
+        whose loop has ended cannot be closed any more (its sockets belong to that loop): use `aclose`."""
+        for loop, http in list(self._http.items()):
+            if not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(http.aclose())
+                self.clients_closed += 1
+            elif not http.is_closed:
+                logger.warning("logprob llm client not closed in its event loop", extra={"model": self._model})
+        self._chats.clear()
+        self._http.clear()
+
+    async def __aenter__(self) -> LogprobChatLLM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
 
     async def afirst_token(self, messages: Sequence[Message], *, top_logprobs: int, timeout_s: float) -> FirstToken:
         budget = min(timeout_s, self.timeout_s)

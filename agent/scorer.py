@@ -10,8 +10,11 @@ over P shown orders of the same candidates, sent as concurrent requests that sha
   request or impression id), so a request is reproducible.
 * the LLM term of a candidate is the mean over the answered permutations of its normalised
   log-probability (`CandidateScores.logprob`); `prob` is the mean of the per-order probabilities
-  (it sums to 1); `position` is the mean 0-based position it was shown at (the control the fusion fit
-  needs: a model that repeats the order it is shown scores the top positions high).
+  (it sums to 1); `position` is the mean 0-based position it was shown at, and `by_order` keeps, per
+  answered permutation, the position it was shown at and its log-probability there: what the fusion fit's
+  position control is built from (eval.tune_score), as a model that repeats the order it is shown scores
+  the top positions high. With P=2 (an order and its reverse) `position` is (n-1)/2 for every candidate,
+  while a model that favours the first label still lifts both ends: the position is in `by_order`.
 
 A label absent from the returned top-K gets a floor: the smallest logprob returned (any token outside
 the top K is at most that likely), and is counted in `missing_labels`. An answer whose top-K holds no
@@ -116,6 +119,7 @@ class CandidateScores:
     answered: int  # permutations that gave usable logprobs
     missing_labels: int  # over the answered permutations: labels given the floor logprob
     failures: list[str] = field(default_factory=list)  # reason of each failed permutation
+    by_order: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # per answered permutation: (position shown, log-prob)
     prompt_tokens: list[int | None] = field(default_factory=list)  # per answered call
     completion_tokens: list[int | None] = field(default_factory=list)
     latency_ms: list[float] = field(default_factory=list)
@@ -246,6 +250,7 @@ class LLMScorer:
         sums = dict.fromkeys(ids, 0.0)
         probs = dict.fromkeys(ids, 0.0)
         positions = dict.fromkeys(ids, 0.0)
+        by_order: dict[str, list[tuple[int, float]]] = {i: [] for i in ids}
         out = CandidateScores(
             candidate_ids=ids, logprob={}, prob={}, position={}, permutations=len(calls), answered=0, missing_labels=0,
             prompt=self.prompt.info(), model=self.llm.model,
@@ -273,6 +278,7 @@ class LLMScorer:
                 sums[ad_id] += parsed.logprob[label]
                 probs[ad_id] += math.exp(parsed.logprob[label])
                 positions[ad_id] += pos
+                by_order[ad_id].append((pos, parsed.logprob[label]))
         log = {"prompt_sha256": out.prompt.get("sha256", "")[:12], "model": out.model, "n_candidates": len(ids)}
         if not out.answered:
             logger.warning("llm scoring failed", extra={**log, "failures": out.failures})
@@ -280,6 +286,7 @@ class LLMScorer:
         out.logprob = {i: sums[i] / out.answered for i in ids}
         out.prob = {i: probs[i] / out.answered for i in ids}
         out.position = {i: positions[i] / out.answered for i in ids}
+        out.by_order = by_order
         logger.info(
             "llm score",
             extra={**log, "answered": out.answered, "permutations": out.permutations, "missing_labels": out.missing_labels,

@@ -193,6 +193,8 @@ def orders(imp: dict) -> dict[str, list[str]]:
 async def run(args: argparse.Namespace, base_url: str) -> None:
     settings = Settings(_env_file=None)
     ads, imps = load(args.catalog, args.impressions, args.candidates, shared=args.shared_data)
+    if not imps:
+        raise SystemExit(f"no {args.catalog} impression has {args.candidates} candidates and a history (demo: at most 10; games: 20)")
     registry = PromptRegistry(settings.prompts_dir)
     root = base_url.removesuffix("/v1")
     http = httpx.AsyncClient(timeout=60)
@@ -274,6 +276,7 @@ async def run(args: argparse.Namespace, base_url: str) -> None:
                 st.tops[imp["impression_id"]][order_name] = top
             print(f"[{mode} {i + 1}/{len(imps)}] {imp['impression_id']} real calls so far: {memo.calls + chat.calls}", flush=True)
     await http.aclose()
+    await memo.llm.aclose()
     report(args, stats, memo)
 
 

@@ -264,6 +264,8 @@ def tune(
     C: float = typer.Option(1.0, "--C", help="Inverse L2 strength of the logistic fit."),
     interactions: bool = typer.Option(True, "--interactions/--no-interactions", help="Pairwise feature products."),
     llm_run: Optional[Path] = typer.Option(None, "--llm-run", help="An eval DIR with LLM results on training users: fits the LLM weight."),
+    llm_mode: str = typer.Option("listwise", "--llm-mode", help="score: also fit scoring mode's llm_score_coef by scoring training impressions (ADSELECT_LLM_URL, unset: the bundled server)."),
+    llm_impressions: int = typer.Option(200, "--llm-impressions", min=1, help="--llm-mode score: training impressions scored for the fit."),
     injection_check: bool = typer.Option(
         True, "--injection-check/--no-injection-check",
         help="Run the prompt-injection test at a positive fitted LLM weight; the weight ships only if it passes (else 0).",
@@ -282,7 +284,7 @@ def tune(
         ads=ads, impressions=impressions, out=out, exclude=list(exclude or []), exclude_tasks=list(exclude_task or []),
         train_histories=list(train or []) or None,
         n_random=n_random, n_hard=n_hard, max_impressions=max_impressions, seed=seed, C=C,
-        interactions=interactions, llm_run=llm_run, injection_check=injection_check,
+        interactions=interactions, llm_run=llm_run, injection_check=injection_check, llm_mode=llm_mode, llm_impressions=llm_impressions,
         calibration_share=calibration_share, calibration_method=calibration_method, negative_rate=negative_rate, base_rate=base_rate,
     )  # fmt: skip
     try:
@@ -295,6 +297,9 @@ def tune(
     fit = res["meta"].get("llm_fit")
     if fit:
         typer.echo(f"llm_coef: {fit['shipped']['weight']} ({fit['shipped']['fit']} fit: {fit['shipped']['reason']})")
+    score_fit = res["meta"].get("llm_score_fit")
+    if score_fit:
+        typer.echo(f"llm_score_coef: {score_fit['shipped']['weight']} ({score_fit['shipped']['fit']} fit: {score_fit['shipped']['reason']})")
     typer.echo(f"command: {res['meta']['command']}")
 
 

@@ -185,7 +185,14 @@ class LazyLocalLLM:
     def model(self) -> str:
         return self.spec.model
 
-    def _ensure(self):
+    def ensure(self) -> str:
+        """Start the server if it is not running (blocking: the model loads); its OpenAI-compatible base URL.
+        Every user of the shared server (its own calls, SharedServerClient, scoring-mode variants) starts it here."""
+        self._chat()
+        assert self.url is not None
+        return self.url
+
+    def _chat(self):
         with self._lock:
             if self._client is None:
                 from kernel.settings import Settings
@@ -198,7 +205,7 @@ class LazyLocalLLM:
             return self._client
 
     async def acomplete(self, messages, *, schema, timeout_s):
-        client = self._client or await asyncio.to_thread(self._ensure)
+        client = self._client or await asyncio.to_thread(self._chat)
         return await client.acomplete(messages, schema=schema, timeout_s=timeout_s)
 
     def stop(self) -> None:
@@ -222,15 +229,15 @@ class SharedServerClient:
     def model(self) -> str:
         return self.spec.model
 
-    def _ensure(self):
-        self.server._ensure()
+    def _chat(self):
+        url = self.server.ensure()
         with self._lock:
             if self._client is None:
-                self._client = _chat_client(self.spec, self.server.url)
+                self._client = _chat_client(self.spec, url)
             return self._client
 
     async def acomplete(self, messages, *, schema, timeout_s):
-        client = self._client or await asyncio.to_thread(self._ensure)
+        client = self._client or await asyncio.to_thread(self._chat)
         return await client.acomplete(messages, schema=schema, timeout_s=timeout_s)
 
     def close(self) -> None:

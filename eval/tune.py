@@ -240,14 +240,37 @@ def fit_llm_weight(
     n_boot: int = 200,
     seed: int = 0,
 ) -> tuple[float, dict]:
+    """Listwise mode's LLM weight (`llm_coef`): `fit_llm_term` with the LLM's rank and the shown rank (each
+    row's position in the list the LLM was shown, 0 = first) through the serving transform
+    selection.fusion.llm_feature (1/(1+rank); unranked 0)."""
+    f = np.array([llm_feature(r, len(llm_ranks)) for r in llm_ranks])
+    position = None if sent_ranks is None else np.array([llm_feature(r, len(sent_ranks)) for r in sent_ranks])
+    return fit_llm_term(prior, f, y, C=C, groups=groups, position=position, n_boot=n_boot, seed=seed)
+
+
+def fit_llm_term(
+    prior: np.ndarray,
+    llm: np.ndarray,
+    y: np.ndarray,
+    *,
+    C: float = 1.0,
+    groups: np.ndarray | None = None,
+    position: np.ndarray | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> tuple[float, dict]:
     """The LLM's say, earned: returns (the weight to ship, the fits), the weight in prior-score units (≥ 0).
 
-    Plain fit: logistic y ~ a·prior + b·llm_feature (`weight` = b/a, 0 when b ≤ 0). With `groups` (one id
-    per impression), `weight_ci` / `llm_coef_raw_ci` come from refits on impressions resampled `n_boot`
-    times (eval.bootstrap), and `share_positive` is how often b > 0. With `sent_ranks` (each row's position
-    in the list the LLM was shown, 0 = first), `position_control` refits with that position as a third
-    feature, through the same 1/(1+rank) transform: a small model that mostly echoes the order it is
-    shown earns b in the plain fit from the prior order alone, and loses it here.
+    `llm` is the LLM term per row as serving adds it (listwise: llm_feature of the rank; scoring mode: the
+    averaged label log-probability), `position` a feature of where the row was shown, larger where a
+    position-following model puts it higher (listwise: llm_feature of the shown rank; scoring mode: the
+    position-only LLM term, eval.tune_score.position_control). `llm_top_was_shown_first`: how often the
+    LLM's top row sits at its impression's largest position feature.
+    Plain fit: logistic y ~ a·prior + b·llm (`weight` = b/a, 0 when b ≤ 0). With `groups` (one id per
+    impression), `weight_ci` / `llm_coef_raw_ci` come from refits on impressions resampled `n_boot` times
+    (eval.bootstrap), and `share_positive` is how often b > 0. With `position`, `position_control` refits
+    with it as a third feature: a small model that mostly echoes the order it is shown earns b in the plain
+    fit from the prior order alone, and loses it here.
 
     The shipped weight is decided by `decide_llm_weight` (recorded under `shipped`): the position-controlled
     fit's b_c/a_c, and 0 unless that fit's interval for b_c lies above 0.
@@ -257,30 +280,30 @@ def fit_llm_weight(
     def coefs(X: np.ndarray, y: np.ndarray) -> np.ndarray:
         return LogisticRegression(C=C, max_iter=2000).fit(X, y).coef_.ravel()
 
-    f = np.array([llm_feature(r, len(llm_ranks)) for r in llm_ranks])
-    X = np.column_stack([prior, f])
+    X = np.column_stack([prior, np.asarray(llm, dtype=np.float64)])
     a, b = (float(v) for v in coefs(X, y))
     weight = max(0.0, b / a) if a > 1e-9 else 0.0
     info: dict = {"prior_coef": a, "llm_coef_raw": b, "weight": weight, "rows": int(len(y))}
     Xc = None
-    if sent_ranks is not None:
-        Xc = np.column_stack([X, [llm_feature(r, len(sent_ranks)) for r in sent_ranks]])
+    rows_of: list[np.ndarray] | None = None
+    if groups is not None:
+        _, inverse = np.unique(np.asarray(groups), return_inverse=True)
+        rows_of = [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)] if len(inverse) else []
+    if position is not None:
+        Xc = np.column_stack([X, np.asarray(position, dtype=np.float64)])
         coef = coefs(Xc, y)
-        top = [i for i, r in enumerate(llm_ranks) if r == 0]
         info["position_control"] = {
             "weight": max(0.0, float(coef[1] / coef[0])) if coef[0] > 1e-9 else 0.0,
             "prior_coef": float(coef[0]),
             "llm_coef_raw": float(coef[1]),
             "sent_position_coef": float(coef[2]),
-            "llm_top_was_shown_first": (sum(1 for i in top if sent_ranks[i] == 0) / len(top)) if top else None,
+            "llm_top_was_shown_first": _top_shown_first(Xc[:, 1], Xc[:, 2], rows_of),
             "llm_position_corr": _corr(Xc[:, 1], Xc[:, 2]),
         }
-    if groups is not None and n_boot:
-        ids, inverse = np.unique(np.asarray(groups), return_inverse=True)
-        rows_of = [np.flatnonzero(inverse == g) for g in range(len(ids))]
+    if rows_of is not None and n_boot:
         rng = np.random.default_rng(seed)
         ws, bs, cs, cws = [], [], [], []
-        for pick in (p for chunk in resamples(len(ids), n_boot=n_boot, rng=rng) for p in chunk):
+        for pick in (p for chunk in resamples(len(rows_of), n_boot=n_boot, rng=rng) for p in chunk):
             take = np.concatenate([rows_of[g] for g in pick])
             if y[take].min() == y[take].max():
                 continue  # one class only: no fit
@@ -302,6 +325,15 @@ def fit_llm_weight(
                 info["position_control"]["share_positive"] = float(np.mean(np.array(cs) > 0))
     info["shipped"] = decide_llm_weight(info)
     return info["shipped"]["weight"], info
+
+
+def _top_shown_first(llm: np.ndarray, position: np.ndarray, rows_of: list[np.ndarray] | None) -> float | None:
+    """Share of impressions whose LLM top row (the first with the impression's largest LLM term) has the
+    impression's largest position feature (listwise: shown first); None without impressions."""
+    if not rows_of:
+        return None
+    hits = [float(position[r[int(np.argmax(llm[r]))]] >= position[r].max() - 1e-12) for r in rows_of if len(r)]
+    return float(np.mean(hits)) if hits else None
 
 
 MAX_LLM_POSITION_CORR = 0.99  # above this the LLM feature is the shown position: the controlled fit just splits one coefficient

@@ -7,9 +7,16 @@ eval harness uses (catalog in Chroma, behaviour learned from training histories)
 apart for the pCTR calibration, which is prior-corrected for the negative sampling (see fit_tune_calibration). The weights' `meta` records the command, the training and exclusion
 files with their sha256 and how many training lines were read, so an eval report can state whether
 its users were kept out, and anyone can reproduce the file.
+
+The LLM's weights: listwise `llm_coef` from an eval run's LLM results (`--llm-run`, meta.llm_fit);
+scoring mode's `llm_score_coef` by scoring training impressions with the service's scorer
+(`--llm-mode score`, eval/tune_score.py, meta.llm_score_fit) against ADSELECT_LLM_URL or, unset, the
+bundled llama.cpp server started for the fit. Both go through eval.tune.fit_llm_term and the same
+gate: the position-controlled fit's weight, 0 unless its interval is above 0, then the injection test.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shlex
@@ -56,6 +63,10 @@ class TuneOptions:
     calibration_method: str = "auto"  # auto (by cross-validated log loss), platt, isotonic
     negative_rate: float | None = None  # kept-negative share r of the prior correction (default: counted from the rows)
     base_rate: float | None = None  # or: the true click rate of a row; r = odds(base_rate) / odds(sampled rate)
+    llm_mode: str = "listwise"  # "score": also fit llm_score_coef by scoring training impressions (eval/tune_score.py)
+    llm_impressions: int = 200  # scoring mode: training impressions scored for the fit
+    llm_url: str | None = None  # scoring mode: the server (default settings.llm_url; unset: the bundled one)
+    llm_timeout_s: float = 300.0  # scoring mode: per impression (the bundled CPU server answers P calls in turn)
 
     def command(self) -> str:
         parts = ["adselect", "eval", "tune", "--ads", rel_path(self.ads), "--impressions", rel_path(self.impressions)]
@@ -73,8 +84,10 @@ class TuneOptions:
             parts.append("--no-interactions")
         if self.llm_run is not None:
             parts += ["--llm-run", rel_path(self.llm_run)]
-            if not self.injection_check:
-                parts.append("--no-injection-check")
+        if self.llm_mode != "listwise":
+            parts += ["--llm-mode", self.llm_mode, "--llm-impressions", str(self.llm_impressions)]
+        if (self.llm_run is not None or self.llm_mode != "listwise") and not self.injection_check:
+            parts.append("--no-injection-check")
         parts += ["--calibration-share", str(self.calibration_share), "--calibration-method", self.calibration_method]
         if self.negative_rate is not None:
             parts += ["--negative-rate", str(self.negative_rate)]
@@ -130,29 +143,37 @@ def _llm_rows(env, model, llm_run: Path, exclude_users: set[str]) -> LLMRows:
     return LLMRows(np.concatenate(priors), ranks, np.concatenate(ys), np.concatenate(groups), sent_ranks, n)
 
 
-def gate_positive_weight(model, weight: float, *, opts: TuneOptions, check: Callable[[Path], InjectionCheck] | None) -> float:
-    """The weight that may be written: `weight` if it is 0, or if the injection test passes at it; else 0.
+FIT_META = {"llm_coef": "llm_fit", "llm_score_coef": "llm_score_fit"}  # each LLM weight and its fit's record in meta
 
-    The decision and the check are recorded in `meta.llm_fit.shipped` / `meta.llm_fit.injection_check`."""
-    shipped = model.meta["llm_fit"]["shipped"]
+
+def gate_positive_weight(
+    model, weight: float, *, opts: TuneOptions, check: Callable[[Path], InjectionCheck] | None, term: str = "llm_coef"
+) -> float:
+    """The weight that may be written as `term` (llm_coef, llm_score_coef): `weight` if it is 0, or if the
+    injection test passes at it; else 0.
+
+    The decision and the check are recorded in `meta.<fit>.shipped` / `meta.<fit>.injection_check` (FIT_META)."""
+    fit = model.meta[FIT_META[term]]
+    shipped = fit["shipped"]
     if weight <= 0.0:
-        model.meta["llm_fit"]["injection_check"] = None
+        fit["injection_check"] = None
         return 0.0
     if not opts.injection_check:
         shipped.update(weight=0.0, reason=f"injection_check_not_run: the fitted {weight:.4g} needs a passing injection test (--injection-check)")
-        model.meta["llm_fit"]["injection_check"] = {"passed": None, "detail": "not run (--no-injection-check)"}
+        fit["injection_check"] = {"passed": None, "detail": "not run (--no-injection-check)"}
         return 0.0
     candidate = opts.out.with_name(opts.out.name + ".candidate.json")
-    model.llm_coef = weight
+    setattr(model, term, weight)
     model.save(candidate)
     try:
         res = (check or (lambda p: run_injection_check(p, weights_sha256=file_sha256(p))))(candidate)
     finally:
         candidate.unlink(missing_ok=True)
-    model.meta["llm_fit"]["injection_check"] = {**res.to_dict(), "llm_coef": weight}
+        setattr(model, term, 0.0)  # set again by the caller from what this returns
+    fit["injection_check"] = {**res.to_dict(), term: weight}
     if not res.passed:
-        shipped.update(weight=0.0, reason=f"injection_check_failed: the injection test did not pass at llm_coef {weight:.4g}")
-        log.warning("positive LLM weight refused: injection check failed", extra={"llm_coef": weight})
+        shipped.update(weight=0.0, reason=f"injection_check_failed: the injection test did not pass at {term} {weight:.4g}")
+        log.warning("positive LLM weight refused: injection check failed", extra={term: weight})
         return 0.0
     shipped["reason"] += "; the injection test passed at this weight"
     return weight
@@ -277,7 +298,69 @@ def run_tune(
         model.meta["llm_fit"] = None
         model.llm_coef = 0.0
         model.meta["llm_coef_note"] = "no LLM ranks on training users were given (--llm-run): the LLM term has weight 0"
+    if opts.llm_mode == "score":
+        fit_score_weight(model, env, opts=opts, settings=settings, exclude_users=exclude_users, check=injection_check, show_progress=show_progress)
+    elif opts.llm_mode != "listwise":
+        raise UserError(f"--llm-mode {opts.llm_mode!r}: listwise or score")
     model.meta["fitted_s"] = round(time.perf_counter() - t0, 1)
     model.save(opts.out)
     log.info("fusion weights written", extra={"path": str(opts.out), "train_impressions": ts.n_impressions})
     return {"path": str(opts.out), "train_impressions": ts.n_impressions, "rows": int(len(ts.y)), "skipped": ts.skipped, "meta": model.meta}
+
+
+def fit_score_weight(
+    model, env, *, opts: TuneOptions, settings: Settings, exclude_users: set[str], check, show_progress: bool = False
+) -> None:
+    """Scoring mode's `llm_score_coef` (eval/tune_score.py rows → fit_llm_term → the injection gate), recorded
+    in `meta.llm_score_fit`. The scorer is the service's (selection.services.make_scorer) over opts.llm_url,
+    else settings.llm_url, else the bundled llama.cpp server, started here and stopped after the fit."""
+    import contextlib
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from eval.tune import fit_llm_term
+    from eval.tune_score import score_rows
+    from selection.services import make_scorer
+
+    url = opts.llm_url or settings.llm_url
+    bundled = not url
+    s = settings.model_copy(update={"llm_timeout_s": opts.llm_timeout_s})
+    with contextlib.ExitStack() as stack:
+        if bundled:
+            from agent.local_server import LocalLLMServer, free_port
+
+            url = stack.enter_context(LocalLLMServer.from_settings(s, port=free_port())).base_url
+        served_by = "bundled llama.cpp server (started for the fit)" if bundled else url
+        scorer = make_scorer(s, llm_url=url)
+        n = min(s.llm_candidates(bundled_model=bundled), scorer.max_candidates)  # what serving sends (kernel.settings)
+        selector = replace(env.services.selector, fusion=model)
+        bar = tqdm(total=opts.llm_impressions, desc="tune scoring-mode rows", unit="imp", disable=not show_progress)
+
+        async def rows_then_close():
+            try:
+                return await score_rows(
+                    (rec for _, rec in iter_impressions(opts.impressions)), selector=selector, scorer=scorer, n_candidates=n,
+                    max_impressions=opts.llm_impressions, exclude_users=exclude_users, timeout_s=opts.llm_timeout_s, progress=bar,
+                )  # fmt: skip
+            finally:
+                await scorer.llm.aclose()  # the HTTP client of this loop, before the loop ends
+
+        try:
+            rows = asyncio.run(rows_then_close())
+        finally:
+            bar.close()
+    if rows.impressions == 0 or rows.y.min() == rows.y.max():
+        raise UserError(f"--llm-mode score: no scored impressions with both a click and a non-click to fit on ({rows.record})")
+    weight, info = fit_llm_term(
+        rows.prior, rows.logprob, rows.y, C=opts.C, groups=rows.groups, position=rows.position, seed=opts.seed
+    )
+    model.meta["llm_score_fit"] = {
+        **info,
+        "impressions": rows.impressions,
+        "scored": rows.record,
+        "served_by": served_by,
+        "note": "the injection test's compromised-model cases are listwise; a hijacked scorer lifts an ad by at most "
+        "llm_score_coef x (0 - the lowest label log-probability of the impression)",
+    }
+    model.llm_score_coef = gate_positive_weight(model, weight, opts=opts, check=check, term="llm_score_coef")

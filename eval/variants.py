@@ -58,6 +58,18 @@ def variant_selector(base, *, stack, settings, llm_url=None):
     return replace(base, llm_mode="listwise", reranker=stack.reranker, arm_policies={})
 
 
+async def run_variant_phase(items: list[EvalImpression], *, selector, **phase) -> float:
+    """eval.llm_phase.run_llm_phase for one variant's Selector. A scoring-mode variant's logprob client is
+    closed here, in the loop that used it (its pooled connections belong to that loop), on every exit."""
+    from eval.llm_phase import run_llm_phase
+
+    try:
+        return await run_llm_phase(items, selector=selector, **phase)
+    finally:
+        if selector.llm_mode == "score" and selector.scorer is not None:
+            await selector.scorer.llm.aclose()
+
+
 def run_variants(
     task: EvalTask,
     env,
@@ -76,7 +88,7 @@ def run_variants(
     the variant's overrides apply to). `server`: a LazyLocalLLM to share (else one is made and stopped
     here); `llm_inner` replaces the chat client of every variant (tests)."""
     from eval.harness import _progress
-    from eval.llm_phase import LazyLocalLLM, SharedServerClient, build_llm_stack, run_llm_phase
+    from eval.llm_phase import LazyLocalLLM, SharedServerClient, build_llm_stack
 
     index = env.services.index
     owned = None
@@ -100,17 +112,14 @@ def run_variants(
                 def url_of(spec=spec, server=server):
                     if spec.url:
                         return spec.url
-                    if server is not None:
-                        server._ensure()
-                        return server.url
-                    return None
+                    return server.ensure() if server is not None else None
 
                 selector = variant_selector(env.services.selector, stack=stack, settings=vsettings, llm_url=url_of)
                 phase = phase_name(v.name)
                 todo = [i for i in sample if i.impression_id not in results.done.get(phase, {})]
                 bar = _progress(len(todo), f"eval {phase}", show_progress)
                 seconds = asyncio.run(
-                    run_llm_phase(
+                    run_variant_phase(
                         todo, selector=selector, spec=spec, seed=task.protocol.seed, metrics_of=metrics_of,
                         pool_size_of=lambda i: None if i.candidates is not None else len(index),
                         on_result=lambda r: results.append(r, flush=True), progress=bar, phase=phase,
@@ -245,4 +254,4 @@ def variants_markdown(rep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["VariantSpec", "phase_name", "run_variants", "variant_selector", "variants_markdown", "variants_report"]
+__all__ = ["VariantSpec", "phase_name", "run_variant_phase", "run_variants", "variant_selector", "variants_markdown", "variants_report"]

@@ -373,16 +373,14 @@ def reload_services(svc: Services) -> Services:
     if settings.prompts_dir.is_dir():
         prompt_names = {p.stem for p in settings.prompts_dir.iterdir() if p.suffix in (".yaml", ".yml", ".json")}
     experiment = load("experiment", lambda: experiment_from_settings(settings, prompt_names=prompt_names))
-    reranker = old.reranker
-    if reranker is not None and svc.llm_url and settings.llm_enabled:
-        reranker = load("prompts", lambda: make_reranker(settings, llm_url=svc.llm_url))
+    stages, commit_prompts = load("prompts", lambda: reload_prompts(old, settings=settings, llm_url=svc.llm_url))
     sequence = state.sequence  # behaviour state too
     generator = replace(old.generator, behaviour=behaviour, sequence=sequence)
     selector = replace(
         old,
+        **stages,
         fusion=fusion,
         generator=generator,
-        reranker=reranker,
         experiment=experiment,
         arm_policies={},
         versions={
@@ -396,8 +394,40 @@ def reload_services(svc: Services) -> Services:
         "experiment",
         lambda: arm_policies(selector, experiment, settings=settings, llm_url=svc.llm_url, reranker_injected=svc.llm_url is None),
     )
+    commit_prompts()  # everything loaded: the shared copier takes its new prompt
     log.info("reloaded", extra={"versions": selector.versions})
     return replace(svc, selector=selector, fusion=fusion, behaviour=behaviour, experiment=experiment)
+
+
+def reload_prompts(old: Selector, *, settings: Settings, llm_url: str | None):
+    """Every prompt the service uses, read again from settings.prompts_dir: the one reload path for them.
+
+    Returns (the Selector fields to replace, commit): the listwise reranker (rebuilt when the service made
+    it from llm_url; an injected one is kept), the scoring-mode scorer (its prompt and options again, over
+    the same logprob client). The background copier is shared with the services serving now, so its
+    rewriter (the copy prompt, same chat client) is switched by `commit()`, called once every file loaded.
+    A missing or invalid prompt raises (PromptError): the reload is refused and nothing changes."""
+    from agent.prompts import PromptRegistry
+
+    registry = PromptRegistry(settings.prompts_dir)
+    stages: dict = {}
+    if old.reranker is not None and llm_url and settings.llm_enabled:
+        stages["reranker"] = make_reranker(settings, llm_url=llm_url)
+    if old.scorer is not None and llm_url and settings.llm_enabled:
+        from agent.scorer import LLMScorer
+
+        stages["scorer"] = LLMScorer.from_settings(settings, old.scorer.llm, registry=registry)
+    copier, rewriter = old.copier, None
+    if copier is not None and llm_url and settings.llm_enabled:
+        from agent.copy_cache import CopyRewriter
+
+        rewriter = CopyRewriter.from_settings(settings, copier.rewriter.llm, registry=registry)
+
+    def commit() -> None:
+        if copier is not None and rewriter is not None:
+            copier.rewriter = rewriter
+
+    return stages, commit
 
 
 def _load_behaviour_strict(settings: Settings, index: CatalogIndex) -> BehaviourStats:

@@ -110,6 +110,9 @@ def test_averaging_and_partial_failure() -> None:
     assert res.logprob[first] == pytest.approx(res.logprob[last])
     assert res.position[first] == 1.0 and res.answered == 2 and res.failures == [NO_LOGPROBS]
     assert sum(res.prob.values()) == pytest.approx(1.0)
+    # each answered order's position and log-probability is kept (the fit's position control), the failed one's is not
+    lp = label_logprobs(top, ["A", "B", "C"]).logprob
+    assert res.by_order == {first: [(0, lp["A"]), (2, lp["C"])], ads[1].ad_id: [(1, lp["B"])] * 2, last: [(2, lp["C"]), (0, lp["A"])]}
 
 
 def test_all_permutations_failing_raises_the_typed_error() -> None:

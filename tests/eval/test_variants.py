@@ -101,3 +101,32 @@ def test_a_scoring_mode_variant_beside_listwise_against_the_real_server(local_ll
     assert v["completion_tokens_per_impression"] == eval_settings.score_permutations  # one token per call
     assert v["flip_reversed"]["n"] == 2 and v["llm_latency_ms"]["n"] == 2
     assert report["variants"]["paired"]["listwise - score"]["valid"]["n"] == 2
+
+
+@pytest.mark.llm_server
+def test_a_scoring_variants_http_client_is_closed_in_the_loop_that_used_it(local_llm_url: str, eval_settings) -> None:
+    """The scorer's pooled connections belong to the variant's event loop: eval.variants.run_variant_phase
+    closes its logprob client there, before the loop ends (after it, the sockets cannot be closed any more)."""
+    import asyncio
+
+    from eval.config import LLMSpec
+    from eval.data import load_impressions
+    from eval.env import prepare_env
+    from eval.variants import run_variant_phase, variant_selector
+
+    settings = eval_settings.model_copy(
+        update={"llm_mode": "score", "llm_enabled": True, "llm_max_candidates": 4, "max_deadline_ms": 600_000, "llm_timeout_s": 600}
+    )
+    env = prepare_env(settings, ads_path=DEMO / "ads.jsonl", train_paths=[DEMO / "impressions.jsonl"], show_progress=False)
+    selector = variant_selector(env.services.selector, stack=None, settings=settings, llm_url=lambda: local_llm_url)
+    imp = next(i for i in load_impressions(DEMO / "impressions.jsonl", catalog=env.services.index.row).items if i.candidates)
+    records: list[dict] = []
+    asyncio.run(
+        run_variant_phase(
+            [imp], selector=selector, spec=LLMSpec(timeout_s=600, position_bias=False, max_candidates=4), seed=0,
+            metrics_of=lambda *_: {}, pool_size_of=lambda _: None, on_result=records.append,
+        )
+    )  # fmt: skip
+    llm = selector.scorer.llm
+    assert records[0]["llm_used"] and records[0]["llm_calls"]["calls"] == settings.score_permutations
+    assert llm.clients_opened == 1 and llm.clients_closed == 1

@@ -258,8 +258,13 @@ def fit_fusion(
 
 
 def _group_logsumexp(s: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
-    top = np.full(n, -np.inf)
-    np.maximum.at(top, group, s)
+    step = np.diff(group)
+    if len(group) and group[0] == 0 and group[-1] == n - 1 and step.min(initial=0) >= 0 and step.max(initial=0) <= 1:
+        top = np.maximum.reduceat(s, np.flatnonzero(np.r_[True, step != 0]))  # rows in list order, every list present: fast path
+    else:
+        top = np.full(n, -np.inf)
+        np.maximum.at(top, group, s)
+    top = np.where(np.isfinite(top), top, 0.0)  # a list with no finite score (no clicked row): log(0) = -inf below
     return top + np.log(np.bincount(group, weights=np.exp(s - top[group]), minlength=n))
 
 

@@ -302,7 +302,7 @@ def fit_listwise_softmax(Z: np.ndarray, y: np.ndarray, group: np.ndarray, *, C: 
     )
     info = {"loss": float(res.fun), "iterations": int(res.nit), "converged": bool(res.success), "lists": int(useful.sum()), "l2": l2}
     if not res.success:
-        log.warning("listwise fusion fit stopped before converging", extra={"message": str(res.message), "iterations": int(res.nit)})
+        log.warning("listwise fusion fit stopped before converging", extra={"reason": str(res.message), "iterations": int(res.nit)})
     return res.x.astype(np.float64), info
 
 

@@ -72,3 +72,13 @@ def test_each_list_is_ranked_on_its_own_and_subsets_keep_lists_apart() -> None:
     assert sorted(set(sub.lists.tolist())) == list(range(40)) and len(sub.y) == 200
     model = fit_fusion(ts, interactions=False, objective="softmax")
     assert model.meta["objective_fit"]["lists"] == 120  # lists, not impressions
+
+
+def test_a_fit_stopped_by_its_iteration_cap_says_so_instead_of_failing() -> None:
+    """The 40,000-user tune hit the cap and its warning crashed (a reserved LogRecord key): the fit returns
+    its coefficients with converged False."""
+    from eval.tune import fit_listwise_softmax
+
+    ts = _lists(50, 6, seed=3)
+    coef, info = fit_listwise_softmax(ts.X, ts.y, ts.group, max_iter=1)
+    assert info["converged"] is False and info["iterations"] == 1 and np.isfinite(coef).all()

@@ -263,6 +263,7 @@ def tune(
     seed: int = typer.Option(0, "--seed", help="Seed of the negative sampling and the LLM weight's bootstrap."),
     C: float = typer.Option(1.0, "--C", help="Inverse L2 strength of the logistic fit."),
     interactions: bool = typer.Option(True, "--interactions/--no-interactions", help="Pairwise feature products."),
+    objective: str = typer.Option("logistic", "--objective", help="Fusion fit: logistic (each row's click) or softmax (each impression's click against its list)."),
     llm_run: Optional[Path] = typer.Option(None, "--llm-run", help="An eval DIR with LLM results on training users: fits the LLM weight."),
     llm_mode: str = typer.Option("listwise", "--llm-mode", help="score: also fit scoring mode's llm_score_coef by scoring training impressions (ADSELECT_LLM_URL, unset: the bundled server)."),
     llm_impressions: int = typer.Option(200, "--llm-impressions", min=1, help="--llm-mode score: training impressions scored for the fit."),
@@ -284,7 +285,8 @@ def tune(
         ads=ads, impressions=impressions, out=out, exclude=list(exclude or []), exclude_tasks=list(exclude_task or []),
         train_histories=list(train or []) or None,
         n_random=n_random, n_hard=n_hard, max_impressions=max_impressions, seed=seed, C=C,
-        interactions=interactions, llm_run=llm_run, injection_check=injection_check, llm_mode=llm_mode, llm_impressions=llm_impressions,
+        interactions=interactions, objective=objective, llm_run=llm_run, injection_check=injection_check,
+        llm_mode=llm_mode, llm_impressions=llm_impressions,
         calibration_share=calibration_share, calibration_method=calibration_method, negative_rate=negative_rate, base_rate=base_rate,
     )  # fmt: skip
     try:

@@ -34,7 +34,7 @@ from eval.env import prepare_env
 from eval.injection_gate import InjectionCheck, run_injection_check
 from eval.provenance import exclusion_sources, excluded_users, file_ref, file_sha256, rel_path
 from eval.calibration import CALIBRATION_SHARE, apply_calibration, choose_method, fit_calibration, negative_rate_for_base_rate, summary, user_share
-from eval.tune import TrainingSet, build_training_set, fit_fusion, fit_llm_weight
+from eval.tune import OBJECTIVES, TrainingSet, build_training_set, fit_fusion, fit_llm_weight
 from kernel.errors import UserError
 from retrieval.features import build_profile
 from retrieval.records import iter_impressions
@@ -57,6 +57,7 @@ class TuneOptions:
     seed: int = 0
     C: float = 1.0
     interactions: bool = True
+    objective: str = "logistic"  # fusion fit: logistic (pointwise) or softmax (listwise per impression), eval.tune.OBJECTIVES
     llm_run: Path | None = None  # an eval DIR whose LLM results (on training users) fit the LLM weight
     injection_check: bool = True  # a positive LLM weight ships only if the injection test passes at it
     calibration_share: float = CALIBRATION_SHARE  # tuning users (by keyed hash) kept for the calibration only
@@ -82,6 +83,8 @@ class TuneOptions:
         parts += ["--seed", str(self.seed), "--C", str(self.C)]
         if not self.interactions:
             parts.append("--no-interactions")
+        if self.objective != "logistic":
+            parts += ["--objective", self.objective]
         if self.llm_run is not None:
             parts += ["--llm-run", rel_path(self.llm_run)]
         if self.llm_mode != "listwise":
@@ -247,6 +250,8 @@ def run_tune(
     (eval.injection_gate.run_injection_check) that a positive LLM weight must pass. `backend`
     (eval.distributed.RayBackend) computes the feature rows on Ray actors; the fit stays here."""
     t0 = time.perf_counter()
+    if opts.objective not in OBJECTIVES:
+        raise UserError(f"--objective must be one of {', '.join(OBJECTIVES)}, not {opts.objective!r}")
     train_hist = opts.train_histories or [opts.impressions]
     env = prepare_env(
         settings, ads_path=opts.ads, train_paths=train_hist, show_progress=show_progress,
@@ -284,7 +289,7 @@ def run_tune(
     # build_training_set pulls one record past the last one it uses: fitted users ⊆ these lines' users.
     meta["train_lines_read"] = ts.lines_read
     fusion_ts, cal_ts, split = split_for_calibration(ts, share=opts.calibration_share)
-    model = fit_fusion(fusion_ts, interactions=opts.interactions, C=opts.C, meta={**meta, "calibration_split": split})
+    model = fit_fusion(fusion_ts, interactions=opts.interactions, C=opts.C, objective=opts.objective, meta={**meta, "calibration_split": split})
     model.meta.update(train_impressions=ts.n_impressions, train_rows=int(len(ts.y)))  # fusion + calibration users
     model.calibration, model.meta["calibration_fit"] = fit_tune_calibration(model, cal_ts, opts=opts)
     if opts.llm_run is not None:

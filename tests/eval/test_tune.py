@@ -275,14 +275,22 @@ def test_training_rows_fed_in_chunks_are_the_one_at_a_time_rows(eval_settings) -
     assert one.users == chunked.users and (one.negatives_pool == chunked.negatives_pool).all()
 
 
-def test_hard_negatives_come_round_robin_from_every_source() -> None:
-    """The union lists the dense source first; hard negatives taken in union order were all dense rows, and
-    the fit learned to score the dense prior down (dense weight -2.29 with --n-hard 20)."""
+def test_hard_negatives_come_only_from_unions_that_retrieved_the_click() -> None:
+    """A click the union missed scores below the union's rows on every prior (that is why it was missed):
+    pairing it with them taught the fusion that a high prior means no click (--n-hard 20: dense weight
+    -2.29, sampled nDCG@10 0.71). The retrieved list is the union's click + uniform other union rows, with
+    the features generation computed; no list when the click was not retrieved."""
     import numpy as np
 
-    from eval.tune import hard_negatives
+    from eval.tune import retrieved_list
+    from retrieval.candidates import CandidateSet
 
-    by_source = {"dense": np.array([1, 2, 3, 4]), "covisit": np.array([2, 5, 6]), "sequence": np.array([7])}
-    assert hard_negatives(by_source, taken={1}, n=5) == [2, 5, 7, 3, 6]
-    assert hard_negatives(by_source, taken=set(), n=2) == [1, 2]
-    assert hard_negatives(by_source, taken={1, 2, 3, 4, 5, 6}, n=3) == [7]
+    rows = np.array([10, 11, 12, 13, 14, 15])
+    cs = CandidateSet(rows, np.arange(12, dtype=np.float32).reshape(6, 2))
+    assert retrieved_list(cs, pos_rows=[99], n=3, line=1) is None  # missed: no list
+    got_rows, feats, y = retrieved_list(cs, pos_rows=[13], n=3, line=1)
+    assert got_rows[0] == 13 and y.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert len(set(got_rows.tolist())) == 4 and set(got_rows.tolist()) <= set(rows.tolist())
+    assert (feats == cs.features[np.searchsorted(rows, got_rows)]).all()
+    assert (retrieved_list(cs, pos_rows=[13], n=3, line=1)[0] == got_rows).all()  # seeded by the line
+    assert len(retrieved_list(cs, pos_rows=[13], n=50, line=1)[0]) == 6  # fewer rows than asked: all of them

@@ -19,7 +19,7 @@ from kernel.types import Ad, Candidate, LLMResult
 
 from .llm import ChatLLMLike, Completion
 from .prompts import PromptRegistry, PromptTemplate, neutralise
-from .review import echoes_prompt, screen  # noqa: F401  (echoes_prompt: re-exported)
+from .review import screen
 from .schema import ParsedOutput, build_output_schema, parse_llm_output
 
 if TYPE_CHECKING:

@@ -57,7 +57,6 @@ def main() -> None:
     ap.add_argument("--text-init", action="store_true")
     ap.add_argument("--max-epochs", type=int, default=None)
     args = ap.parse_args()
-    import torch
 
     ads = read_ads(args.games_dir / "ads.jsonl")
     ids = [a.ad_id for a in ads]

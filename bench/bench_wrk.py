@@ -108,7 +108,7 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
     proc = start_server(data_dir, port, log_path, env_overrides=env, workers=args.workers)
     url = f"http://127.0.0.1:{port}"
     try:
-        warm = wrk(url, connections=2, seconds=2, bodies=bodies)
+        wrk(url, connections=2, seconds=2, bodies=bodies)
         load_before = os.getloadavg()
         print(f"\n[{catalog}] workers={args.workers or os.cpu_count()} users={len(hists)} k={args.k} "
               f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")  # fmt: skip

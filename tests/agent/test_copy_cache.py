@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from agent.copy_cache import BackgroundCopier, CopyCache, CopyRewriter, Rejected, interest_key
+from agent.copy_cache import BackgroundCopier, CopyRewriter, Rejected, interest_key
 from agent.copy_validator import validate_copy
 from agent.llm import ChatLLM, Completion, Message
 from agent.prompts import PromptRegistry

@@ -116,7 +116,7 @@ def test_malformed_behaviors_line_names_file_and_line(tmp_path, line, reason):
         import_mind(behaviors, news, out_dir=tmp_path / "out")
     assert exc.value.path == str(behaviors) and exc.value.line == 4
     assert reason in exc.value.reason
-    assert f"behaviors.tsv:4: " in str(exc.value)
+    assert "behaviors.tsv:4: " in str(exc.value)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,6 @@ from eval.ope_http import HttpService, ServiceProcess
 from eval.ope_sim import SimConfig, SimUser, run_simulation
 from retrieval.features import FEATURES
 from selection.fusion import FusionModel
-from selection.impression_log import iter_log_records
 from tests.conftest import DEMO_DIR
 
 N_USERS = 200

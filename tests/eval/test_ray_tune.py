@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 
 from eval.tune_run import TuneOptions, run_tune
 from selection.fusion import FusionModel

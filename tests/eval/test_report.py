@@ -105,5 +105,5 @@ def test_markdown_renders_calibration_and_rewrites() -> None:
     }
     md = render_markdown(report)
     assert "## Calibration" in md and "log loss of the base rate" in md and "Reliability (bins of predicted pCTR)" in md
-    assert f"| default | 2 | 4 | 0.5000 |" in md
+    assert "| default | 2 | 4 | 0.5000 |" in md
     assert "## Rewrites" in md and "| justification_foreign_code | 1 | 1.000 |" in md

@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from kernel.types import RequestContext, SelectRequest
 from retrieval.features import FEATURES

@@ -80,19 +80,12 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "ray":
         from eval.distributed import ray_session
         from eval.distributed.behaviour import RayBehaviourCounter
-        from retrieval.behaviour import collaborative_vectors
 
         with ray_session():
             t0 = time.perf_counter()
             counts = RayBehaviourCounter(workers=2)(hists, ids, window=args.window, decay=args.decay)
             out["count_s"] = time.perf_counter() - t0
-        out["count_peak_mb"] = _peak_mb() - base_rss
-        t1 = time.perf_counter()
-        cf = collaborative_vectors(counts, dims=args.cf_dims)
-        out["cf_s"] = time.perf_counter() - t1
-        out["total_s"] = time.perf_counter() - t0
-        fwd, pop, nh = counts.forward.astype(np.float32), counts.popularity.astype(np.float32), counts.n_histories
-        out["co_pairs"] = counts.co.nnz
+        fwd, pop, cf, nh = _tables(counts, out, t0=t0, base_rss=base_rss, cf_dims=args.cf_dims)
     elif args.worker == "old":
         sys.path.insert(0, str(REPO_ROOT / "tests" / "retrieval"))
         from reference_behaviour import reference_learn
@@ -104,21 +97,28 @@ def worker(args: argparse.Namespace) -> None:
         out["cf_s"] = out["total_s"] - out["count_s"]
         fwd, pop, cf, nh = tables["forward"], tables["popularity"], tables["cf"], tables["n_histories"]
     else:
-        from retrieval.behaviour import collaborative_vectors, count_behaviour  # what BehaviourStats.learn calls
+        from retrieval.behaviour import count_behaviour  # what BehaviourStats.learn calls
 
         counts = count_behaviour(hists, ids, window=args.window, decay=args.decay)
         out["count_s"] = time.perf_counter() - t0
-        out["count_peak_mb"] = _peak_mb() - base_rss
-        t1 = time.perf_counter()
-        cf = collaborative_vectors(counts, dims=args.cf_dims)
-        out["cf_s"] = time.perf_counter() - t1
-        out["total_s"] = time.perf_counter() - t0
-        fwd, pop, nh = counts.forward.astype(np.float32), counts.popularity.astype(np.float32), counts.n_histories
-        out["co_pairs"] = counts.co.nnz
+        fwd, pop, cf, nh = _tables(counts, out, t0=t0, base_rss=base_rss, cf_dims=args.cf_dims)
     out.update(peak_mb=_peak_mb() - base_rss, histories=nh, pairs=fwd.nnz)
     if args.dump:
         np.savez(args.dump, indptr=fwd.indptr, indices=fwd.indices, data=fwd.data, pop=pop, cf=cf if cf is not None else np.zeros(0))
     print(json.dumps(out))
+
+
+def _tables(counts, out: dict, *, t0: float, base_rss: float, cf_dims: int):
+    """The tables from counted co-visits (as BehaviourStats.from_counts): the collaborative vectors timed into `out`."""
+    from retrieval.behaviour import collaborative_vectors
+
+    out["count_peak_mb"] = _peak_mb() - base_rss
+    t1 = time.perf_counter()
+    cf = collaborative_vectors(counts, dims=cf_dims)
+    out["cf_s"] = time.perf_counter() - t1
+    out["total_s"] = time.perf_counter() - t0
+    out["co_pairs"] = counts.co.nnz
+    return counts.forward.astype(np.float32), counts.popularity.astype(np.float32), cf, counts.n_histories
 
 
 def run(kind: str, scale: int, args: argparse.Namespace, dump: Path | None = None) -> dict:

@@ -36,8 +36,9 @@ and `--out DIR/reliability.png`; then the same refit on the logging arm alone (`
 sampled dev file's 6,000 each seed: each user's 20-candidate list is the next purchase + 19 uniformly random
 catalog ads not in the history, seeded per user (the sampling of `adselect eval sample-logged`). The 10,458
 users the shipped fusion was not fitted on (its meta.exclude) come first; beyond them the users overlap the
-fusion's training users, which does not bias the calibration refit (fitted and judged on this simulated log,
-held out by user).
+fusion's training users. The calibration refit is fitted and judged on this simulated log, held out by user, so
+the overlap does not bias its pooled figures, but the fusion may score its training users differently
+(`--users 10458` keeps to fresh users; the README splits the 20,000-user run's held-out rows by group).
 """
 from __future__ import annotations
 
@@ -168,8 +169,9 @@ def main() -> None:
                          "list the next purchase + --n-random catalog ads not in the history, seeded per user "
                          "(eval.ope_sim.sampled_users); the users the shipped fusion was NOT fitted on come first (its "
                          "meta.exclude: the sampled dev users + games_full's first 5,000, 10,458 users), then the others, "
-                         "which overlap the fusion's training users. That overlap does not bias the calibration refit: it is "
-                         "fitted and judged on the simulated log, held out by user, so both sides share the same users' mix")  # fmt: skip
+                         "which overlap the fusion's training users. The calibration refit is fitted and judged on the simulated "
+                         "log, held out by user, so both sides share the same mix (the pooled figures are not biased by the "
+                         "overlap); the fusion may still score its training users differently: --users 10458 keeps to fresh users")  # fmt: skip
     ap.add_argument("--n-random", type=int, default=19, help="full: random catalog negatives per user's list")
     ap.add_argument("--candidate-seed", type=int, default=0, help="full: seed of every user's sampled list (with the user id)")
     ap.add_argument("--fit-users", type=int, default=1000, help="users the direct model (Platt pCTR) is fitted on")

@@ -30,6 +30,15 @@ clicks again, so repeated rows are not new outcomes), on the held-out users and 
 and `--out DIR/reliability.png`; then the same refit on the logging arm alone (`calibration_refit_logging_arm`). The coverage lines count the seeds whose 95% CI holds the on-policy CTR.
 
     python bench/bench_ope.py --service http --users 2000 --seeds 1 --out /tmp/ope_http
+    python bench/bench_ope.py --service http --users-from full --users 15000 --seeds 1 --out /tmp/ope_full
+
+`--users-from full` draws distinct users from impressions_full_dev.jsonl (50,546) instead of replaying the
+sampled dev file's 6,000 each seed: each user's 20-candidate list is the next purchase + 19 uniformly random
+catalog ads not in the history, seeded per user (the sampling of `adselect eval sample-logged`). The 10,458
+users the shipped fusion was not fitted on (its meta.exclude) come first; beyond them the users overlap the
+fusion's training users. The calibration refit is fitted and judged on this simulated log, held out by user, so
+the overlap does not bias its pooled figures, but the fusion may score its training users differently
+(`--users 10458` keeps to fresh users; the README splits the 20,000-user run's held-out rows by group).
 """
 from __future__ import annotations
 
@@ -53,10 +62,13 @@ from eval.ope_sim import (  # noqa: E402
     load_users,
     read_rows,
     run_simulation,
+    sampled_users,
     stand_in_variants,
 )
 
 DEV = SHARED_DATA / "amazon_games_6k" / "impressions_sampled_dev.jsonl"
+FULL_DEV = SHARED_DATA / "amazon_games_6k" / "impressions_full_dev.jsonl"
+ADS = SHARED_DATA / "amazon_games_6k" / "ads.jsonl"
 ESTIMATORS = ("ips", "snips", "dr")
 
 
@@ -114,6 +126,19 @@ def latency(proc, users, n: int) -> dict:
     return {"n": len(times), "p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99))}
 
 
+def outside_fusion_fit() -> set[str]:
+    """The users the shipped fusion weights were not fitted on: those of the files its `meta.exclude` names
+    (the sampled dev file's 6,000 and games_full's first 5,000 impressions of the full dev file)."""
+    from eval.data import read_user_ids
+    from kernel.settings import REPO_ROOT
+    from selection.fusion import FusionModel
+
+    users: set[str] = set()
+    for src in FusionModel.load(None).meta.get("exclude") or []:
+        users |= read_user_ids(REPO_ROOT / src["path"], limit=src["limit"])
+    return users
+
+
 def summarise(runs: list[SimResult]) -> dict:
     out: dict = {}
     for name in runs[0].variants:
@@ -136,7 +161,18 @@ def summarise(runs: list[SimResult]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--users", type=int, default=5000, help="simulated users (the dev file has 6,000; --fit-users are kept apart)")
+    ap.add_argument("--users", type=int, default=5000, help="simulated users (the sampled dev file has 6,000, the full one 50,546; --fit-users are kept apart)")
+    ap.add_argument("--users-from", choices=("sampled", "full"), default="sampled",
+                    help="sampled: the users of impressions_sampled_dev.jsonl with their logged 20-candidate lists (6,000; "
+                         "each seed replays the same users). full: distinct users of impressions_full_dev.jsonl (50,546), each "
+                         "list the next purchase + --n-random catalog ads not in the history, seeded per user "
+                         "(eval.ope_sim.sampled_users); the users the shipped fusion was NOT fitted on come first (its "
+                         "meta.exclude: the sampled dev users + games_full's first 5,000, 10,458 users), then the others, "
+                         "which overlap the fusion's training users. The calibration refit is fitted and judged on the simulated "
+                         "log, held out by user, so both sides share the same mix (the pooled figures are not biased by the "
+                         "overlap); the fusion may still score its training users differently: --users 10458 keeps to fresh users")  # fmt: skip
+    ap.add_argument("--n-random", type=int, default=19, help="full: random catalog negatives per user's list")
+    ap.add_argument("--candidate-seed", type=int, default=0, help="full: seed of every user's sampled list (with the user id)")
     ap.add_argument("--fit-users", type=int, default=1000, help="users the direct model (Platt pCTR) is fitted on")
     ap.add_argument("--k", type=int, default=1, help="ads per slate (k > 1: cascade IPS / DR)")
     ap.add_argument("--decay", type=float, default=1.0, help="examination probability decay per position")
@@ -154,12 +190,30 @@ def main() -> None:
     ap.add_argument("--cal-bins", type=int, default=ECE_BINS, help="http: equal-count bins of the reliability table and ECE")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    extra: dict = {}
 
-    rows = read_rows(DEV)
+    if args.users_from == "full":
+        from retrieval.records import read_ads
+
+        rows = read_rows(FULL_DEV, with_candidates=False)
+        catalog = [a.ad_id for a in read_ads(ADS)]
+        first = outside_fusion_fit()
+
+        def draw_users(n: int, seed: int, offset: int = 0) -> list:
+            return sampled_users(rows, catalog=catalog, n=n, seed=seed, offset=offset, first=first,
+                                 n_random=args.n_random, candidate_seed=args.candidate_seed)  # fmt: skip
+
+        extra["users_from"] = {"file": "impressions_full_dev.jsonl", "outside_fusion_fit": len(first & {r["user_id"] for r in rows}),
+                               "n_random": args.n_random, "candidate_seed": args.candidate_seed}  # fmt: skip
+    else:
+        rows = read_rows(DEV)
+
+        def draw_users(n: int, seed: int, offset: int = 0) -> list:
+            return load_users(rows, n=n, seed=seed, offset=offset)
+
     tables = BehaviourTables.from_rows(rows)
     runs: list[SimResult] = []
     t0 = time.perf_counter()
-    extra: dict = {}
     proc = None
     work = Path(tempfile.mkdtemp(prefix="bench_ope_"))
     if args.service == "http":
@@ -171,8 +225,17 @@ def main() -> None:
         proc = ServiceProcess(data, work / "service", env=env).start()
         print(f"adselect serve on {proc.base_url} over {data} (collection {collection}); log {proc.log_dir}")
     for seed in range(args.seeds):
-        fit = load_users(rows, n=args.fit_users, seed=seed)
-        users = load_users(rows, n=args.users, seed=seed, offset=args.fit_users)
+        if args.users_from == "full":  # the simulated users first (those outside the fusion fit), then the fit users
+            users = draw_users(args.users, seed)
+            fit = draw_users(args.fit_users, seed, offset=args.users)
+        else:
+            fit = draw_users(args.fit_users, seed)
+            users = draw_users(args.users, seed, offset=args.fit_users)
+        if seed == 0:
+            outside = len(first & {u.user_id for u in users}) if args.users_from == "full" else None
+            extra.setdefault("users_from", {"file": "impressions_sampled_dev.jsonl"})["simulated_users_outside_fusion_fit"] = outside
+            print(f"{len(users)} distinct simulated users ({len({u.user_id for u in users})} ids) from {extra['users_from']['file']}"
+                  + (f", {outside} of them outside the fusion's fit" if outside is not None else ""))  # fmt: skip
         direct = DirectModel.fit(fit, tables)
         with tempfile.TemporaryDirectory() as tmp:
             if proc is not None:
@@ -244,7 +307,7 @@ def main() -> None:
 
         print(f"reliability plot: {reliability_plot(cal, args.out / 'reliability.png')}")
         write_report()
-        lat_users = load_users(rows, n=args.latency, seed=10_000)
+        lat_users = draw_users(args.latency, 10_000)
         HttpService(proc, arms=arms).use_arm("default")
         on = latency(proc, lat_users, args.latency)
         written = sum(1 for _ in iter_log_records(proc.log_dir))

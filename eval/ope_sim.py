@@ -1,6 +1,7 @@
 """A traffic simulation that checks off-policy evaluation end to end on real users.
 
-Real Amazon Games dev users (history, 20 logged candidates, the next purchase) are served by a
+Real Amazon Games dev users (history, 20 logged candidates, the next purchase; or, `sampled_users`, the
+full dev file's users with the same kind of list sampled per user) are served by a
 *logging* arm with exploration on; a simulated user clicks a served ad when it is their logged next
 purchase and they examined its position (position-decay examination, `decay ** position`; seeded).
 Every decision goes to the impression log and every click to the feedback store, exactly as in
@@ -20,8 +21,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from eval.ope import OPEResult, estimate, logged_data_from_records, logged_pctr
+from eval.sample_logged import sampled_candidates
 from selection.exploration import ExplorationConfig, explore
 from selection.feedback import FeedbackStore, ServedAdRow
 from selection.impression_log import JsonlImpressionLog, ScoredEntry, ServedEntry, build_record, iter_log_records
@@ -63,13 +66,14 @@ class Service(Protocol):
         ...
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The impressions of a canonical file that have a history, a click and candidates."""
+def read_rows(path: Path, *, with_candidates: bool = True) -> list[dict[str, Any]]:
+    """The impressions of a canonical file that have a history, a click and (unless `with_candidates` is
+    False: a full-catalog file such as impressions_full_dev.jsonl) candidates."""
     rows = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             rec = json.loads(line)
-            if rec.get("history") and rec.get("clicked") and rec.get("candidates"):
+            if rec.get("history") and rec.get("clicked") and (rec.get("candidates") or not with_candidates):
                 rows.append(rec)
     return rows
 
@@ -82,6 +86,36 @@ def load_users(rows: Sequence[Mapping[str, Any]], *, n: int, seed: int, offset: 
         SimUser(f"sim-{offset + i}", r["user_id"], r["history"], r["candidates"], r["clicked"][0])
         for i, r in enumerate(rows[offset : offset + n])
     ]
+
+
+def sampled_users(
+    rows: Sequence[Mapping[str, Any]], *, catalog: Sequence[str], n: int, seed: int, offset: int = 0,
+    first: Collection[str] = (), n_random: int = 19, candidate_seed: int = 0,
+) -> list[SimUser]:
+    """`n` distinct users of a full-catalog file (history + next purchase, no logged candidates), from `offset`
+    in a seeded order that puts the users in `first` before the others (e.g. the users the fusion weights were
+    not fitted on), each given the sampled protocol's 20-candidate list: the next purchase + `n_random` distinct
+    catalog ads not in the history (eval.sample_logged.sampled_candidates), drawn by a generator seeded by
+    (`candidate_seed`, the user id) so a user's list is the same in every run and every seed."""
+    known = set(catalog)
+    seen: set[str] = set()
+    head: list[Mapping[str, Any]] = []
+    tail: list[Mapping[str, Any]] = []
+    for r in rows:
+        if r["user_id"] in seen or not r.get("history") or not r.get("clicked") or r["clicked"][0] not in known:
+            continue
+        seen.add(r["user_id"])
+        (head if r["user_id"] in first else tail).append(r)
+    order = random.Random(seed)
+    order.shuffle(head)
+    order.shuffle(tail)
+    out = []
+    for i, r in enumerate((head + tail)[offset : offset + n]):
+        rng = np.random.default_rng([candidate_seed, zlib.crc32(str(r["user_id"]).encode())])
+        next_purchase = r["clicked"][0]
+        candidates = sampled_candidates(clicked=[next_purchase], history=r["history"], catalog=catalog, n_random=n_random, rng=rng)
+        out.append(SimUser(f"sim-{offset + i}", r["user_id"], r["history"], candidates, next_purchase))
+    return out
 
 
 # ---- the stand-in policies ------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,18 @@ class SampleOptions:
         parts += ["--skip", str(self.skip), "--n", str(self.n), "--n-random", str(self.n_random), "--seed", str(self.seed)]
         parts += ["--out", rel_path(self.out)]
         return shlex.join(parts)
+
+
+def sampled_candidates(*, clicked: Sequence[str], history: Sequence[str], catalog: Sequence[str], n_random: int, rng: np.random.Generator) -> list[str]:
+    """The sampled protocol's candidate list: the clicked ads + `n_random` distinct ads drawn uniformly from
+    `catalog` minus the history and the clicks, shuffled (the one implementation: sample-logged and the
+    traffic simulation's full-dev users, eval.ope_sim.sampled_users)."""
+    taken = set(history) | set(clicked)
+    draw = rng.choice(len(catalog), size=min(len(catalog), n_random + len(taken)), replace=False)
+    negatives = [catalog[r] for r in draw.tolist() if catalog[r] not in taken][:n_random]
+    candidates = list(clicked) + negatives
+    rng.shuffle(candidates)
+    return candidates
 
 
 def meta_path(out: Path) -> Path:
@@ -93,11 +106,7 @@ def sample_logged(opts: SampleOptions) -> dict[str, Any]:
     with Path(opts.out).open("w", encoding="utf-8") as fh:
         for i in pick.tolist():
             rec, history, clicked = eligible[i]
-            taken = set(history) | set(clicked)
-            draw = rng.choice(len(ids), size=min(len(ids), opts.n_random + len(taken)), replace=False)
-            negatives = [ids[r] for r in draw.tolist() if ids[r] not in taken][: opts.n_random]
-            candidates = clicked + negatives
-            rng.shuffle(candidates)
+            candidates = sampled_candidates(clicked=clicked, history=history, catalog=ids, n_random=opts.n_random, rng=rng)
             line = {"impression_id": rec.impression_id, "user_id": rec.user_id, "history": history, "candidates": candidates, "clicked": clicked}
             if rec.timestamp is not None:
                 line["timestamp"] = rec.timestamp

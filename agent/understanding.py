@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ from kernel.errors import LLMOutputInvalid, LLMUnavailable, PromptError
 from kernel.types import DOCUMENT_EXTRA_KEY, Ad
 
 from .ad_content import ad_content_hash
-from .llm import ChatLLMLike
+from .llm import ChatLLMLike, Completion, Message
 from .prompts import PromptRegistry, PromptTemplate, neutralise
 
 if TYPE_CHECKING:
@@ -393,16 +394,51 @@ def ingest_hook(
     return enrich
 
 
+class _BundledOnFirstCall:
+    """ChatLLMLike over the bundled llama.cpp server, started by the first call: a re-run served wholly
+    from the cache starts no server. The server and its client close with `stack`."""
+
+    def __init__(self, settings: Settings, stack: contextlib.ExitStack):
+        self.settings, self.stack = settings, stack
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> str:
+        return self.settings.llm_model
+
+    def _start(self) -> Any:
+        from .llm import ChatLLM
+        from .local_server import LocalLLMServer, free_port
+
+        with self._lock:
+            if self._client is None:
+                s = self.settings
+                url = self.stack.enter_context(LocalLLMServer.from_settings(s, port=free_port())).base_url
+                client = ChatLLM(base_url=url, model=s.llm_model, max_tokens=s.understand_max_tokens, timeout_s=s.understand_timeout_s)
+                self.stack.callback(client.close)  # LIFO: the client closes before the server stops
+                self._client = client
+            return self._client
+
+    async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
+        client = self._client or await asyncio.to_thread(self._start)
+        return await client.acomplete(messages, schema=schema, timeout_s=timeout_s)
+
+
 def understanding_at_ingest(settings: Settings, stack: contextlib.ExitStack, *, reports: list[UnderstandReport]) -> Callable[[list[Ad]], list[Ad]]:
     """The ingest hook from settings: the LLM at `llm_url` with `understand_concurrency` calls in flight
-    (else the bundled llama.cpp server, started now and stopped when `stack` closes, one call at a
-    time), the store in data_dir/understanding."""
+    (else the bundled llama.cpp server, started by the first ad the cache does not hold and stopped when
+    `stack` closes, one call at a time), the store in data_dir/understanding."""
     from .llm import ChatLLM
-    from .local_server import LocalLLMServer, free_port
 
-    url = settings.llm_url or stack.enter_context(LocalLLMServer.from_settings(settings, port=free_port())).base_url
-    llm = ChatLLM(base_url=url, model=settings.llm_model, max_tokens=settings.understand_max_tokens, timeout_s=settings.understand_timeout_s)
-    stack.callback(llm.close)
+    llm: ChatLLMLike
+    if settings.llm_url:
+        llm = ChatLLM(
+            base_url=settings.llm_url, model=settings.llm_model, max_tokens=settings.understand_max_tokens, timeout_s=settings.understand_timeout_s
+        )
+        stack.callback(llm.close)
+    else:
+        llm = _BundledOnFirstCall(settings, stack)
     understander = AdUnderstander.from_settings(settings, llm, store=UnderstandingStore(Path(settings.data_dir) / UNDERSTANDING_DIR))
     if not settings.llm_url:
         # The bundled llama.cpp server answers one request at a time: more in flight only queue there,

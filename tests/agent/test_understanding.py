@@ -126,3 +126,25 @@ def test_a_run_that_dies_mid_batch_keeps_every_ad_it_finished(tmp_path: Path) ->
     llm.enqueue(answer(), answer())
     resumed = AdUnderstander(llm, PROMPT, store=UnderstandingStore(tmp_path)).run(ads, progress=False)
     assert (resumed.cached, resumed.generated) == (2, 2)
+
+
+def test_an_all_cached_ingest_rerun_starts_no_bundled_server(local_llm_url: str, tmp_path: Path) -> None:
+    """The ingest hook without ADSELECT_LLM_URL starts the bundled server on the first cache miss only: the
+    second run points the bundled server at a GGUF that does not exist, so starting it would fail."""
+    import contextlib
+
+    from kernel.errors import LocalLLMStartError
+    from agent.understanding import understanding_at_ingest
+
+    ads = demo_ads(2)
+    live = SETTINGS.model_copy(update={"data_dir": tmp_path, "llm_url": local_llm_url, "understand_timeout_s": 600.0})
+    reports: list = []
+    with contextlib.ExitStack() as stack:
+        understanding_at_ingest(live, stack, reports=reports)(ads)
+    assert reports[0].generated + sum(reports[0].invalid.values()) == len(ads)
+    broken = SETTINGS.model_copy(update={"data_dir": tmp_path, "llm_url": None, "local_llm_gguf": tmp_path / "missing.gguf"})
+    with contextlib.ExitStack() as stack:
+        out = understanding_at_ingest(broken, stack, reports=reports)(ads)
+    assert reports[1].cached == len(ads) and reports[1].generated == 0 and len(out) == len(ads)
+    with contextlib.ExitStack() as stack, pytest.raises(LocalLLMStartError):  # a miss does start it (and fails on the missing file)
+        understanding_at_ingest(broken, stack, reports=reports)(demo_ads(3))

@@ -282,7 +282,45 @@ def test_real_server_one_token_per_call_and_a_probability_for_every_candidate(lo
     assert set(res.logprob) == set(imp["candidates"]) and all(math.isfinite(v) for v in res.logprob.values())
     assert sum(res.prob.values()) == pytest.approx(1.0)
     n = len(imp["candidates"])
-    assert all(p == (n - 1) / 2 for p in res.position.values())  # shown once in order, once reversed
+    # two rotations n/2 apart: every candidate shown at two positions n/2 apart
+    assert all((shown[1][0] - shown[0][0]) % n == (-(n // 2)) % n for shown in res.by_order.values())
+
+
+class RecordingLogprobLLM:
+    """Delegates to the real scoring client and keeps every answer (to check the scorer's label accounting)."""
+
+    def __init__(self, llm: LogprobLLMLike):
+        self.llm, self.answers = llm, []
+
+    @property
+    def model(self) -> str:
+        return self.llm.model
+
+    async def afirst_token(self, messages: Sequence[Message], *, top_logprobs: int, timeout_s: float) -> FirstToken:
+        answer = await self.llm.afirst_token(messages, top_logprobs=top_logprobs, timeout_s=timeout_s)
+        self.answers.append(answer)
+        return answer
+
+
+def test_real_server_balanced_design_n_calls_one_token_each_every_label_answered_or_counted(local_llm_url: str) -> None:
+    ads = demo_ads()
+    imp = demo_impressions(1)[0]
+    n = 6
+    llm = RecordingLogprobLLM(LogprobChatLLM(base_url=local_llm_url, model=SETTINGS.llm_model, timeout_s=600))
+    res = asyncio.run(
+        scorer(llm, permutations=ALL, max_candidates=n).ascore(
+            history_ads=[ads[h] for h in imp["history"]], events=[], candidates=as_candidates([ads[c] for c in imp["candidates"]]),
+            timeout_s=600, seed_key=imp["impression_id"],
+        )
+    )  # fmt: skip
+    assert res.permutations == n and len(llm.answers) == n  # P = n: n calls
+    assert res.completion_tokens == [1] * n  # exactly one completion token per call
+    assert res.answered + len(res.failures) == n
+    assert all(sorted(p for p, _ in shown) == list(range(n)) for shown in res.by_order.values())  # every position once
+    labels = set(LABELS[:n])
+    found = [len(labels & {t.strip() for t in a.top}) for a in llm.answers]
+    assert res.missing_labels == sum(n - f for f in found if f)  # a label not returned is floored and counted, never dropped
+    assert all(math.isfinite(v) for v in res.logprob.values()) and set(res.logprob) == set(imp["candidates"][:n])
 
 
 def test_real_server_valid_answer_rate_on_20_demo_impressions(local_llm_url: str) -> None:

@@ -72,7 +72,7 @@ def shown_orders(n: int, count: Permutations) -> int:
         raise ValueError("scoring needs n >= 1 candidates")
     if count == ALL:
         return n
-    if not isinstance(count, int) or count < 1:
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ValueError(f"permutations must be an int >= 1 or {ALL!r}, got {count!r}")
     return min(count, n)
 

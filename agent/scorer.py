@@ -3,18 +3,32 @@
 The candidates are shown as A, B, C, … and the model is asked for one letter (`max_tokens=1`). The
 first token's top log-probabilities give log P(label) for each candidate; normalised over the labels
 shown, that is the candidate's log-probability for this order. Position bias is reduced by averaging
-over P shown orders of the same candidates, sent as concurrent requests that share the prompt prefix:
+over P shown orders of the same candidates, sent as concurrent requests that share the prompt prefix.
 
-* permutation 0 is the caller's order, permutation 1 its reverse (so each candidate is seen once
-  near the top and once near the bottom), permutations 2… are shuffles seeded by `seed_key` (the
-  request or impression id), so a request is reproducible.
-* the LLM term of a candidate is the mean over the answered permutations of its normalised
-  log-probability (`CandidateScores.logprob`); `prob` is the mean of the per-order probabilities
-  (it sums to 1); `position` is the mean 0-based position it was shown at, and `by_order` keeps, per
-  answered permutation, the position it was shown at and its log-probability there: what the fusion fit's
-  position control is built from (eval.tune_score), as a model that repeats the order it is shown scores
-  the top positions high. With P=2 (an order and its reverse) `position` is (n-1)/2 for every candidate,
-  while a model that favours the first label still lifts both ends: the position is in `by_order`.
+The shown orders (`permutations`, the one place they are decided; the fit in eval.tune_score gets them
+through this scorer):
+
+* **canonical first.** The candidates are put in a canonical order that does not depend on the caller's:
+  sorted by sha256(seed_key, ad id), `seed_key` being the request or impression id (reproducible per
+  request, a different order for every request, so no ad is systematically shown first). Any input order
+  of the same candidates therefore gives the same set of calls, the same answers and the same output.
+* **balanced cyclic shifts.** Shown order k is the canonical order rotated by s_k = floor(k·n/P). With P = n
+  (`ADSELECT_SCORE_PERMUTATIONS=all`; any P >= n means n, as there are only n rotations) the orders are a
+  Latin square: every candidate is shown at every position exactly once, so a model that looks only at the
+  position gives every candidate the same averaged term (exactly: sums are math.fsum). With P < n the
+  shifts are evenly spaced, so each candidate's positions are spread n/P apart over the list.
+* **ties and the output.** The LLM term of a candidate is the mean over the answered permutations of its
+  normalised log-probability (`CandidateScores.logprob`); `ranking()` sorts by it and breaks ties by the
+  canonical order, never the caller's, so the scorer's output is a function of the candidate set, the
+  request id and the model only. `prob` is the mean of the per-order probabilities (it sums to 1);
+  `position` is the mean 0-based position shown, and `by_order` keeps, per answered permutation, the
+  position shown and the log-probability there: the fusion fit's position control (eval.tune_score).
+
+What canonicalising buys and what it does not: the top-pick flip rate under a reordered input is 0 by
+construction, for a reversed order and a shuffled one alike. It says nothing about whether the model reads
+the content; that is measured by the LLM term's own MRR/nDCG against the position-only baseline, and how
+order-robust the averaging itself is by the same design without the canonical step (`canonical=False`:
+the rotations start from the caller's order), both in bench/bench_llm_modes.py.
 
 A label absent from the returned top-K gets a floor: the smallest logprob returned (any token outside
 the top K is at most that likely), and is counted in `missing_labels`. An answer whose top-K holds no
@@ -28,10 +42,9 @@ import asyncio
 import hashlib
 import logging
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from kernel.errors import ConfigError, LLMOutputInvalid, LLMUnavailable, PromptError
 from kernel.types import Ad, Candidate
@@ -49,19 +62,36 @@ NO_LABEL = "no_label"  # LLMOutputInvalid.reason: no candidate label among the r
 PROMPT_VARIABLES = frozenset({"history", "events", "candidates", "first_label", "last_label"})
 
 
-def permutations(n: int, count: int, *, seed_key: str) -> list[list[int]]:
-    """`count` shown orders of n candidates (indexes into the caller's order): identity, reverse, then seeded shuffles."""
-    if n < 1 or count < 1:
-        raise ValueError("permutations need n >= 1 and count >= 1")
-    orders = [list(range(n))]
-    if count > 1:
-        orders.append(list(range(n - 1, -1, -1)))
-    for k in range(2, count):
-        seed = int.from_bytes(hashlib.sha256(f"{seed_key}\x00{k}".encode()).digest()[:8], "big")
-        order = list(range(n))
-        random.Random(seed).shuffle(order)
-        orders.append(order)
-    return orders
+ALL = "all"  # ADSELECT_SCORE_PERMUTATIONS=all: P = n, every rotation (a Latin square)
+Permutations = int | Literal["all"]
+
+
+def shown_orders(n: int, count: Permutations) -> int:
+    """How many shown orders P = `count` gives for n candidates: n for "all" or any count >= n."""
+    if n < 1:
+        raise ValueError("scoring needs n >= 1 candidates")
+    if count == ALL:
+        return n
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"permutations must be an int >= 1 or {ALL!r}, got {count!r}")
+    return min(count, n)
+
+
+def canonical_order(ids: Sequence[str], *, seed_key: str) -> list[int]:
+    """Indexes of `ids` sorted by sha256(seed_key, id): the same for any order of the same ids."""
+    return sorted(range(len(ids)), key=lambda i: (hashlib.sha256(f"{seed_key}\x00{ids[i]}".encode()).digest(), ids[i]))
+
+
+def permutations(ids: Sequence[str], count: Permutations, *, seed_key: str, canonical: bool = True) -> list[list[int]]:
+    """The shown orders (indexes into `ids`, the caller's order): rotations of the canonical order by
+    floor(k·n/P), k = 0..P-1 (see the module doc). `canonical=False` rotates the caller's order instead:
+    only for measuring how much the averaging itself depends on the input order."""
+    n = len(ids)
+    p = shown_orders(n, count)
+    if len(set(ids)) != n:
+        raise ValueError("candidate ids must be unique")
+    base = canonical_order(ids, seed_key=seed_key) if canonical else list(range(n))
+    return [[base[(j + (k * n) // p) % n] for j in range(n)] for k in range(p)]
 
 
 def _logsumexp(values: Sequence[float]) -> float:
@@ -105,6 +135,8 @@ class ScoreCall:
     messages: list[dict[str, str]]
     order: list[str]  # real candidate ids in shown order
     labels: list[str]  # labels[i] is shown for order[i]
+    candidate_ids: list[str] = field(default_factory=list)  # the candidates sent, in the caller's order
+    canonical: list[str] = field(default_factory=list)  # the same ids in the canonical order (the tie-break)
 
 
 @dataclass(slots=True)
@@ -125,10 +157,12 @@ class CandidateScores:
     latency_ms: list[float] = field(default_factory=list)
     model: str = ""
     prompt: dict[str, str] = field(default_factory=dict)
+    canonical: list[str] = field(default_factory=list)  # the candidate ids in the canonical order
 
     def ranking(self) -> list[str]:
-        """Candidate ids by LLM term, best first; ties keep the caller's order."""
-        return sorted(self.candidate_ids, key=lambda c: -self.logprob[c])
+        """Candidate ids by LLM term, best first; ties in the canonical order (never the caller's)."""
+        rank = {c: i for i, c in enumerate(self.canonical or self.candidate_ids)}
+        return sorted(self.candidate_ids, key=lambda c: (-self.logprob[c], rank[c]))
 
 
 class LLMScorer:
@@ -139,7 +173,7 @@ class LLMScorer:
         llm: LogprobLLMLike,
         prompt: PromptTemplate,
         *,
-        permutations: int = 1,
+        permutations: Permutations = 1,
         top_logprobs: int = 20,
         max_candidates: int = 20,
         max_title_chars: int = 70,
@@ -147,6 +181,7 @@ class LLMScorer:
         max_history: int = 5,
         max_events: int = 3,
         max_event_chars: int = 100,
+        canonical: bool = True,
     ):
         if set(prompt.variables) != PROMPT_VARIABLES:
             raise PromptError(
@@ -154,8 +189,9 @@ class LLMScorer:
             )
         if not 1 <= max_candidates <= len(LABELS):
             raise ValueError(f"max_candidates must be in 1..{len(LABELS)} (one single-token label each)")
-        if permutations < 1 or top_logprobs < 1:
-            raise ValueError("permutations and top_logprobs must be >= 1")
+        shown_orders(1, permutations)  # validates: an int >= 1 or "all"
+        if top_logprobs < 1:
+            raise ValueError("top_logprobs must be >= 1")
         if max_candidates > top_logprobs:
             # Refused, not chunked: a label that cannot be among the top-K returned would always get the floor.
             # vLLM caps top_logprobs at its --max-logprobs (20 by default): start it with a larger one to score more.
@@ -173,6 +209,7 @@ class LLMScorer:
         self.max_history = max_history
         self.max_events = max_events
         self.max_event_chars = max_event_chars
+        self.canonical = canonical  # False only to measure the averaging without the canonical step (bench)
 
     @property
     def model(self) -> str:
@@ -206,18 +243,19 @@ class LLMScorer:
     def prepare(
         self, *, history_ads: Sequence[Ad], events: Sequence[str], candidates: Sequence[Candidate], seed_key: str = ""
     ) -> list[ScoreCall]:
-        """The P requests for the first `max_candidates` candidates (the caller orders them)."""
+        """The P requests for the first `max_candidates` candidates (which ones the caller decides; the
+        order shown is `permutations`', independent of the caller's)."""
         sent = [c.ad for c in list(candidates)[: self.max_candidates]]
         if not sent:
             raise ValueError("scoring needs at least one candidate")
         ids = [ad.ad_id for ad in sent]
-        if len(set(ids)) != len(ids):
-            raise ValueError("candidate ids must be unique")
+        orders = permutations(ids, self.permutations, seed_key=seed_key, canonical=self.canonical)
+        canonical = [ids[i] for i in canonical_order(ids, seed_key=seed_key)]
         history = [neutralise(ad.title, self.max_title_chars) for ad in list(history_ads)[-self.max_history :]]
         kept_events = [neutralise(e, self.max_event_chars) for e in list(events)[-self.max_events :] if e.strip()]
         labels = list(LABELS[: len(sent)])
         calls = []
-        for order in permutations(len(sent), self.permutations, seed_key=seed_key):
+        for order in orders:
             rows = [
                 {"label": label, "title": neutralise(sent[i].title, self.max_title_chars), "text": self._text(sent[i])}
                 for label, i in zip(labels, order, strict=True)
@@ -225,7 +263,7 @@ class LLMScorer:
             messages = self.prompt.render(
                 history=history, events=kept_events, candidates=rows, first_label=labels[0], last_label=labels[-1]
             )
-            calls.append(ScoreCall(messages=messages, order=[ids[i] for i in order], labels=labels))
+            calls.append(ScoreCall(messages=messages, order=[ids[i] for i in order], labels=labels, candidate_ids=ids, canonical=canonical))
         return calls
 
     async def ascore(
@@ -246,14 +284,13 @@ class LLMScorer:
         return self._combine(calls, answers)
 
     def _combine(self, calls: list[ScoreCall], answers: list[FirstToken | BaseException]) -> CandidateScores:
-        ids = list(calls[0].order)  # permutation 0 is the caller's order
-        sums = dict.fromkeys(ids, 0.0)
-        probs = dict.fromkeys(ids, 0.0)
-        positions = dict.fromkeys(ids, 0.0)
+        ids = list(calls[0].candidate_ids)
+        # Per candidate, the log-probability (and position) of each answered order; summed with math.fsum, which
+        # is exactly rounded, so the same values give the same term whatever order the calls were made in.
         by_order: dict[str, list[tuple[int, float]]] = {i: [] for i in ids}
         out = CandidateScores(
             candidate_ids=ids, logprob={}, prob={}, position={}, permutations=len(calls), answered=0, missing_labels=0,
-            prompt=self.prompt.info(), model=self.llm.model,
+            prompt=self.prompt.info(), model=self.llm.model, canonical=list(calls[0].canonical),
         )  # fmt: skip
         errors: list[LLMUnavailable | LLMOutputInvalid] = []
         for call, answer in zip(calls, answers, strict=True):
@@ -275,17 +312,14 @@ class LLMScorer:
             out.completion_tokens.append(answer.completion_tokens)
             out.latency_ms.append(answer.latency_ms)
             for pos, (ad_id, label) in enumerate(zip(call.order, call.labels, strict=True)):
-                sums[ad_id] += parsed.logprob[label]
-                probs[ad_id] += math.exp(parsed.logprob[label])
-                positions[ad_id] += pos
                 by_order[ad_id].append((pos, parsed.logprob[label]))
         log = {"prompt_sha256": out.prompt.get("sha256", "")[:12], "model": out.model, "n_candidates": len(ids)}
         if not out.answered:
             logger.warning("llm scoring failed", extra={**log, "failures": out.failures})
             raise errors[0]
-        out.logprob = {i: sums[i] / out.answered for i in ids}
-        out.prob = {i: probs[i] / out.answered for i in ids}
-        out.position = {i: positions[i] / out.answered for i in ids}
+        out.logprob = {i: math.fsum(lp for _, lp in by_order[i]) / out.answered for i in ids}
+        out.prob = {i: math.fsum(math.exp(lp) for _, lp in by_order[i]) / out.answered for i in ids}
+        out.position = {i: sum(pos for pos, _ in by_order[i]) / out.answered for i in ids}
         out.by_order = by_order
         logger.info(
             "llm score",

@@ -2,22 +2,24 @@
 
 Each training impression (users of the exclusion kept out, a history and a click in the catalog, in
 input order, at most `max_impressions`) goes through the Selector's prior stage with the weights just
-fitted, so the candidates are the ones serving would send (the first `n_candidates` by prior, in prior
-order); the service's scorer (selection.services.make_scorer: its prompt, P permutations, top logprobs)
-scores them. Per sent candidate that gives a row: the prior score, the averaged label log-probability
-(`CandidateScores.logprob`, the term serving adds as `llm_score_coef × logprob`), the clicked label, and
-the shown-position control.
+fitted, so the candidates are the ones serving would send (the first `n_candidates` by prior); the
+service's scorer (selection.services.make_scorer: its prompt, P shown orders from agent.scorer.permutations,
+top logprobs) scores them. Per sent candidate and answered shown order that gives a row: the prior score,
+the candidate's normalised label log-probability in that order, the shown-position control, and the click.
 
-The control is the LLM term a model that looks only at positions would give the row: the model's mean
-log-probability at each shown position (over every scored impression and permutation: its position
-profile), averaged over the positions the candidate was shown at. For a model that echoes the order it is
-shown it equals the LLM term itself (the fit cannot credit the LLM: `confounded`), and it takes out what
-the position explains for any other model. Neither the raw mean position (`CandidateScores.position`:
-with P=2, an order and its reverse, it is (n-1)/2 for every candidate, while a model that favours the
-first label shown lifts both ends) nor 1/(1+position) (listwise's transform: a first-label preference
-averaged over two orders is not a function of it, and part of it was credited to the LLM on synthetic
-echo data) controls for that. The rows go to eval.tune.fit_llm_term, which decides what ships exactly
-as for listwise.
+Why per shown order: serving adds `llm_score_coef × mean over orders of the log-probability`; a linear
+logit a·prior + b·logprob_k + c·control_k per order averages to a·prior + b·(the served term) + c·(mean
+control), so b/a is the served weight. The control is the LLM term a model that looks only at positions
+would give the row: the model's mean log-probability at that shown position (over every scored impression
+and order: its position profile). Averaged over a candidate's orders it would be a constant under the
+balanced design (P = n: every candidate at every position once), which is exactly the point of that design
+(no position effect is left in the served term) but leaves a fit nothing to separate; per order it varies,
+so the fit still tells content (the same candidate scoring high wherever it is shown) from position (every
+candidate scoring high at position 0), for P < n and P = n alike. For a model that echoes the position the
+LLM term is the control (`confounded`). Neither the raw position nor 1/(1+position) (listwise's transform)
+is used: a first-label preference is not a linear function of either. The rows go to eval.tune.fit_llm_term,
+which decides what ships exactly as for listwise (the bootstrap resamples impressions, so an impression's
+P rows stay together).
 
 An impression whose every permutation failed is counted by reason and left out (never a silent zero).
 """
@@ -40,10 +42,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ScoreRows:
-    """Scoring-mode fitting rows: one per candidate sent, grouped by impression."""
+    """Scoring-mode fitting rows: one per candidate sent and answered shown order, grouped by impression."""
 
     prior: np.ndarray
-    logprob: np.ndarray  # averaged normalised label log-probability
+    logprob: np.ndarray  # the candidate's normalised label log-probability in that shown order
     position: np.ndarray  # the position control (position_control)
     y: np.ndarray
     groups: np.ndarray
@@ -52,18 +54,18 @@ class ScoreRows:
 
 
 def position_control(by_order: list[list[tuple[int, float]]], n_shown: list[int]) -> tuple[np.ndarray, dict[str, float]]:
-    """Per row, the LLM term of a position-only model, and that model (the position profile).
+    """Per (candidate, answered shown order) row, the LLM term of a position-only model; and that model.
 
-    `by_order[r]`: row r's (position shown, log-probability) per answered permutation
-    (CandidateScores.by_order); `n_shown[r]`: how many candidates its impression showed. The profile is
-    the mean log-probability at each (n, position) over all rows and permutations; a row's control is the
-    mean of the profile over the positions it was shown at."""
+    `by_order[r]`: candidate r's (position shown, log-probability) per answered order
+    (CandidateScores.by_order); `n_shown[r]`: how many candidates its impression showed. The profile is the
+    mean log-probability at each (n, position) over all of them; a row's control is the profile at the
+    position it was shown at. Rows are candidate by candidate, each candidate's orders in by_order's order."""
     sums: dict[tuple[int, int], list[float]] = {}
     for shown, n in zip(by_order, n_shown, strict=True):
         for p, lp in shown:
             sums.setdefault((n, p), []).append(lp)
     profile = {key: float(np.mean(v)) for key, v in sums.items()}
-    control = np.array([np.mean([profile[(n, p)] for p, _ in shown]) for shown, n in zip(by_order, n_shown, strict=True)])
+    control = np.array([profile[(n, p)] for shown, n in zip(by_order, n_shown, strict=True) for p, _ in shown])
     return control, {f"{n}:{p}": round(v, 4) for (n, p), v in sorted(profile.items())}
 
 
@@ -84,7 +86,7 @@ async def score_rows(
     priors, lps, shown, n_shown, ys, groups = [], [], [], [], [], []
     counts = {"read": 0, "excluded": 0, "skipped": 0, "scored": 0, "failed": 0, "click_in_sent": 0}
     failures: dict[str, int] = {}
-    partial = missing = calls = 0
+    partial = missing = calls = answered = 0
     for rec in records:
         if counts["scored"] >= max_impressions:
             break
@@ -123,14 +125,16 @@ async def score_rows(
         partial += res.answered < res.permutations
         missing += res.missing_labels
         calls += res.permutations
+        answered += res.answered
         for c in sent[:n]:
             a = c.ad.ad_id
-            priors.append(c.prior_score)
-            lps.append(res.logprob[a])
+            k = len(res.by_order[a])  # one row per answered order
+            priors += [c.prior_score] * k
+            lps += [lp for _, lp in res.by_order[a]]
             shown.append(res.by_order[a])
             n_shown.append(n)
-            ys.append(1.0 if a in clicked else 0.0)
-            groups.append(g)
+            ys += [1.0 if a in clicked else 0.0] * k
+            groups += [g] * k
     position, profile = position_control(shown, n_shown)
     record = {
         **counts,
@@ -138,13 +142,15 @@ async def score_rows(
         "partially_answered": partial,
         "missing_labels": missing,
         "calls": calls,
+        "answered_calls": answered,
         "permutations": scorer.permutations,
         "n_candidates": n_candidates,
         "prompt": scorer.prompt_info,
         "model": scorer.model,
-        "llm_feature": "averaged normalised label log-probability (agent.scorer CandidateScores.logprob)",
-        "position_feature": "the position-only LLM term: the mean log-probability at each shown position (the profile "
-        "below, 'n:position'), averaged over the positions the candidate was shown at",
+        "rows": "one per candidate sent and answered shown order (serving adds the mean over orders)",
+        "llm_feature": "normalised label log-probability in the shown order (agent.scorer CandidateScores.by_order)",
+        "position_feature": "the position-only LLM term: the mean log-probability at the row's shown position (the "
+        "profile below, 'n:position')",
         "position_profile": profile,
     }
     log.info("scoring-mode rows", extra=record)

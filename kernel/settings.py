@@ -273,9 +273,11 @@ class Settings(BaseSettings):
         "answers over letter labels, every candidate's log-probability from one forward pass (agent.scorer).",
     )
     score_prompt_name: str = Field("score", description="Template under prompts/ for scoring mode.")
-    score_permutations: int = Field(
-        2, ge=1, le=8, description="Shown orders averaged per impression in scoring mode (identity, reverse, then "
-        "shuffles seeded by the request id); sent as concurrent requests sharing the prompt prefix."
+    score_permutations: Annotated[int, Field(ge=1, le=26)] | Literal["all"] = Field(
+        2, description="Shown orders P averaged per impression in scoring mode: rotations by floor(k*n/P) of the "
+        "candidates in a canonical order (sha256 of request id + ad id), so the input order does not matter; "
+        "'all' (or any P >= n) = n rotations, every candidate at every position once. Sent as concurrent "
+        "requests sharing the prompt prefix (agent.scorer.permutations)."
     )
     score_top_logprobs: int = Field(
         20, ge=1, le=100, description="top_logprobs asked per scoring call. vLLM refuses more than its "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from agent.llm import Message
 from agent.logprob_llm import NO_LOGPROBS, FirstToken, LogprobChatLLM, LogprobLLMLike
 from agent.prompts import PromptRegistry
-from agent.scorer import LABELS, NO_LABEL, LLMScorer, label_logprobs, permutations
+from agent.scorer import ALL, LABELS, NO_LABEL, LLMScorer, canonical_order, label_logprobs, permutations
 from kernel.errors import LLMOutputInvalid, LLMUnavailable
 from kernel.settings import Settings
 from kernel.types import Ad, Candidate
@@ -78,12 +79,51 @@ def test_no_label_in_the_top_is_a_parse_failure_not_a_zero() -> None:
     assert exc.value.reason == NO_LABEL
 
 
-def test_permutations_identity_reverse_then_seeded_shuffles() -> None:
-    orders = permutations(5, 4, seed_key="imp-1")
-    assert orders[0] == [0, 1, 2, 3, 4] and orders[1] == [4, 3, 2, 1, 0]
-    assert all(sorted(o) == list(range(5)) for o in orders)
-    assert orders == permutations(5, 4, seed_key="imp-1")
-    assert orders[2:] != permutations(5, 4, seed_key="imp-2")[2:]
+def ids_of(n: int) -> list[str]:
+    return [f"ad-{i:02d}" for i in range(n)]
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_all_permutations_are_a_latin_square(n: int) -> None:
+    orders = permutations(ids_of(n), ALL, seed_key="imp-1")
+    assert len(orders) == n
+    assert all(sorted(o) == list(range(n)) for o in orders)  # every order shows every candidate once
+    assert all(sorted(o[pos] for o in orders) == list(range(n)) for pos in range(n))  # every candidate at every position once
+    assert permutations(ids_of(n), n + 3, seed_key="imp-1") == orders  # P >= n means n: there are only n rotations
+
+
+@pytest.mark.parametrize(("n", "p"), [(10, 2), (10, 3), (10, 4), (7, 3), (20, 6), (5, 5)])
+def test_fewer_permutations_are_evenly_spaced_rotations(n: int, p: int) -> None:
+    orders = permutations(ids_of(n), p, seed_key="imp-1")
+    assert len(orders) == p and all(sorted(o) == list(range(n)) for o in orders)
+    offsets = [k * n // p for k in range(p)]
+    for cand in range(n):
+        first = orders[0].index(cand)
+        assert [o.index(cand) for o in orders] == [(first - s) % n for s in offsets]  # shown n/P positions apart
+
+
+def test_shown_orders_do_not_depend_on_the_callers_order() -> None:
+    ids = ids_of(9)
+    shuffled = ids[:]
+    random.Random(3).shuffle(shuffled)
+    for p in (1, 2, 4, ALL):
+        def shown(xs: list[str]) -> list[list[str]]:
+            return [[xs[i] for i in o] for o in permutations(xs, p, seed_key="imp-1")]
+        assert shown(ids) == shown(ids[::-1]) == shown(shuffled)
+    # ... but they do depend on the request (no ad is shown first in every request), reproducibly
+    assert [ids[i] for i in canonical_order(ids, seed_key="imp-1")] != [ids[i] for i in canonical_order(ids, seed_key="imp-2")]
+    # without the canonical step the rotations start from the caller's order (the bench's measurement)
+    assert permutations(ids, 2, seed_key="imp-1", canonical=False) == [list(range(9)), [(j + 4) % 9 for j in range(9)]]
+
+
+def test_bad_permutation_counts_are_refused() -> None:
+    for bad in (0, -1, "some"):
+        with pytest.raises(ValueError):
+            permutations(ids_of(3), bad, seed_key="x")  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            scorer(FakeTopLLM({}), permutations=bad)
+    with pytest.raises(ValueError):
+        permutations(["a", "a"], 2, seed_key="x")
 
 
 def test_prompt_layout_static_first_then_user_then_candidates() -> None:
@@ -95,24 +135,79 @@ def test_prompt_layout_static_first_then_user_then_candidates() -> None:
     assert a.messages[0] == b.messages[0]  # the system message is the same for every request
     user = a.messages[1]["content"]
     assert user.index(ads[0].title[:20]) < user.index(ads[10].title[:20])
-    assert a.order == [ad.ad_id for ad in ads[10:14]] and b.order == a.order[::-1]
-    assert f"A «{ads[10].title}»" in user and f"A «{ads[13].title}»" in b.messages[1]["content"]
+    ids = [ad.ad_id for ad in ads[10:14]]
+    assert a.order == [ids[i] for i in canonical_order(ids, seed_key="x")] and b.order == a.order[2:] + a.order[:2]
+    title = {ad.ad_id: ad.title for ad in ads}
+    assert f"A «{title[a.order[0]]}»" in user and f"A «{title[b.order[0]]}»" in b.messages[1]["content"]
 
 
 def test_averaging_and_partial_failure() -> None:
     ads = list(demo_ads().values())[:3]
     top = {"A": math.log(0.7), "B": math.log(0.2), "C": math.log(0.1)}
     llm = FakeTopLLM(top, errors={2: LLMOutputInvalid(NO_LOGPROBS)})
-    res = asyncio.run(scorer(llm, permutations=3).ascore(history_ads=[], events=[], candidates=as_candidates(ads), timeout_s=5))
-    first, _, last = (ad.ad_id for ad in ads)
-    # Shown first once (0.7) and last once (0.1): the mean log-probability of the two answered orders.
-    assert res.logprob[first] == pytest.approx((math.log(0.7) + math.log(0.1)) / 2)
-    assert res.logprob[first] == pytest.approx(res.logprob[last])
-    assert res.position[first] == 1.0 and res.answered == 2 and res.failures == [NO_LOGPROBS]
+    s = scorer(llm, permutations=3)
+    calls = s.prepare(history_ads=[], events=[], candidates=as_candidates(ads), seed_key="")
+    res = asyncio.run(s.ascore(history_ads=[], events=[], candidates=as_candidates(ads), timeout_s=5))
+    assert res.candidate_ids == [ad.ad_id for ad in ads] and res.answered == 2 and res.failures == [NO_LOGPROBS]
+    # the two answered orders (rotations 0 and 1 of the canonical order): each candidate's mean over them
+    lp = label_logprobs(top, ["A", "B", "C"]).logprob
+    first, second, third = calls[0].order  # shown A, B, C in the first order; C, A, B in the second
+    assert calls[1].order == [second, third, first]
+    assert res.logprob[first] == pytest.approx((lp["A"] + lp["C"]) / 2)
+    assert res.logprob[second] == pytest.approx((lp["B"] + lp["A"]) / 2)
+    assert res.position[first] == 1.0 and res.position[second] == 0.5
     assert sum(res.prob.values()) == pytest.approx(1.0)
     # each answered order's position and log-probability is kept (the fit's position control), the failed one's is not
-    lp = label_logprobs(top, ["A", "B", "C"]).logprob
-    assert res.by_order == {first: [(0, lp["A"]), (2, lp["C"])], ads[1].ad_id: [(1, lp["B"])] * 2, last: [(2, lp["C"]), (0, lp["A"])]}
+    assert res.by_order == {first: [(0, lp["A"]), (2, lp["C"])], second: [(1, lp["B"]), (0, lp["A"])], third: [(2, lp["C"]), (1, lp["B"])]}
+    assert res.ranking() == [second, first, third]
+
+
+class FakeContentLLM:
+    """Prefers the label shown for one title (+3 logits) over a first-label preference (+2): a model with a view."""
+
+    model = "fake-content"
+
+    def __init__(self, liked_title: str, *, like: float = 3.0):
+        self.liked, self.like, self.messages = liked_title, like, []
+
+    async def afirst_token(self, messages: Sequence[Message], *, top_logprobs: int, timeout_s: float) -> FirstToken:
+        self.messages.append(messages)
+        rows = [line for line in messages[-1]["content"].splitlines() if line[:1] in LABELS and line[1:3] == " «"]
+        logits = {row[0]: 2.0 * (i == 0) + self.like * (self.liked in row) for i, row in enumerate(rows)}
+        norm = math.log(sum(math.exp(v) for v in logits.values()))
+        top = {label: v - norm for label, v in logits.items()}
+        return FirstToken(text="A", top=top, prompt_tokens=100, completion_tokens=1, latency_ms=1.0, model=self.model)
+
+
+@pytest.mark.parametrize("p", [2, 3, ALL])
+def test_any_input_order_gives_the_same_calls_terms_and_ranking(p) -> None:
+    ads = list(demo_ads().values())[20:28]
+    orders = [ads, ads[::-1], [ads[i] for i in (3, 0, 7, 5, 1, 6, 2, 4)]]
+    results, sent = [], []
+    for order in orders:
+        llm = FakeContentLLM(ads[5].title)
+        results.append(asyncio.run(scorer(llm, permutations=p).ascore(
+            history_ads=ads[:1], events=[], candidates=as_candidates(order), timeout_s=5, seed_key="imp-7")))
+        sent.append(llm.messages)
+    assert sent[0] == sent[1] == sent[2]  # the same requests
+    assert results[0].logprob == results[1].logprob == results[2].logprob  # bit for bit
+    assert results[0].ranking() == results[1].ranking() == results[2].ranking()
+    assert results[0].ranking()[0] == ads[5].ad_id  # the content preference wins over the first-label one
+
+
+def test_a_purely_positional_model_ties_every_candidate_and_the_tie_break_is_the_canonical_order() -> None:
+    ads = list(demo_ads().values())[20:27]
+    shuffled = ads[:]
+    random.Random(5).shuffle(shuffled)
+    rankings = []
+    for order in (ads, ads[::-1], shuffled):
+        top = {label: math.log(0.5 ** (i + 1)) for i, label in enumerate(LABELS[:7])}  # the first label most likely
+        res = asyncio.run(scorer(FakeTopLLM(top), permutations=ALL).ascore(
+            history_ads=[], events=[], candidates=as_candidates(order), timeout_s=5, seed_key="imp-9"))  # fmt: skip
+        assert res.permutations == 7 and len(set(res.logprob.values())) == 1  # the Latin square: exactly one value
+        rankings.append(res.ranking())
+    ids = [ad.ad_id for ad in ads]
+    assert rankings[0] == rankings[1] == rankings[2] == [ids[i] for i in canonical_order(ids, seed_key="imp-9")]
 
 
 def test_all_permutations_failing_raises_the_typed_error() -> None:
@@ -187,7 +282,45 @@ def test_real_server_one_token_per_call_and_a_probability_for_every_candidate(lo
     assert set(res.logprob) == set(imp["candidates"]) and all(math.isfinite(v) for v in res.logprob.values())
     assert sum(res.prob.values()) == pytest.approx(1.0)
     n = len(imp["candidates"])
-    assert all(p == (n - 1) / 2 for p in res.position.values())  # shown once in order, once reversed
+    # two rotations n/2 apart: every candidate shown at two positions n/2 apart
+    assert all((shown[1][0] - shown[0][0]) % n == (-(n // 2)) % n for shown in res.by_order.values())
+
+
+class RecordingLogprobLLM:
+    """Delegates to the real scoring client and keeps every answer (to check the scorer's label accounting)."""
+
+    def __init__(self, llm: LogprobLLMLike):
+        self.llm, self.answers = llm, []
+
+    @property
+    def model(self) -> str:
+        return self.llm.model
+
+    async def afirst_token(self, messages: Sequence[Message], *, top_logprobs: int, timeout_s: float) -> FirstToken:
+        answer = await self.llm.afirst_token(messages, top_logprobs=top_logprobs, timeout_s=timeout_s)
+        self.answers.append(answer)
+        return answer
+
+
+def test_real_server_balanced_design_n_calls_one_token_each_every_label_answered_or_counted(local_llm_url: str) -> None:
+    ads = demo_ads()
+    imp = demo_impressions(1)[0]
+    n = 6
+    llm = RecordingLogprobLLM(LogprobChatLLM(base_url=local_llm_url, model=SETTINGS.llm_model, timeout_s=600))
+    res = asyncio.run(
+        scorer(llm, permutations=ALL, max_candidates=n).ascore(
+            history_ads=[ads[h] for h in imp["history"]], events=[], candidates=as_candidates([ads[c] for c in imp["candidates"]]),
+            timeout_s=600, seed_key=imp["impression_id"],
+        )
+    )  # fmt: skip
+    assert res.permutations == n and len(llm.answers) == n  # P = n: n calls
+    assert res.completion_tokens == [1] * n  # exactly one completion token per call
+    assert res.answered + len(res.failures) == n
+    assert all(sorted(p for p, _ in shown) == list(range(n)) for shown in res.by_order.values())  # every position once
+    labels = set(LABELS[:n])
+    found = [len(labels & {t.strip() for t in a.top}) for a in llm.answers]
+    assert res.missing_labels == sum(n - f for f in found if f)  # a label not returned is floored and counted, never dropped
+    assert all(math.isfinite(v) for v in res.logprob.values()) and set(res.logprob) == set(imp["candidates"][:n])
 
 
 def test_real_server_valid_answer_rate_on_20_demo_impressions(local_llm_url: str) -> None:

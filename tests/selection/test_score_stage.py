@@ -18,7 +18,7 @@ from agent.copy_cache import BackgroundCopier, CopyRewriter
 from agent.llm import Message
 from agent.logprob_llm import FirstToken
 from agent.prompts import PromptRegistry
-from agent.scorer import LLMScorer
+from agent.scorer import LLMScorer, canonical_order
 from kernel.errors import ConfigError
 from kernel.settings import Settings
 from kernel.types import LLMResult, SelectRequest
@@ -78,10 +78,11 @@ def test_no_label_in_any_permutation_degrades_as_invalid_output(demo_services) -
 def test_the_averaged_logprob_moves_the_ranking_only_through_its_weight(demo_services) -> None:
     prior_order = select(score_selector(demo_services, FakeScriptedTopLLM(LABELLED), permutations=1), use_llm=False).ranking
     unweighted = select(score_selector(demo_services, FakeScriptedTopLLM(LABELLED), permutations=1))
-    weighted = select(score_selector(demo_services, FakeScriptedTopLLM(LABELLED), permutations=1, llm_score_coef=100.0))
+    weighted = select(score_selector(demo_services, FakeScriptedTopLLM(LABELLED), permutations=1, llm_score_coef=100.0), request_id="r-1")
     assert unweighted.llm_used and weighted.llm_used
     assert unweighted.ranking[:6] == prior_order[:6]  # weight 0 (the shipped weights): the LLM cannot move the ranking
-    assert weighted.ranking[0] == prior_order[2]  # label C = the third shown = the third by prior, now first
+    sent = prior_order[:6]  # the first six by prior, shown in the scorer's canonical order for this request id
+    assert weighted.ranking[0] == sent[canonical_order(sent, seed_key="r-1")[2]]  # label C = the third shown, now first
 
 
 def test_more_candidates_than_top_logprobs_is_refused_at_construction() -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel.reasons import DegradedReason, degradation_for
-from selection.pipeline import Selector
+from selection.pipeline import Selector, scoring_seed_key
 from kernel.types import Decision, SelectRequest
 from eval.config import LLMSpec
 from eval.data import EvalImpression
@@ -278,18 +278,21 @@ def _llm_ranking(decision, prior_ids: list[str]) -> list[str]:
     return head + [i for i in prior_ids if i not in seen]
 
 
-async def _top_pick(selector: Selector, stage, cands, *, timeout_s: float, rewrite: bool) -> tuple[str | None, str | None]:
+async def _top_pick(
+    selector: Selector, stage, cands, *, timeout_s: float, rewrite: bool, seed_key: str
+) -> tuple[str | None, str | None]:  # fmt: skip
     """The LLM stage's top pick for `cands` in this order: listwise's first ranked id, or in scoring mode
-    the highest averaged log-probability (ties to the earlier candidate); (None, reason) on a failure."""
+    the scorer's own first (with the serving decision's seed key, so the shown orders are the ones serving
+    chose); (None, reason) on a failure."""
     try:
         if selector.llm_mode == "score":
             sc = await asyncio.wait_for(
-                selector.scorer.ascore(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s),
+                selector.scorer.ascore(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s, seed_key=seed_key),
                 timeout=timeout_s,
             )
             if not sc.answered:
                 return None, str(DegradedReason.LLM_INVALID_OUTPUT)
-            return max(sc.candidate_ids, key=lambda a: (sc.logprob.get(a, float("-inf")), -sc.candidate_ids.index(a))), None
+            return sc.ranking()[0], None
         res = await asyncio.wait_for(
             selector.reranker.arerank(history_ads=stage.history_ads, events=[], candidates=cands, timeout_s=timeout_s, rewrite=rewrite),
             timeout=timeout_s,
@@ -362,7 +365,7 @@ async def _one(
             shuffled = [sent[i] for i in rng.permutation(len(sent))]
             bias: dict[str, Any] = {"prior": {"top": rec["llm_top"], "error": decision.degraded_reason}}
             for name, cands in (("reversed", sent[::-1]), ("shuffled", shuffled)):
-                top, err = await _top_pick(selector, stage, cands, timeout_s=spec.timeout_s, rewrite=spec.rewrite)
+                top, err = await _top_pick(selector, stage, cands, timeout_s=spec.timeout_s, rewrite=spec.rewrite, seed_key=scoring_seed_key(req))
                 bias[name] = {"top": top, "error": err, "order": [c.ad.ad_id for c in cands]}
             bias["prior"]["order"] = [c.ad.ad_id for c in sent]
             rec["position_bias"] = bias

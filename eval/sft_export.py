@@ -9,7 +9,7 @@ from the click:
   sent order, then the other sent ids in sent order], "justification": ""}`, cut at `llm_max_ranked`,
   ids as the model sees them (aliases when `llm_alias_ids`);
 * score (`prompts/score.yaml`): the label letter of the first clicked sent ad, one example per shown
-  order (the P permutations the service averages: identity, reverse, seeded shuffles), so the target
+  order (the P shown orders the service averages: rotations of a canonical order, agent.scorer.permutations), so the target
   moves with the ad and not with the position.
 
 An impression is skipped (counted by reason) when no clicked ad is among the ads the service would

@@ -212,6 +212,12 @@ class Served:
     reservations: list[Reservation] = field(default_factory=list)
 
 
+def scoring_seed_key(req: SelectRequest) -> str:
+    """The scoring mode's seed key for a request (it fixes the canonical order of the candidates shown):
+    the request id, else the user id. Eval's re-scoring of reordered candidates uses the same key."""
+    return req.request_id or req.user_id
+
+
 @dataclass
 class Selector:
     index: CatalogIndex
@@ -371,7 +377,7 @@ class Selector:
                 assert self.scorer is not None
                 scoring = self.scorer.ascore(
                     history_ads=stage.history_ads, events=req.events, candidates=stage.candidates[: self.llm_max_candidates],
-                    timeout_s=permit.budget_s, seed_key=req.request_id or req.user_id,
+                    timeout_s=permit.budget_s, seed_key=scoring_seed_key(req),
                 )  # fmt: skip
                 result = ScoredLLMResult.from_scores(await asyncio.wait_for(scoring, timeout=permit.budget_s))
             elif permit.refused is None:

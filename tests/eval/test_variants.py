@@ -100,6 +100,8 @@ def test_a_scoring_mode_variant_beside_listwise_against_the_real_server(local_ll
     assert v["calls_per_impression"] == eval_settings.score_permutations
     assert v["completion_tokens_per_impression"] == eval_settings.score_permutations  # one token per call
     assert v["flip_reversed"]["n"] == 2 and v["llm_latency_ms"]["n"] == 2
+    # re-scored reversed with the serving decision's seed key: the canonical design gives the served pick
+    assert v["flip_reversed"]["mean"] == 0.0
     assert report["variants"]["paired"]["listwise - score"]["valid"]["n"] == 2
 
 

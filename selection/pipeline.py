@@ -513,17 +513,17 @@ class Selector:
         """Walk the order until k ads: re-check eligibility, reserve the caps, choose the copy (into `out`)."""
         pctr = self.fusion.pctr(scores)
         ctx = self._context(req)
-        verdicts = self._reserve_all(req, stage, order, ctx=ctx, ukey=ukey, out=out) if self.caps is not None else {}
+        # the final list is checked again, whatever produced it: one verdict per candidate, read twice below
+        why_not = self._recheck(stage.candidates, ctx) if self.policy is not None else {}
+        verdicts = self._reserve_all(req, stage, order, why_not=why_not, ukey=ukey, out=out) if self.caps is not None else {}
         for i in order:
             skipped_unknown = len(out.caps_unknown) if self.caps_on_error == "closed" else 0
             if len(out.ads) + skipped_unknown >= req.k:  # closed: the ads it would have served are listed, not served
                 break
             c = stage.candidates[int(i)]
-            if self.policy is not None:  # the final list is checked again, whatever produced it
-                ok, why = is_eligible(c.ad, ctx, self.policy)
-                if not ok:
-                    stage.ineligible[c.ad.ad_id] = why or "ineligible"
-                    continue
+            if int(i) in why_not:
+                stage.ineligible[c.ad.ad_id] = why_not[int(i)]
+                continue
             if self.caps is not None:
                 verdict = verdicts.get(c.ad.ad_id, "unknown")
                 if verdict == "capped":
@@ -644,16 +644,39 @@ class Selector:
                 self._ranked(c, llm, req, stage, out, score=float(scores[i]), pctr=float(pctr[i]), llm_rank=llm_rank, propensity=p)
             )
 
+    def _recheck(self, cands: list[Candidate], ctx: RequestContext) -> dict[int, str]:
+        """{candidate index: reason} for the candidates `is_eligible()` refuses now (the serving-time re-check),
+        in one vectorised check over their catalog rows (EligibilityTable.check is exact). A candidate whose ad
+        is not the current index's object at its row (the index was swapped since the prior stage) is
+        checked by `is_eligible()` on its own ad."""
+        assert self.policy is not None
+        index, row_of = self.index, self.index.row
+        rows = [row_of.get(c.ad.ad_id, -1) for c in cands]
+        same = [r >= 0 and index.ads[r] is c.ad for r, c in zip(rows, cands)]
+        out: dict[int, str] = {}
+        on_table = [i for i, ok in enumerate(same) if ok]
+        if on_table:
+            table_rows = np.asarray([rows[i] for i in on_table], dtype=np.int64)
+            _, reasons = self._eligibility_table().check(table_rows, index.ads, ctx, self.policy)
+            for i, r in zip(on_table, table_rows.tolist()):
+                if r in reasons:
+                    out[i] = reasons[r]
+        for i, ok in enumerate(same):
+            if not ok:
+                fine, why = is_eligible(cands[i].ad, ctx, self.policy)
+                if not fine:
+                    out[i] = why or "ineligible"
+        return out
+
     def _reserve_all(
-        self, req: SelectRequest, stage: PriorStage, order: np.ndarray, *, ctx: RequestContext, ukey: str, out: Served
+        self, req: SelectRequest, stage: PriorStage, order: np.ndarray, *, why_not: dict[int, str], ukey: str, out: Served
     ) -> dict[str, str]:
-        """ad_id -> "reserved" | "capped" for the eligible ads in serving order, until k are reserved, in one
-        round trip to the cap store (selection.caps.reserve_in_order). Ads it did not reach, or could not
-        check because the store failed, are absent: "unknown". After a failure the store is not asked again
-        in this request (its answer would come late, if at all)."""
-        ads = [stage.candidates[int(i)].ad for i in order]
-        if self.policy is not None:
-            ads = [a for a in ads if is_eligible(a, ctx, self.policy).ok]
+        """ad_id -> "reserved" | "capped" for the eligible ads in serving order (`why_not`: the ineligible
+        candidates, by index), until k are reserved, in one round trip to the cap store
+        (selection.caps.reserve_in_order). Ads it did not reach, or could not check because the store
+        failed, are absent: "unknown". After a failure the store is not asked again in this request (its
+        answer would come late, if at all)."""
+        ads = [stage.candidates[i].ad for i in order.tolist() if i not in why_not]
         got, error = reserve_in_order(
             self.caps, ukey, [(a.ad_id, a.advertiser) for a in ads], limit=req.k, reserved=out.reservations  # type: ignore[arg-type]
         )

@@ -396,9 +396,11 @@ class Selector:
         rewrite = req.rewrite and self.copier is None  # with a copier the copy comes from its cache, not this call
         return dict(history_ads=stage.history_ads, events=req.events, candidates=sent, rewrite=rewrite, target_id=target)
 
-    def _order(self, scores: np.ndarray, cands: list[Candidate]) -> np.ndarray:
+    def _order(self, scores: np.ndarray, cands: list[Candidate], pctr: np.ndarray | None = None) -> np.ndarray:
+        """`pctr`: fusion.pctr(scores) when the caller has it already (computed once per request)."""
         bids = np.array([c.ad.bid for c in cands], dtype=np.float64)
-        return serving_order(scores, pctr=self.fusion.pctr(scores), bids=bids, rank_by=self.rank_by)
+        pctr = self.fusion.pctr(scores) if pctr is None else pctr
+        return serving_order(scores, pctr=pctr, bids=bids, rank_by=self.rank_by)
 
     # ---- stage 3: fuse, order, serve (rules, caps, copy), decide -----------------------------
     def _finish(
@@ -421,13 +423,14 @@ class Selector:
             scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands])
         else:
             scores = prior
-        order = self._order(scores, cands)
+        pctr = self.fusion.pctr(scores)  # once: the order, the served ads and the log record read it
+        order = self._order(scores, cands, pctr)
         ukey = turn.user_key
         request_id = req.request_id or uuid.uuid4().hex
         candidate_ids = [c.ad.ad_id for c in cands]
         served = Served()
         try:
-            serve_args = dict(scores=scores, order=order, llm_rank=llm_rank, ukey=ukey, out=served)
+            serve_args = dict(scores=scores, pctr=pctr, order=order, llm_rank=llm_rank, ukey=ukey, out=served)
             if turn.arm.exploration.randomised:
                 self._serve_explored(req, stage, llm, **serve_args, config=turn.arm.exploration, seed_key=f"{turn.arm.name}:{request_id}")
             else:
@@ -442,20 +445,21 @@ class Selector:
                 decision.versions["prompt"] = decision.prompt.get("sha256")
             if self.audit is not None:
                 self.audit(audit_record(decision, user_key=ukey, candidates=candidate_ids))
-            self._log_decision(req, stage, decision, scores=scores, turn=turn)
+            self._log_decision(req, stage, decision, scores=scores, pctr=pctr, turn=turn)
         except BaseException as exc:  # nothing is served: give the reservations back, say so in the audit log
             self._give_back(served.reservations)
             self._audit_failure(request_id, user_key=ukey, candidates=candidate_ids, error=exc, released=len(served.reservations))
             raise
         return decision
 
-    def _log_decision(self, req: SelectRequest, stage: PriorStage, d: Decision, *, scores: np.ndarray, turn: Turn) -> None:
+    def _log_decision(
+        self, req: SelectRequest, stage: PriorStage, d: Decision, *, scores: np.ndarray, pctr: np.ndarray, turn: Turn
+    ) -> None:
         """One impression-log record and the served rows for feedback: queue puts only (unless log_sync)."""
         root = turn.root
         if isinstance(root.impressions, NullImpressionLog) and root.served_sink is None:
             return
         ctx = self._context(req)
-        pctr = self.fusion.pctr(scores)
         scored = [
             ScoredEntry(c.ad.ad_id, c.priors, score=round(float(scores[i]), 6), pctr=round(float(pctr[i]), 6))
             for i, c in enumerate(stage.candidates)
@@ -505,13 +509,13 @@ class Selector:
         llm: LLMResult | None,
         *,
         scores: np.ndarray,
+        pctr: np.ndarray,
         order: np.ndarray,
         llm_rank: dict[str, int],
         ukey: str,
         out: Served,
     ) -> None:
         """Walk the order until k ads: re-check eligibility, reserve the caps, choose the copy (into `out`)."""
-        pctr = self.fusion.pctr(scores)
         ctx = self._context(req)
         # the final list is checked again, whatever produced it: one verdict per candidate, read twice below
         why_not = self._recheck(stage.candidates, ctx) if self.policy is not None else {}
@@ -570,6 +574,7 @@ class Selector:
         llm: LLMResult | None,
         *,
         scores: np.ndarray,
+        pctr: np.ndarray,
         order: np.ndarray,
         llm_rank: dict[str, int],
         ukey: str,
@@ -582,7 +587,6 @@ class Selector:
         Admissible = eligible now, and both frequency caps still open *read* from the cap store (counts,
         no reservation); an advertiser's ads already drawn above count against its cap. Only the drawn
         ads are reserved. A reservation refused by a parallel request's race is skipped (listed in capped)."""
-        pctr = self.fusion.pctr(scores)
         ctx = self._context(req)
         cands = stage.candidates
         state = {"store_down": False}

@@ -29,6 +29,7 @@ import argparse
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -103,12 +104,16 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
         try:
             ads = clients[next(iter(variants))].get("/healthz").json()["ads"]
             names = list(variants)
+            run_tag = uuid.uuid4().hex[:8]
             started = time.perf_counter()
             for i, h in enumerate(hists):
                 served = {}
                 for j in range(len(names)):
                     name = names[(i + j) % len(names)]
-                    body = {"user_id": f"bench-{catalog}-{args.seed}-{i}", "history": h, "k": args.k, "use_llm": False}
+                    # a user of its own per variant and run: frequency caps (shared through the data dir's SQLite)
+                    # never see another variant's or an earlier run's reservations, so the served ads compare
+                    user = f"bench-{catalog}-{args.seed}-{run_tag}-{names.index(name)}-{i}"
+                    body = {"user_id": user, "history": h, "k": args.k, "use_llm": False}
                     t = time.perf_counter()
                     res = clients[name].post("/v1/select", json=body)
                     ms = (time.perf_counter() - t) * 1000

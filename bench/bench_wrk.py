@@ -2,6 +2,7 @@
 
     python bench/bench_wrk.py [--catalog demo --catalog games] [--games-data-dir DIR] [--collection NAME]
                               [--workers N] [--seconds 10] [--connections 1,2,4,8,16] [--p99-ms 25]
+                              [--compare-checkout DIR]
 
 For each catalog: `adselect serve --no-llm --workers N` on 127.0.0.1 (this checkout), then `wrk` (one
 thread, closed loop) at each connection count for --seconds, with bench/wrk_select.lua sending a
@@ -10,6 +11,10 @@ impressions_full_dev.jsonl). Capacity = the most 200 answers per second of a run
 within --p99-ms; /healthz is swept the same way and the ratio printed (the figure that survives
 machine noise). wrk runs on the same cores as the server. The load average is printed before and after.
 At the end the server is stopped and its audit lines counted: one per 200 answer to /v1/select.
+
+--compare-checkout DIR: the same sweep against a server running DIR's code (another git worktree, e.g. an
+older commit), this checkout and DIR alternating per connection count, so both face the same machine
+load; each run's users are its own (frequency caps in the shared data dir never carry over).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from common import CATALOGS, REPO_ROOT, ensure_ingested, histories, start_server, stop
@@ -96,12 +102,52 @@ def audit_lines(log_path: Path) -> int:
     return n
 
 
+def write_bodies(path: Path, catalog: str, hists: list[list[str]], k: int) -> None:
+    tag = uuid.uuid4().hex[:8]  # this run's own users: caps in a reused data dir start empty for them
+    with path.open("w") as fh:
+        for i, h in enumerate(hists):
+            fh.write(json.dumps({"user_id": f"wrk-{catalog}-{tag}-{i}", "history": h, "k": k, "use_llm": False}) + "\n")
+
+
+def compare(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -> None:
+    """This checkout and --compare-checkout's, one server each (not at once), alternating per connection count."""
+    hists = histories(CATALOGS[catalog]["impressions"], args.users, seed=args.seed)
+    env = {"ADSELECT_COLLECTION": args.collection} if (catalog == "games" and args.collection) else {}
+    names = {"this": None, args.compare_checkout.name: args.compare_checkout}
+    best: dict[str, float] = dict.fromkeys(names, 0.0)
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    load_before = os.getloadavg()
+    print(f"\n[{catalog}] this checkout vs {args.compare_checkout}: workers={args.workers or os.cpu_count()} users={len(hists)} k={args.k} "
+          f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")  # fmt: skip
+    for c in args.connections:
+        for name, checkout in names.items():
+            bodies = scratch / f"{catalog}_{name}_{c}_bodies.jsonl"
+            write_bodies(bodies, catalog, hists, args.k)
+            port = free_port()
+            proc = start_server(data_dir, port, scratch / f"{catalog}_{name}_{c}.log", env_overrides=env, workers=args.workers, checkout=checkout)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                wrk(url, connections=2, seconds=2, bodies=bodies)
+                cpu0 = tree_cpu_s(proc.pid)
+                r = wrk(url, connections=c, seconds=args.seconds, bodies=bodies)
+                r["cpu_ms"] = (tree_cpu_s(proc.pid) - cpu0) * 1000 / max(1, r["ok"] + r["other"])
+            finally:
+                stop(proc)
+            cpu[name].append(r["cpu_ms"])
+            if r["p99_ms"] <= args.p99_ms and r["other"] == 0:
+                best[name] = max(best[name], r["rps"])
+            print(f"  {name:>12} c={c:3d}: {r['rps']:8.0f} req/s (200s)  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                  f"non-200 {r['other']}  server CPU {r['cpu_ms']:.2f} ms/request  load {os.getloadavg()[0]:.2f}")  # fmt: skip
+    (a, b) = names
+    print(f"  capacity at p99 <= {args.p99_ms:g} ms: {a} {best[a]:.0f} req/s, {b} {best[b]:.0f} req/s (ratio {best[a] / best[b] if best[b] else float('nan'):.3f}); "
+          f"server CPU ms/request, mean over the runs: {a} {sum(cpu[a]) / len(cpu[a]):.2f}, {b} {sum(cpu[b]) / len(cpu[b]):.2f}; "
+          f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+
+
 def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -> None:
     bodies = scratch / f"{catalog}_bodies.jsonl"
     hists = histories(CATALOGS[catalog]["impressions"], args.users, seed=args.seed)
-    with bodies.open("w") as fh:
-        for i, h in enumerate(hists):
-            fh.write(json.dumps({"user_id": f"wrk-{catalog}-{i}", "history": h, "k": args.k, "use_llm": False}) + "\n")
+    write_bodies(bodies, catalog, hists, args.k)
     port = free_port()
     log_path = scratch / f"{catalog}_server.log"
     env = {"ADSELECT_COLLECTION": args.collection} if (catalog == "games" and args.collection) else {}
@@ -138,6 +184,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=5000)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-checkout", type=Path, default=None, metavar="DIR", help="Also sweep DIR's code (another worktree), alternating.")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install -y wrk (listed in .ci/apt-packages.txt)")
@@ -145,7 +192,7 @@ def main() -> None:
         scratch = Path(tmp)
         for catalog in args.catalog or ["demo", "games"]:
             given = args.games_data_dir if catalog == "games" else None
-            run(catalog, ensure_ingested(catalog, given, scratch), args, scratch)
+            (compare if args.compare_checkout is not None else run)(catalog, ensure_ingested(catalog, given, scratch), args, scratch)
 
 
 if __name__ == "__main__":

@@ -70,10 +70,17 @@ def summary(ms: list[float] | np.ndarray) -> str:
 
 
 def start_server(
-    data_dir: Path, port: int, log_path: Path, *, env_overrides: dict[str, str] | None = None, workers: int | None = None
+    data_dir: Path,
+    port: int,
+    log_path: Path,
+    *,
+    env_overrides: dict[str, str] | None = None,
+    workers: int | None = None,
+    checkout: Path | None = None,
 ) -> subprocess.Popen:
-    """A real `adselect serve --no-llm` process (this checkout's code, `python -m adselect.cli`) on
-    127.0.0.1:`port`, returned once /healthz answers. `workers` None: the server's default (one per CPU)."""
+    """A real `adselect serve --no-llm` process (this checkout's code, `python -m adselect.cli`, or that of
+    `checkout`: another git worktree) on 127.0.0.1:`port`, returned once /healthz answers. `workers` None:
+    the server's default (one per CPU)."""
     import httpx
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("ADSELECT_") and k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -85,7 +92,7 @@ def start_server(
     if workers is not None:
         cmd += ["--workers", str(workers)]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=checkout or REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while True:
         try:

@@ -17,6 +17,7 @@ import argparse
 import cProfile
 import io
 import logging
+import os
 import pstats
 import tempfile
 import time
@@ -80,7 +81,7 @@ def main() -> None:
             lat.append((time.perf_counter() - t) * 1000)
         prof.disable()
     print(f"[{args.catalog}] {len(svc.index)} ads; unprofiled: {cpu_ms:.2f} ms CPU per request; "
-          f"{len(lat)} requests profiled: {summary(lat)}")  # fmt: skip
+          f"{len(lat)} requests profiled: {summary(lat)}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
     for key in ("tottime", "cumulative"):
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats(key).print_stats(args.top)
@@ -98,7 +99,6 @@ def print_tables(prof: cProfile.Profile, top: int) -> None:
 
 def profile_eval(args) -> None:
     import json
-    import os
 
     from eval.config import load_task, resolve_path
     from eval.data import load_impressions

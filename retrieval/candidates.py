@@ -106,9 +106,9 @@ class CandidateGenerator:
         top = nz[np.argpartition(-scores[nz], k - 1)[:k]]
         return top[np.argsort(-scores[top], kind="stable")].tolist()
 
-    def _cf(self, profile: UserProfile, n: int) -> list[int]:
-        v = cf_profile(self.behaviour, profile) if n > 0 else None
-        if v is None:
+    def _cf(self, v: np.ndarray | None, n: int) -> list[int]:
+        """`v`: cf_profile() of the user (None: no collaborative profile)."""
+        if v is None or n <= 0:
             return []
         sims = row_dots(self.behaviour.cf, v)
         k = min(n, len(sims))
@@ -126,22 +126,25 @@ class CandidateGenerator:
         exclude = exclude or set()
         covisit = covisit_scores(self.behaviour, profile)
         seq = self.sequence_scores(profile)
+        cfv = cf_profile(self.behaviour, profile)  # once: the cf source and the cf feature read it
         by_source = {
             name: np.asarray(rows, dtype=np.int64)
             for name, rows in (
                 ("dense", self._dense(profile, self.n_dense + len(exclude), where)),
                 ("covisit", self._covisit(covisit, self.n_covisit + len(exclude))),
-                ("cf", self._cf(profile, self.n_cf + len(exclude))),
+                ("cf", self._cf(cfv, self.n_cf + len(exclude))),
                 ("popular", self.behaviour.top_popular(self.n_popular + len(exclude))),
                 ("sequence", self._top(seq, self.n_sequence + len(exclude))),
             )
         }
         pooled = np.concatenate(list(by_source.values()))
         if exclude:
-            pooled = pooled[~np.isin(pooled, np.fromiter(exclude, dtype=np.int64, count=len(exclude)))]
+            drop = np.zeros(len(self.index), dtype=bool)  # a row mask: what np.isin computes, without its sort
+            drop[np.fromiter(exclude, dtype=np.int64, count=len(exclude))] = True
+            pooled = pooled[~drop[pooled]]
         _, first = np.unique(pooled, return_index=True)
         rows = pooled[np.sort(first)]  # each row once, in the order the generators produced it
-        feats = compute_features(self.index, self.behaviour, profile, rows, covisit=covisit, sequence=seq)
+        feats = compute_features(self.index, self.behaviour, profile, rows, covisit=covisit, sequence=seq, cf_vector=cfv)
         return CandidateSet(rows, feats, by_source)
 
     def score_logged(self, profile: UserProfile, rows: list[int]) -> CandidateSet:

@@ -28,6 +28,7 @@ FEATURES: tuple[str, ...] = (
     "sequence",  # the sequence model's next-item logit for the ad after the history (0 without a model or history)
 )
 SEQUENCE = FEATURES.index("sequence")
+_COMPUTE = object()  # compute_features(cf_vector=...) not given: computed here
 
 
 @dataclass
@@ -107,11 +108,13 @@ def compute_features(
     *,
     covisit: np.ndarray | None = None,
     sequence: np.ndarray | None = None,
+    cf_vector: np.ndarray | None | object = _COMPUTE,
 ) -> np.ndarray:
     """(len(cand_rows), len(FEATURES)) float32 matrix, columns in FEATURES order.
 
     `covisit` is covisit_scores() when the caller already has it (candidate generation computes it);
-    `sequence` is the sequence model's (n_items,) next-item scores for this history (None: column 0)."""
+    `sequence` is the sequence model's (n_items,) next-item scores for this history (None: column 0);
+    `cf_vector` is cf_profile() when the caller already has it (None included: no collaborative profile)."""
     c = np.asarray(cand_rows, dtype=np.int64)
     out = np.zeros((len(c), len(FEATURES)), dtype=np.float32)
     if len(c) == 0:
@@ -137,7 +140,7 @@ def compute_features(
             co_cos = _row_mix(behaviour.symmetric, h, (w / root_h).astype(np.float32))[c]
             out[:, 9] = np.log1p(100.0 * co_cos / np.sqrt(np.maximum(pop_c, 1.0)))
         if behaviour.cf is not None:
-            cfp = cf_profile(behaviour, profile)
+            cfp = cf_profile(behaviour, profile) if cf_vector is _COMPUTE else cf_vector
             cc = behaviour.cf[c]
             if cfp is not None:
                 out[:, 7] = row_dots(cc, cfp)

@@ -128,6 +128,8 @@ class SequenceModel:
         if self.items.shape != (self.n_items, self.config.hidden):
             raise ValueError(f"item matrix {self.items.shape} != ({self.n_items}, {self.config.hidden})")
         self._scale = np.float32(np.sqrt(self.config.hidden))
+        self._head_scale = np.float32(np.sqrt(self.config.hidden // self.config.heads))
+        self._causal: dict[int, np.ndarray] = {}  # history length -> (L, L) mask above the diagonal (read only)
         self._blocks = [
             tuple(a[f"b{i}.{k}"] for k in ("ln1_w", "ln1_b", "wqkv", "bqkv", "wo", "bo", "ln2_w", "ln2_b", "w1", "b1", "w2", "b2"))
             for i in range(self.config.blocks)
@@ -145,7 +147,9 @@ class SequenceModel:
         x = self.items[h] * self._scale + self.arrays["pos"][cfg.max_len - L :]
         d, nh = cfg.hidden, cfg.heads
         dh = d // nh
-        causal = np.triu(np.ones((L, L), dtype=bool), k=1)
+        causal = self._causal.get(L)
+        if causal is None:
+            causal = self._causal[L] = np.triu(np.ones((L, L), dtype=bool), k=1)
         for i, (ln1_w, ln1_b, wqkv, bqkv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2) in enumerate(self._blocks):
             last = i == len(self._blocks) - 1  # the last block only needs the last query
             qkv = _layer_norm(x, ln1_w, ln1_b) @ wqkv + bqkv  # (L, 3d)
@@ -155,7 +159,7 @@ class SequenceModel:
             outs = []
             for hd in range(nh):
                 sl = slice(hd * dh, (hd + 1) * dh)
-                att = (q[:, sl] @ k[:, sl].T) / np.float32(np.sqrt(dh))
+                att = (q[:, sl] @ k[:, sl].T) / self._head_scale
                 if not last:
                     att[causal] = -np.inf
                 outs.append(_softmax_rows(att) @ v[:, sl])

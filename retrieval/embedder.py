@@ -1,9 +1,14 @@
 """The MiniLM embedder, loaded from a local folder (never a hub download), on one of three backends.
 
 - `torch`: sentence-transformers on PyTorch (the reference).
-- `onnx`: the same model exported locally to ONNX (torch.onnx from the bundled weights, mean pooling and
-  L2 normalisation inside the graph) and run by onnxruntime; vectors within ~1e-6 cosine of torch.
-- `onnx-int8`: that export with int8 dynamic quantisation of its MatMul weights (faster, and further from torch).
+- `onnx` (the default): the same model exported locally to ONNX (torch.onnx from the bundled weights, mean
+  pooling and L2 normalisation inside the graph) and run by onnxruntime; vectors within ~1e-6 cosine of torch.
+- `onnx-int8`: that export with int8 dynamic quantisation of its MatMul weights (faster, and further from
+  torch; the activation scale is taken per batch, so a text's vector depends slightly on its batch).
+
+The ONNX encoder tokenises each call's texts once, orders them by token count and cuts batches under a
+padded-token budget (token_batches): ad texts are short (Games: 12 tokens on average), and small batches
+of equal-length rows waste no compute on padding and stay in cache.
 
 sentence-transformers' own `backend="onnx"` needs optimum-onnx, whose only release pins transformers<4.58
 while sentence-transformers 6.2 needs transformers>=5 (pip: ResolutionImpossible); so the export and the
@@ -141,7 +146,7 @@ def _export_fp32(model_path: Path, out: Path) -> None:
     from transformers import AutoModel
 
     if importlib.util.find_spec("onnx") is None:
-        raise ConfigError("the ONNX embed backend needs the onnx package: pip install -e '.[onnx]' (or ADSELECT_EMBED_BACKEND=torch)")
+        raise ConfigError("the ONNX embed backend needs the onnx package: pip install -e . (a core dependency; or ADSELECT_EMBED_BACKEND=torch)")
 
     log.info("exporting %s to ONNX at %s", model_path, out)
     model = AutoModel.from_pretrained(str(model_path), local_files_only=True).eval()

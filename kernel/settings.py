@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         "model on onnxruntime) or onnx-int8 (int8 dynamic quantisation of it). The catalog records the backend and model hash "
         "that embedded it; serving a catalog embedded by another is refused (EmbedderMismatch), `adselect ingest` re-embeds it. "
         "onnx by default: the same vectors as torch (cosine drift < 1e-6, one vector per text however texts are batched) "
-        "embedded ~4.6x faster (bench/bench_ingest.py). onnx-int8 embeds ~2.6x faster again and ranks within the CIs on Games dev "
+        "embedded 6x faster, 2.5x end to end at ingest (bench/bench_ingest.py, load 6-9). onnx-int8 embeds 2.6x faster again and ranks within the CIs on Games dev "
         "(nDCG@10 dense 0.5512 -> 0.5517, default 0.8078 -> 0.8081), but its dynamic quantisation scales each batch as a whole, "
         "so a text's vector depends on the texts batched with it (up to 1.5e-2 cosine): full and incremental ingests, or Ray "
         "actors, give an ad slightly different vectors. torch is the reference.",
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     )
     embed_batch_tokens: int = Field(
         256, ge=1, le=1 << 20, description="onnx backends: padded tokens per encoder batch (rows x longest row; at most embed_batch_size rows): "
-        "long texts in small batches, short ones in large; small batches stay in cache (Games ads, int8: 4.5x faster than "
+        "long texts in small batches, short ones in large; small batches stay in cache (Games ads, int8: 6x faster than "
         "128-row batches, bench/bench_ingest.py).",
     )
     embed_threads: int = Field(

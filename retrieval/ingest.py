@@ -8,6 +8,11 @@
 - Resumable: ads are embedded and written batch by batch, each ad with its hashes in the same write, and
   the catalog hash on the collection is set last. Killed at any point, the collection holds whole ads
   only (old or new), and a re-run sees what is already current, writes the rest and finishes the job.
+- Pipelined: a background thread embeds the next batches (at most PIPELINE_DEPTH ahead) while the
+  calling thread writes the last one to Chroma; both release the GIL in native code, so on two cores
+  the writes hide behind the embedding. Batches are written in order; an error on either side stops
+  both and is raised by ingest_catalog; batches embedded but not yet written are simply embedded again
+  by the re-run.
 - `enrich` (optional) maps the validated ads before anything is compared or written: the CLI passes
   ad understanding (agent.understanding.ingest_hook), whose records land in each ad's metadata; since
   the catalog and ad hashes cover the metadata, a new record rewrites that ad's metadata only.
@@ -16,10 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from kernel.types import Ad
 from retrieval.behaviour import BehaviourCounts, BehaviourStats, count_behaviour
@@ -29,6 +37,11 @@ from retrieval.sequence import SequenceConfig, SequenceModel, train_or_load
 from retrieval.store import AdStore, CatalogIndex, ad_content_hash, catalog_hash, document_hash
 
 log = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = 2  # embedded batches waiting for their Chroma write: the writer never starves, memory stays bounded
+_DONE = object()
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -105,23 +118,27 @@ def ingest_catalog(
     on_batch: Callable[[int, int], None] | None = None,
     enrich: Callable[[list[Ad]], list[Ad]] | None = None,
     embedder_key: str | None = None,
+    queue_depth: int = PIPELINE_DEPTH,
 ) -> IngestReport:
     """Make the collection equal to the file at `ads_path`. `force` re-embeds every ad (a new model).
     `enrich` maps the ads read from the file (same ids, same order) before they are compared and written.
     `embedder_key` (retrieval.embedder.embedder_key; default: the embedder's own `key`, when it has one)
     is recorded on the collection; a collection whose recorded key differs (or is missing) is re-embedded whole.
 
-    `on_batch(written, to_embed)` is called after each batch of embedded ads is written.
+    `on_batch(written, to_embed)` is called after each batch of embedded ads is written (in the calling
+    thread). Embedding runs one thread ahead of the Chroma writes, at most `queue_depth` batches ahead.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     ads = read_ads(ads_path)  # raises DataFileError(file, line) before anything is written
+    timings["parse_s"] = time.perf_counter() - t0
     if enrich is not None:
         t = time.perf_counter()
         ads = enrich(ads)
         timings["enrich_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     h = catalog_hash(ads)
-    timings["read_s"] = time.perf_counter() - t0
+    timings["hash_s"] = time.perf_counter() - t
     key = embedder_key or getattr(embedder, "key", None)
     if key is not None and store.stored_embedder() != key and store.count() > 0:
         log.info("re-embedding the catalog", extra={"stored_embedder": store.stored_embedder(), "embedder": key})
@@ -139,21 +156,28 @@ def ingest_catalog(
     )
 
     t = time.perf_counter()
-    embed_s = 0.0
+    stage = {"embed_s": 0.0, "upsert_s": 0.0}
     if plan.embed:
         if not hasattr(embedder, "encode"):
             embedder = embedder()  # a factory: the model loads only once the file is known good and work is due
+        encoder = embedder
         bar = None
         if show_progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(plan.embed), desc="embed+upsert", unit="ad")
-        written = 0
-        for chunk in _batches(plan.embed, batch_size):
+
+        def embed(chunk: list[Ad]):
             te = time.perf_counter()
-            vectors = embedder.encode([a.document() for a in chunk])
-            embed_s += time.perf_counter() - te
+            vectors = encoder.encode([a.document() for a in chunk])
+            stage["embed_s"] += time.perf_counter() - te
+            return vectors
+
+        written = 0
+        for chunk, vectors in pipelined(_batches(plan.embed, batch_size), embed, depth=queue_depth):
+            tw = time.perf_counter()
             store.upsert(chunk, vectors, batch_size=batch_size)
+            stage["upsert_s"] += time.perf_counter() - tw
             written += len(chunk)
             if bar:
                 bar.update(len(chunk))
@@ -161,8 +185,8 @@ def ingest_catalog(
                 on_batch(written, len(plan.embed))
         if bar:
             bar.close()
-    timings["embed_s"] = embed_s
-    timings["upsert_s"] = time.perf_counter() - t - embed_s
+    timings.update(stage)  # busy time of each stage; they overlap, so embed + upsert may exceed embed_upsert
+    timings["embed_upsert_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     store.update_metadata(plan.metadata_only, batch_size=batch_size)
@@ -184,6 +208,50 @@ def ingest_catalog(
         embedded=len(plan.embed),
         timings_s=timings,
     )
+
+
+def pipelined(items: Iterable[T], produce: Callable[[T], R], *, depth: int = PIPELINE_DEPTH) -> Iterator[tuple[T, R]]:
+    """(item, produce(item)) for each item in order, produce running in a background thread at most
+    `depth` results ahead of the consumer (a bounded queue: memory stays bounded however slow the
+    consumer). An exception in produce is raised here, at its item's turn; when the consumer stops
+    (an exception in its loop, a break, a closed generator), the producer stops after its current item
+    and the thread is joined before this generator returns, so nothing runs on behind the caller."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set() or not put((item, produce(item), None)):
+                    return
+        except BaseException as e:  # handed to the consumer, raised at this item's turn
+            put((None, None, e))
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=work, name="ingest-embed", daemon=True)
+    thread.start()
+    try:
+        while True:
+            entry = q.get()
+            if entry is _DONE:
+                return
+            item, result, error = entry
+            if error is not None:
+                raise error
+            yield item, result
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _batches(items: list[Ad], size: int) -> Iterator[list[Ad]]:

@@ -43,6 +43,7 @@ def make_embedder(settings: Settings) -> Embedder:
     return Embedder(
         settings.embedder_path, backend=settings.embed_backend, onnx_dir=settings.onnx_dir,
         batch_size=settings.embed_batch_size, cache_size=settings.event_cache_size,
+        batch_tokens=settings.embed_batch_tokens, threads=settings.embed_threads or None, spin=settings.embed_spin,
     )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from kernel.errors import EmbedderMismatch
 from kernel.settings import Settings
-from retrieval.embedder import Embedder, embedder_key
+from retrieval.embedder import Embedder, available_cpus, embedder_key, token_batches
 from retrieval.ingest import ingest_catalog
 from selection.services import build_services, make_store
 
@@ -82,3 +82,40 @@ def test_a_catalog_embedded_by_torch_is_refused_by_onnx_until_reingested(
     assert not again.skipped_unchanged and again.embedded == first.embedded == first.ads
     assert store.stored_embedder() == onnx_embedder.key
     build_services(settings, embedder=onnx_embedder, store=store, serving=False)  # one embedder now: accepted
+
+
+def test_onnx_session_options_carry_the_configured_threads(onnx_dir: Path):
+    import onnxruntime as ort
+
+    from selection.services import make_embedder
+
+    settings = Settings(_env_file=None, embed_backend="onnx", onnx_dir=onnx_dir, embed_threads=1, embed_spin=True)
+    opts = make_embedder(settings)._onnx.session.get_session_options()
+    assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (1, 1)
+    assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    default = make_embedder(settings.model_copy(update={"embed_threads": 0, "embed_spin": False}))._onnx.session.get_session_options()
+    assert default.intra_op_num_threads == available_cpus()  # 0: the cores this process may use
+    assert default.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+@pytest.mark.parametrize("batch_tokens", [None, 1, 7, 64, 10_000])
+def test_token_batches_hold_every_row_once_longest_first_within_the_budget(batch_tokens: int | None):
+    lengths = [5, 1, 40, 12, 12, 3, 200, 0, 9, 9, 9, 30]
+    batches = list(token_batches(lengths, batch_size=4, batch_tokens=batch_tokens))
+    rows = [int(r) for b in batches for r in b]
+    assert sorted(rows) == list(range(len(lengths)))
+    assert [lengths[r] for r in rows] == sorted(lengths, reverse=True)
+    for b in batches:
+        assert 1 <= len(b) <= 4
+        if batch_tokens is not None and len(b) > 1:
+            assert len(b) * max(lengths[int(r)] for r in b) <= batch_tokens
+
+
+def test_onnx_vectors_do_not_depend_on_the_batching(onnx_embedder: Embedder):
+    docs = demo_documents(40) + ["word " * 300]
+    one = onnx_embedder._onnx.encode(docs, batch_size=128, batch_tokens=None)  # one padded batch
+    small = onnx_embedder._onnx.encode(docs, batch_size=128, batch_tokens=48)  # token-budget batches
+    np.testing.assert_allclose(small, one, atol=1e-5)
+

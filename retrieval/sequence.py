@@ -39,7 +39,7 @@ class SequenceConfig:
     dropout: float = 0.2
     lr: float = 3e-3
     weight_decay: float = 0.0
-    loss: str = "ce"  # full softmax: held-out-user nDCG@10 0.0651 at epoch 3 vs 0.0592 best for "sampled" (bench/sequence_quality.py)
+    loss: str = "ce"  # full softmax; on Games held-out nDCG@10 0.0711 vs 0.0592 for "sampled" (README, sequence tries)
     negatives: int = 1024  # loss="sampled": uniform negatives shared by one batch
     batch_tokens: int = 2048  # predicted positions per batch (batches are bucketed by length)
     max_epochs: int = 30

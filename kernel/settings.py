@@ -76,7 +76,10 @@ class Settings(BaseSettings):
     sequence_text_init: bool = Field(True, description="Sequence model item vectors start from the MiniLM ad vectors.")
     sequence_max_epochs: int = Field(30, ge=1, le=1000, description="Sequence model training epochs at most (early stopping usually ends sooner).")
     sequence_max_train_s: float | None = Field(
-        540.0, gt=0, description="Sequence model training stops after the epoch that crosses this many seconds (None: epochs only)."
+        1500.0,
+        gt=0,
+        description="Sequence model training stops after the epoch that crosses this many seconds (None: epochs only); "
+        "a full-softmax epoch over the 50,546 Games histories took 4-7 min on 2 cores shared at load ~7.",
     )
     sequence_threads: int | None = Field(None, ge=1, description="torch threads for sequence model training; default: torch's own.")
     recency_decay: float = Field(0.8, gt=0, le=1, description="History weight multiplier per step back in time.")

@@ -39,15 +39,15 @@ class SequenceConfig:
     dropout: float = 0.2
     lr: float = 3e-3
     weight_decay: float = 0.0
-    loss: str = "sampled"
+    loss: str = "ce"  # full softmax; on Games held-out nDCG@10 0.0711 vs 0.0592 for "sampled" (README, sequence tries)
     negatives: int = 1024  # loss="sampled": uniform negatives shared by one batch
     batch_tokens: int = 2048  # predicted positions per batch (batches are bucketed by length)
     max_epochs: int = 30
-    patience: int = 2  # epochs without a better held-out nDCG@10 before stopping
+    patience: int = 3  # epochs without a better held-out nDCG@10 before stopping
     holdout_frac: float = 0.05  # share of the (distinct) training histories held out for early stopping
     text_init: bool = False  # item vectors = learned projection of the title vectors + a free residual
     seed: int = 0
-    max_train_seconds: float | None = 540.0  # stop after the epoch that crosses this budget (None: epochs only)
+    max_train_seconds: float | None = 1500.0  # stop after the epoch that crosses this budget (None: epochs only)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:

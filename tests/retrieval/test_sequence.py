@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,18 @@ def test_loss_falls_and_the_true_next_item_ranks_first_more_often_than_chance(tr
     tests = cyclic_histories(200, seed=1)  # unseen draws of the pattern
     hits = sum(int(trained.top_n([IDS.index(a) for a in h[:-1]], 1)[0]) == IDS.index(h[-1]) for h in tests)
     assert hits / len(tests) > 10 / N  # chance is 1/N
+
+
+def test_the_sampled_softmax_loss_also_learns_the_order():
+    """The default loss is the full softmax ("ce"); the cheaper sampled-negatives loss stays a working option."""
+    cfg = replace(SMALL, loss="sampled", negatives=8)
+    assert SMALL.loss != cfg.loss
+    m = train_sequence_model(cyclic_histories(400, seed=0), IDS, config=cfg, show_progress=False, threads=1)
+    curve = m.meta["train"]["curve"]
+    assert curve[-1]["loss"] < 0.5 * curve[0]["loss"]
+    tests = cyclic_histories(200, seed=1)
+    hits = sum(int(m.top_n([IDS.index(a) for a in h[:-1]], 1)[0]) == IDS.index(h[-1]) for h in tests)
+    assert hits / len(tests) > 10 / N
 
 
 def test_numpy_serving_matches_the_torch_forward_pass():

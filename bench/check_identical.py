@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
-from common import CATALOGS, Settings, histories
+from common import CATALOGS, histories, scratch_services
 
 _CLOCK = ("timings_ms", "ts", "time", "now")
 
@@ -45,7 +43,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from kernel.types import RequestContext, SelectRequest
-    from selection.services import build_services
     from server.convert import to_wire
 
     audit_lines: list[str] = []
@@ -61,14 +58,7 @@ def main() -> None:
     hists = histories(CATALOGS["games"]["impressions"], args.requests, seed=7)
     users = list(enumerate(hists)) + list(enumerate(hists[:40])) * 3
     now = datetime(2026, 6, 1, 12, 0, 0)
-    with tempfile.TemporaryDirectory() as scratch:
-        var = Path(scratch) / "var"
-        shutil.copytree(args.data_dir, var, symlinks=True, ignore=shutil.ignore_patterns("caps.sqlite*", "feedback.sqlite*", "impressions"))
-        upd = {"data_dir": var, "llm_enabled": False}
-        if args.collection:
-            upd["collection"] = args.collection
-        s = Settings(_env_file=None).model_copy(update=upd)
-        svc = build_services(s)
+    with scratch_services(args.data_dir, collection=args.collection, fresh_state=True) as svc:
         sel = svc.selector
         records: list[dict] = []
         real_write = sel.impressions.write
@@ -97,7 +87,6 @@ def main() -> None:
                 "impression": [_strip(r) for r in records[nr:]],
             }
             lines.append(json.dumps(out, sort_keys=True))
-        svc.close() if hasattr(svc, "close") else None
     args.out.write_text("\n".join(lines) + "\n")
     print(f"{len(lines)} requests written to {args.out}")
     if args.compare:

@@ -1,12 +1,16 @@
 """What the bench scripts share: data locations, real user histories, a catalog ingested once, percentiles."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +118,25 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+@contextlib.contextmanager
+def scratch_services(data_dir: Path, *, collection: str | None, fresh_state: bool = False) -> Iterator:
+    """build_services (LLM off) over a scratch copy of `data_dir`, closed and removed on exit: caps and logs
+    go to the copy, the catalog dir is only read. `fresh_state`: the copy leaves out caps, feedback and the
+    impression log, so every run starts from empty state."""
+    from selection.services import build_services
+
+    ignore = shutil.ignore_patterns("caps.sqlite*", "feedback.sqlite*", "impressions") if fresh_state else None
+    with tempfile.TemporaryDirectory() as scratch:
+        var = Path(scratch) / "var"
+        shutil.copytree(data_dir, var, symlinks=True, ignore=ignore)
+        upd: dict = {"data_dir": var, "llm_enabled": False}
+        if collection:
+            upd["collection"] = collection
+        svc = build_services(Settings(_env_file=None).model_copy(update=upd))
+        try:
+            yield svc
+        finally:
+            if hasattr(svc, "close"):
+                svc.close()

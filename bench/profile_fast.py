@@ -19,11 +19,10 @@ import io
 import logging
 import os
 import pstats
-import tempfile
 import time
 from pathlib import Path
 
-from common import CATALOGS, Settings, histories, summary
+from common import CATALOGS, Settings, histories, scratch_services, summary
 
 
 def main() -> None:
@@ -39,28 +38,17 @@ def main() -> None:
     if args.eval:
         return profile_eval(args)
 
-    from selection.services import build_services
     from server.convert import to_core, to_wire
     from server.protocol import SelectRequestBody
 
     logging.getLogger("adselect.audit").disabled = True
     hists = histories(CATALOGS[args.catalog]["impressions"], args.requests + 50, seed=args.seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        # caps (data_dir/caps.sqlite) go to the scratch dir: the catalog dir is only read
-        import shutil
-
-        var = Path(scratch) / "var"
-        shutil.copytree(args.data_dir, var, symlinks=True)
-        upd = {"data_dir": var, "llm_enabled": False}
-        if args.collection:
-            upd["collection"] = args.collection
-        s = Settings(_env_file=None).model_copy(update=upd)
-        svc = build_services(s)
+    with scratch_services(args.data_dir, collection=args.collection) as svc:  # caps go to the scratch copy
         sel = svc.selector
 
         def one(i: int, h: list[str]) -> bytes:
             body = SelectRequestBody(user_id=f"prof-{i}", history=h, k=5, use_llm=False)
-            req = to_core(body, s)
+            req = to_core(body, svc.settings)
             # the stages aselect runs on a worker thread, called here on this one so cProfile sees them
             started = time.perf_counter()
             d = sel._finish(req, sel.prior_stage(req), None, None, started)

@@ -9,6 +9,7 @@ The server's output goes to a log file whose tail is quoted when the process die
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import importlib.util
 import logging
@@ -17,10 +18,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -213,3 +215,56 @@ class LocalLLMServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LazyLocalServer:
+    """The bundled llama.cpp server, started by the first call that needs it (under a lock), with one chat
+    client over it made by `make_client(base_url)`: a run answered wholly from a cache starts no server.
+
+    ChatLLMLike (`model`, `acomplete`); `ensure()` starts it and gives the base URL to other clients of the
+    same server; `stop()` closes the client, then stops the server. `gguf` is the model file it runs (the
+    configured or default one before the start, best effort: a missing file is reported by the start).
+    """
+
+    def __init__(self, settings: Settings, make_client: Callable[[str], Any], *, model: str):
+        self.settings, self.make_client, self.model = settings, make_client, model
+        self.url: str | None = None
+        self.gguf: str | None
+        try:
+            self.gguf = str(settings.local_llm_gguf or default_gguf())
+        except LocalLLMStartError:
+            self.gguf = None
+        self._server: LocalLLMServer | None = None
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def client(self) -> Any:
+        """The chat client, starting the server first if it is not running (blocking: the model loads)."""
+        with self._lock:
+            if self._client is None:
+                server = LocalLLMServer.from_settings(self.settings, port=free_port()).start()
+                try:
+                    client = self.make_client(server.base_url)
+                except BaseException:
+                    server.stop()
+                    raise
+                self._server, self.url, self.gguf, self._client = server, server.base_url, str(server.gguf), client
+            return self._client
+
+    def ensure(self) -> str:
+        self.client()
+        assert self.url is not None
+        return self.url
+
+    async def acomplete(self, messages: Any, *, schema: dict[str, Any], timeout_s: float) -> Any:
+        client = self._client or await asyncio.to_thread(self.client)
+        return await client.acomplete(messages, schema=schema, timeout_s=timeout_s)
+
+    def stop(self) -> None:
+        with self._lock:
+            client, server = self._client, self._server
+            self._client = self._server = None
+        if client is not None and hasattr(client, "close"):
+            client.close()
+        if server is not None:
+            server.stop()

@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -45,7 +44,7 @@ from kernel.errors import LLMOutputInvalid, LLMUnavailable, PromptError
 from kernel.types import DOCUMENT_EXTRA_KEY, Ad
 
 from .ad_content import ad_content_hash
-from .llm import ChatLLMLike, Completion, Message
+from .llm import ChatLLMLike
 from .prompts import PromptRegistry, PromptTemplate, neutralise
 
 if TYPE_CHECKING:
@@ -394,37 +393,6 @@ def ingest_hook(
     return enrich
 
 
-class _BundledOnFirstCall:
-    """ChatLLMLike over the bundled llama.cpp server, started by the first call: a re-run served wholly
-    from the cache starts no server. The server and its client close with `stack`."""
-
-    def __init__(self, settings: Settings, stack: contextlib.ExitStack):
-        self.settings, self.stack = settings, stack
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    @property
-    def model(self) -> str:
-        return self.settings.llm_model
-
-    def _start(self) -> Any:
-        from .llm import ChatLLM
-        from .local_server import LocalLLMServer, free_port
-
-        with self._lock:
-            if self._client is None:
-                s = self.settings
-                url = self.stack.enter_context(LocalLLMServer.from_settings(s, port=free_port())).base_url
-                client = ChatLLM(base_url=url, model=s.llm_model, max_tokens=s.understand_max_tokens, timeout_s=s.understand_timeout_s)
-                self.stack.callback(client.close)  # LIFO: the client closes before the server stops
-                self._client = client
-            return self._client
-
-    async def acomplete(self, messages: Sequence[Message], *, schema: dict[str, Any], timeout_s: float) -> Completion:
-        client = self._client or await asyncio.to_thread(self._start)
-        return await client.acomplete(messages, schema=schema, timeout_s=timeout_s)
-
-
 def understanding_at_ingest(settings: Settings, stack: contextlib.ExitStack, *, reports: list[UnderstandReport]) -> Callable[[list[Ad]], list[Ad]]:
     """The ingest hook from settings: the LLM at `llm_url` with `understand_concurrency` calls in flight
     (else the bundled llama.cpp server, started by the first ad the cache does not hold and stopped when
@@ -438,7 +406,15 @@ def understanding_at_ingest(settings: Settings, stack: contextlib.ExitStack, *, 
         )
         stack.callback(llm.close)
     else:
-        llm = _BundledOnFirstCall(settings, stack)
+        from .local_server import LazyLocalServer
+
+        bundled = LazyLocalServer(
+            settings,
+            lambda url: ChatLLM(base_url=url, model=settings.llm_model, max_tokens=settings.understand_max_tokens, timeout_s=settings.understand_timeout_s),
+            model=settings.llm_model,
+        )
+        stack.callback(bundled.stop)  # the client closes before the server stops
+        llm = bundled
     understander = AdUnderstander.from_settings(settings, llm, store=UnderstandingStore(Path(settings.data_dir) / UNDERSTANDING_DIR))
     if not settings.llm_url:
         # The bundled llama.cpp server answers one request at a time: more in flight only queue there,

@@ -31,6 +31,7 @@ from kernel.types import Decision, SelectRequest
 from eval.config import LLMSpec
 from eval.data import EvalImpression
 from eval.exposure import SLATE_K
+from agent.local_server import LazyLocalServer
 from eval.llm_cache import CachingChatLLM, LLMCache
 from eval.rankers import impression_rng
 
@@ -159,61 +160,17 @@ def _chat_client(spec: LLMSpec, url: str):
     )
 
 
-class LazyLocalLLM:
-    """ChatLLMLike over the bundled llama.cpp server, started on the first call that misses the cache.
-
-    A re-run answered wholly from the cache never starts a server.
-    """
+class LazyLocalLLM(LazyLocalServer):
+    """The bundled llama.cpp server for one LLM spec (its model alias and decoding), started on the first
+    call that misses the cache: a re-run answered wholly from the cache never starts a server. Every user of
+    the shared server (its own calls, SharedServerClient, scoring-mode variants) starts it with `ensure()`."""
 
     def __init__(self, spec: LLMSpec, settings=None):
+        from kernel.settings import Settings
+
         self.spec = spec
-        self.settings = settings
-        self._server = None
-        self._client = None
-        self._lock = threading.Lock()
-        self.url: str | None = None
-        self.gguf: str | None = None
-        try:
-            from agent.local_server import default_gguf
-
-            configured = getattr(settings, "local_llm_gguf", None)
-            self.gguf = str(configured or default_gguf())
-        except Exception:  # noqa: BLE001 - reported when the server is actually needed
-            self.gguf = None
-
-    @property
-    def model(self) -> str:
-        return self.spec.model
-
-    def ensure(self) -> str:
-        """Start the server if it is not running (blocking: the model loads); its OpenAI-compatible base URL.
-        Every user of the shared server (its own calls, SharedServerClient, scoring-mode variants) starts it here."""
-        self._chat()
-        assert self.url is not None
-        return self.url
-
-    def _chat(self):
-        with self._lock:
-            if self._client is None:
-                from kernel.settings import Settings
-                from agent.local_server import LocalLLMServer, free_port
-
-                s = (self.settings or Settings()).model_copy(update={"llm_model": self.spec.model})
-                self._server = LocalLLMServer.from_settings(s, port=free_port()).start()
-                self.url, self.gguf = self._server.base_url, str(self._server.gguf)
-                self._client = _chat_client(self.spec, self.url)
-            return self._client
-
-    async def acomplete(self, messages, *, schema, timeout_s):
-        client = self._client or await asyncio.to_thread(self._chat)
-        return await client.acomplete(messages, schema=schema, timeout_s=timeout_s)
-
-    def stop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        if self._server is not None:
-            self._server.stop()
-        self._client = self._server = None
+        s = (settings or Settings()).model_copy(update={"llm_model": spec.model})
+        super().__init__(s, lambda url: _chat_client(spec, url), model=spec.model)
 
 
 class SharedServerClient:

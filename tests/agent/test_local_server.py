@@ -9,7 +9,7 @@ import pytest
 
 from kernel.errors import LocalLLMStartError
 from kernel.settings import Settings
-from agent.local_server import DEFAULT_GGUF_FILE, LocalLLMServer, default_gguf, free_port
+from agent.local_server import DEFAULT_GGUF_FILE, LazyLocalServer, LocalLLMServer, default_gguf, free_port
 from tests.utils.fakes import FakeHangingLLMServer
 
 
@@ -72,3 +72,43 @@ def test_start_serves_models_and_stop_ends_the_process(tmp_path: Path, monkeypat
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.base_url}/models", timeout=2)
     server.stop()  # idempotent
+
+
+class _RecordingClient:
+    """A real client's stand-in that records its URL and whether it was closed (no LLM call is made)."""
+
+    def __init__(self, url: str):
+        self.url, self.closed = url, False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_lazy_server_starts_nothing_until_needed_and_reports_a_missing_model(tmp_path: Path) -> None:
+    made: list[str] = []
+    lazy = LazyLocalServer(Settings(_env_file=None, local_llm_gguf=tmp_path / "missing.gguf"), made.append, model="m")
+    assert lazy.url is None and lazy.gguf == str(tmp_path / "missing.gguf") and lazy.model == "m"
+    lazy.stop()  # nothing started: nothing to stop
+    with pytest.raises(LocalLLMStartError, match="not found"):
+        lazy.ensure()
+    assert made == [] and lazy.url is None
+
+
+@pytest.mark.llm_server
+def test_lazy_server_starts_once_and_stop_closes_the_client_then_the_server(tmp_path: Path) -> None:
+    clients: list[_RecordingClient] = []
+
+    def make(url: str) -> _RecordingClient:
+        clients.append(_RecordingClient(url))
+        return clients[-1]
+
+    lazy = LazyLocalServer(Settings(_env_file=None, llm_model="lazy-alias"), make, model="lazy-alias")
+    url = lazy.ensure()
+    assert lazy.ensure() == url and lazy.client() is clients[0] and len(clients) == 1  # one server, one client
+    models = httpx.get(f"{url}/models", timeout=5).json()
+    assert [m["id"] for m in models["data"]] == ["lazy-alias"] and clients[0].url == url
+    lazy.stop()
+    assert clients[0].closed
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/models", timeout=2)
+    lazy.stop()  # idempotent

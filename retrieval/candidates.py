@@ -67,15 +67,17 @@ class CandidateGenerator:
     # Exact searches over catalogs of at least this many ads go through the two-stage projected search
     # (retrieval.projected_search: the same top k, a third of the memory read); 0: always the full scan.
     projected_min_ads: int = 0
-    _projected: ProjectedSearch | None = field(default=None, init=False, repr=False)
+    # (the vectors it was built from, the search): an init field, so dataclasses.replace (a reload that swaps the
+    # behaviour tables) hands the built search on; a new index's vectors build a new one
+    projected_cache: tuple[np.ndarray, ProjectedSearch] | None = field(default=None, repr=False, compare=False)
 
     def projected(self) -> ProjectedSearch | None:
         """The two-stage search over this index, built on first use (None: the full scan is the rule here)."""
         if self.projected_min_ads <= 0 or len(self.index) < self.projected_min_ads:
             return None
-        if self._projected is None or self._projected.vectors is not self.index.vectors:
-            self._projected = ProjectedSearch(self.index.vectors)
-        return self._projected
+        if self.projected_cache is None or self.projected_cache[0] is not self.index.vectors:
+            self.projected_cache = (self.index.vectors, ProjectedSearch(self.index.vectors))
+        return self.projected_cache[1]
 
     def searches_exactly(self) -> bool:
         """Dense neighbours by exact in-memory search, or by a Chroma HNSW query: the one rule the dense

@@ -64,3 +64,13 @@ def test_generator_dense_source_is_the_projected_search(demo_services):
         s = row_dots(gen.index.vectors, prof.vector)
         np.testing.assert_allclose(s[got], s[want], rtol=0, atol=1e-6)
         assert got == fast.projected().top(prof.vector, 40).tolist()
+
+
+def test_a_replaced_generator_keeps_the_built_search(demo_services):
+    """A reload replaces the generator (new behaviour tables, the same index): the search is not rebuilt; a new
+    index is searched by a search of its own."""
+    fast = dataclasses.replace(demo_services.selector.generator, use_chroma=False, projected_min_ads=1)
+    built = fast.projected()
+    assert dataclasses.replace(fast, n_dense=5).projected() is built
+    other = dataclasses.replace(fast.index, vectors=fast.index.vectors.copy())
+    assert dataclasses.replace(fast, index=other).projected() is not built

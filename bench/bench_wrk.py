@@ -102,6 +102,14 @@ def audit_lines(log_path: Path) -> int:
     return n
 
 
+def impression_records(data_dir: Path, before: set[Path]) -> int:
+    """Impression-log records in the files the server opened since `before` was listed (one per served request)."""
+    return sum(
+        sum(1 for line in f.read_bytes().splitlines() if line.strip())
+        for f in sorted((data_dir / "impressions").glob("impressions-*.jsonl")) if f not in before
+    )  # fmt: skip
+
+
 def write_bodies(path: Path, catalog: str, hists: list[list[str]], k: int) -> None:
     tag = uuid.uuid4().hex[:8]  # this run's own users: caps in a reused data dir start empty for them
     with path.open("w") as fh:
@@ -151,6 +159,7 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
     port = free_port()
     log_path = scratch / f"{catalog}_server.log"
     env = {"ADSELECT_COLLECTION": args.collection} if (catalog == "games" and args.collection) else {}
+    logs_before = set((data_dir / "impressions").glob("impressions-*.jsonl"))
     proc = start_server(data_dir, port, log_path, env_overrides=env, workers=args.workers)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -166,9 +175,11 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
     finally:
         stop(proc)
     lines = audit_lines(log_path)
+    records = impression_records(data_dir, logs_before)  # the warm-up's answers are in both counts
     ratio = cap / health if health else float("nan")
     print(f"  capacity at p99 <= {args.p99_ms:g} ms: /v1/select {cap:.0f} req/s, /healthz {health:.0f} req/s, ratio {ratio:.3f}")
-    print(f"  audit lines {lines} for {served} select 200s counted by the server ({'equal' if lines == served else 'DIFFERENT'}); "
+    print(f"  audit lines {lines}, impression-log records {records} for {served} select 200s counted by the server "
+          f"({'equal' if lines == served == records else 'DIFFERENT'}); "
           f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")  # fmt: skip
 
 

@@ -19,6 +19,14 @@ def row_dots(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
     return matrix @ vector
 
 
+def row_dots_by_row(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """(n,) = matrix (n, d) · vector (d,), each row's sum by the same loop wherever the row sits in `matrix` (numpy's
+    own einsum, no BLAS): a row scores the same bits in any subset of rows, which a BLAS gemv does not promise (its
+    rows at a block's edge go through other kernels). For short subsets (retrieval.projected_search's re-scoring);
+    over the full catalog it costs about 2x the gemv."""
+    return np.einsum("ij,j->i", matrix, vector, optimize=False)
+
+
 def pair_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(n, m) = a (n, d) · b (m, d)ᵀ."""
     return a @ b.T

@@ -269,7 +269,10 @@ def build_services(
         sequence=state.sequence,
         n_sequence=settings.n_sequence,
         exact_max_ads=settings.exact_search_max_ads,
+        projected_min_ads=settings.dense_projected_min_ads,
     )
+    if generator.searches_exactly():
+        generator.projected()  # built at load, not by the first request
     safety: dict = {}
     loop: dict = {}
     feedback = served = None

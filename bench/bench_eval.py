@@ -7,7 +7,8 @@
                                                #   the ratio of the best runs is the figure a shared machine moves least
 
 Each fast-path run is a fresh process (`adselect eval run --no-llm` as the CLI runs it, results.jsonl
-written); the load averages are printed beside the figures. The per-system share is CPU time in this
+written); the load averages are printed beside the figures, and so is the fast phase's CPU time (this
+process and its worker processes): impressions per CPU-second, the figure other tenants' load moves least. The per-system share is CPU time in this
 process over the same impressions: the core's prior stage (the `default` system: every other system
 reads its features), each baseline ranker, the metrics and the JSON record.
 
@@ -56,12 +57,15 @@ def main() -> None:
             loads.append(_load())
     for name, where in checkouts.items():
         rates = [r["impressions_per_s"] for r in runs[name]]
+        per_cpu = [r["per_cpu_s"] for r in runs[name]]
         last = runs[name][-1]
         print(f"fast path [{name}: {where}]: {last['n']} impressions, {last['workers']} workers, impressions/s per run {rates}, "
-              f"best {max(rates)}; default nDCG@10 {last['ndcg10']:.4f}")  # fmt: skip
+              f"best {max(rates)}; impressions per CPU-second (parent + workers) {per_cpu}, best {max(per_cpu)}; "
+              f"default nDCG@10 {last['ndcg10']:.4f}")  # fmt: skip
     if args.compare_checkout:
-        best = {k: max(r["impressions_per_s"] for r in v) for k, v in runs.items()}
-        print(f"  ratio this / compare (best of {args.repeat} each): {best['this'] / best['compare']:.2f}x")
+        for key, what in (("impressions_per_s", "impressions/s"), ("per_cpu_s", "impressions per CPU-second")):
+            best = {k: max(r[key] for r in v) for k, v in runs.items()}
+            print(f"  ratio this / compare, {what} (best of {args.repeat} each): {best['this'] / best['compare']:.2f}x")
     print(f"  load averages (1/5/15 min) before and after each run: {' | '.join(loads)}")
     print(f"  setup {runs['this'][-1]['setup']}")
     _shares(fast_task, settings)
@@ -83,16 +87,27 @@ def main() -> None:
 
 
 _RUN = """
-import json, sys, pathlib
+import json, os, sys, pathlib
 sys.path.insert(0, ".")
 from kernel.settings import Settings
 from eval.config import load_task
+import eval.harness as harness
 from eval.harness import run_eval
+cpu = {}
+phase = harness._fast_phase
+def timed_phase(*a, **k):  # CPU of the fast phase alone: this process + its (joined) worker processes
+    t0 = os.times()
+    out = phase(*a, **k)
+    t1 = os.times()
+    cpu["s"] = (t1.user + t1.system + t1.children_user + t1.children_system) - (t0.user + t0.system + t0.children_user + t0.children_system)
+    return out
+harness._fast_phase = timed_phase
 d = sys.argv[2]
 settings = Settings() if not d else Settings(data_dir=pathlib.Path(d))
 rep = run_eval(load_task(sys.argv[1], overrides={"no_llm": True}), settings=settings, out_dir=pathlib.Path(sys.argv[3]), show_progress=False)
 fast = rep["speed"]["fast"]
 print(json.dumps({"n": rep["n_impressions"], "impressions_per_s": fast["impressions_per_s"], "workers": fast.get("workers"),
+                  "per_cpu_s": round(fast["impressions"] / cpu["s"], 1),
                   "ndcg10": rep["metrics"]["default"]["ndcg@10"], "setup": rep["speed"]["setup"]}))
 """
 

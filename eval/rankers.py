@@ -86,11 +86,8 @@ class FastRankers:
     def batch(self, items: Sequence[EvalImpression]) -> Iterator["FastRankers"]:
         """Within the block, `run` of these impressions reads the sequence model's state of every history
         from one batched forward pass (SequenceModel.primed: the same bits as one at a time)."""
-        seq = self.selector.generator.sequence
-        if seq is None or ("sequence" not in self.systems and "default" not in self.systems and "served" not in self.systems):
-            ctx = nullcontext()
-        else:
-            ctx = seq.primed(self.index.rows(imp.history)[0] for imp in items)
+        seq = self.selector.generator.sequence  # the prior stage reads it whatever the systems
+        ctx = nullcontext() if seq is None else seq.primed(self.index.rows(imp.history)[0] for imp in items)
         with ctx:
             yield self
 

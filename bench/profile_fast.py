@@ -3,8 +3,8 @@
     python bench/profile_fast.py --data-dir GAMES_VAR [--collection NAME] [--requests 1000] [--top 25]
     python bench/profile_fast.py --data-dir GAMES_VAR --eval games_sampled [--requests 6000]   # the eval fast phase
 
---eval: the `adselect eval run --no-llm` fast phase of TASK in one process (the harness's fast_record
-per impression + its results line), first unprofiled (CPU ms per impression, the figure a shared
+--eval: the `adselect eval run --no-llm` fast phase of TASK in one process (the harness's fast_records
+over the impressions + their results lines), first unprofiled (CPU ms per impression, the figure a shared
 machine's load moves least), then under cProfile with a CPU-time clock.
 
 Real Games histories (impressions_full_dev.jsonl, one distinct user per request), serving=True
@@ -92,7 +92,7 @@ def profile_eval(args) -> None:
     from eval.data import load_impressions
     from eval.env import prepare_env
     from eval.exposure import read_catalog
-    from eval.harness import fast_record
+    from eval.harness import fast_records
     from eval.metrics import metrics_by_protocol
     from eval.rankers import FastRankers
     from eval.report import metric_names
@@ -122,8 +122,8 @@ def profile_eval(args) -> None:
 
     def run_all() -> None:
         with open(os.devnull, "w", encoding="utf-8") as sink:
-            for imp in items:
-                sink.write(json.dumps(fast_record(imp, rankers, metrics_of), ensure_ascii=False) + "\n")  # as ResultsLog.append
+            for rec in fast_records(items, rankers, metrics_of):  # as the harness's workers: one block
+                sink.write(json.dumps(rec, ensure_ascii=False) + "\n")  # as ResultsLog.append
 
     run_all()  # warm
     cpu0, t0 = time.process_time(), time.perf_counter()

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,18 +124,37 @@ _FORKED: tuple[Any, Any, list[EvalImpression]] | None = None  # (rankers, metric
 
 def _fast_chunk(bounds: tuple[int, int]) -> list[dict[str, Any]]:
     rankers, metrics_of, items = _FORKED  # type: ignore[misc]
-    return [fast_record(imp, rankers, metrics_of) for imp in items[bounds[0] : bounds[1]]]
+    return list(fast_records(items[bounds[0] : bounds[1]], rankers, metrics_of))
 
 
-def _fast_parallel(items: list[EvalImpression], rankers, metrics_of, *, workers: int, chunk: int = 250):
+def fast_records(items: list[EvalImpression], rankers, metrics_of) -> Iterator[dict[str, Any]]:
+    """The fast records of a block of impressions, in order, each as it finishes (the block's sequence
+    states computed in one batch first: FastRankers.batch)."""
+    with rankers.batch(items):
+        for imp in items:
+            yield fast_record(imp, rankers, metrics_of)
+
+
+def fast_chunk_size(n: int, workers: int) -> int:
+    """Impressions per task of the worker pool: about 4 tasks per worker (the last ones even out the
+    workers' finishing times), at least FAST_CHUNK_MIN (the batched sequence pass wants many histories
+    of each length), at most FAST_CHUNK_MAX (results arrive, and are written, as tasks finish)."""
+    return max(FAST_CHUNK_MIN, min(FAST_CHUNK_MAX, -(-n // (4 * max(1, workers)))))
+
+
+FAST_CHUNK_MIN, FAST_CHUNK_MAX = 250, 2000
+
+
+def _fast_parallel(items: list[EvalImpression], rankers, metrics_of, *, workers: int, chunk: int | None = None):
     """Fast records in input order, computed by `workers` forked processes."""
     import multiprocessing as mp
 
     global _FORKED
     _FORKED = (rankers, metrics_of, items)
+    size = chunk or fast_chunk_size(len(items), workers)
     try:
         with mp.get_context("fork").Pool(workers) as pool:
-            for recs in pool.imap(_fast_chunk, [(i, i + chunk) for i in range(0, len(items), chunk)]):
+            for recs in pool.imap(_fast_chunk, [(i, i + size) for i in range(0, len(items), size)]):
                 yield from recs
     finally:
         _FORKED = None
@@ -261,9 +281,10 @@ def _fast_phase(task: EvalTask, env: EvalEnv, rankers, items: list[EvalImpressio
             for rec in _fast_parallel(forkable, rankers, metrics_of, workers=workers):
                 results.append(rec)
                 bar.update(1)
-        for imp in local:
-            results.append(fast_record(imp, rankers, metrics_of))
-            bar.update(1)
+        for at in range(0, len(local), FAST_CHUNK_MAX):
+            for rec in fast_records(local[at : at + FAST_CHUNK_MAX], rankers, metrics_of):
+                results.append(rec)
+                bar.update(1)
     finally:
         gc.unfreeze()
     bar.close()

@@ -210,6 +210,9 @@ def revenue_at(ranking: Sequence[str], clicked: AbstractSet[str], bids: Mapping[
     return float(sum(bids.get(a, 0.0) for a in ranking[:k] if a in clicked))
 
 
+_SEEN_MAX = 100_000  # distinct Positions kept by one metrics_by_protocol (full catalog: positions spread wider)
+
+
 def metrics_by_protocol(
     names_logged: Sequence[str],
     names_full: Sequence[str],
@@ -228,12 +231,22 @@ def metrics_by_protocol(
     for k in revenue_ks:
         _check_k(k)
 
+    # A metric depends on the positions only: their values are computed once per distinct Positions
+    # (logged impressions: a few hundred distinct ones over a run) and copied from there.
+    seen: dict[tuple[bool, Positions], dict[str, float | None]] = {}
+
     def of(imp, rankings: dict[str, list[str]], pool_size: int | None) -> dict[str, dict[str, float | None]]:
-        metrics = full_metrics if imp.candidates is None else logged
+        full = imp.candidates is None
+        metrics = full_metrics if full else logged
         out = {}
         for s, r in rankings.items():
             p = locate(r, imp.clicked, pool_size=pool_size)
-            out[s] = {m.name: m.of(p) for m in metrics}
+            values = seen.get((full, p))
+            if values is None:
+                values = {m.name: m.of(p) for m in metrics}
+                if len(seen) < _SEEN_MAX:
+                    seen[(full, p)] = values
+            out[s] = dict(values)
             if bids is not None and imp.clicked:
                 for k in revenue_ks:
                     out[s][f"revenue@{k}"] = revenue_at(r, imp.clicked, bids, k=k)

@@ -11,6 +11,8 @@ a data file gives.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from selection.pipeline import PriorStage, Selector
@@ -79,6 +81,15 @@ class FastRankers:
             return None
         keys = {a: self._keys[a] if a in self._keys else tie_key(self.seed, a) for a in candidates}
         return canonical_candidates(candidates, keys)
+
+    @contextmanager
+    def batch(self, items: Sequence[EvalImpression]) -> Iterator["FastRankers"]:
+        """Within the block, `run` of these impressions reads the sequence model's state of every history
+        from one batched forward pass (SequenceModel.primed: the same bits as one at a time)."""
+        seq = self.selector.generator.sequence  # the prior stage reads it whatever the systems
+        ctx = nullcontext() if seq is None else seq.primed(self.index.rows(imp.history)[0] for imp in items)
+        with ctx:
+            yield self
 
     def run(self, imp: EvalImpression) -> FastResult:
         stage = self.selector.prior_stage(self.request(imp))

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -130,21 +131,62 @@ class SequenceModel:
         self._scale = np.float32(np.sqrt(self.config.hidden))
         self._head_scale = np.float32(np.sqrt(self.config.hidden // self.config.heads))
         self._causal: dict[int, np.ndarray] = {}  # history length -> (L, L) mask above the diagonal (read only)
+        self._primed: dict[tuple[int, ...], np.ndarray | None] | None = None  # `primed`: states computed in one batch
         self._blocks = [
             tuple(a[f"b{i}.{k}"] for k in ("ln1_w", "ln1_b", "wqkv", "bqkv", "wo", "bo", "ln2_w", "ln2_b", "w1", "b1", "w2", "b2"))
             for i in range(self.config.blocks)
         ]
 
     def user_vector(self, history_rows: Sequence[int]) -> np.ndarray | None:
-        """The model's (hidden,) state after the last item; None for an empty history."""
+        """The model's (hidden,) state after the last item; None for an empty history.
+
+        A history primed by `primed` is read from there (the same bits: `encode_histories` computed it)."""
+        if self._primed is not None:
+            u = self._primed.get(tuple(np.asarray(history_rows, dtype=np.int64)[-self.config.max_len :].tolist()))
+            if u is not None:
+                return u
+        return self.encode_histories([history_rows])[0]
+
+    def encode_histories(self, histories: Sequence[Sequence[int]]) -> list[np.ndarray | None]:
+        """`user_vector` of many histories, THE forward pass: histories of one length (after the cap at
+        `max_len`) go through it as one (B, L, hidden) batch; None for an empty history.
+
+        Each matrix product is numpy's stacked matmul, one BLAS call per history of the batch, so a
+        history's state has the same bits in a batch of 1 (the request path) as in a batch of many (eval)."""
+        cap = self.config.max_len
+        out: list[np.ndarray | None] = [None] * len(histories)
+        by_len: dict[int, list[int]] = {}
+        clipped: list[np.ndarray] = []
+        for i, rows in enumerate(histories):
+            h = np.asarray(rows, dtype=np.int64)[-cap:]
+            clipped.append(h)
+            if len(h):
+                if h.min() < 0 or h.max() >= self.n_items:
+                    raise IndexError("history row outside the catalog")
+                by_len.setdefault(len(h), []).append(i)
+        for L, members in by_len.items():
+            states = self._forward(np.stack([clipped[i] for i in members]) if len(members) > 1 else clipped[members[0]][None])
+            for j, i in enumerate(members):
+                out[i] = states[j]
+        return out
+
+    @contextmanager
+    def primed(self, histories: Iterable[Sequence[int]]):
+        """Within the block, `user_vector` of these histories is read from one `encode_histories` batch."""
+        hs = [np.asarray(h, dtype=np.int64)[-self.config.max_len :] for h in histories]
+        hs = [h for h in hs if len(h)]
+        keys = [tuple(h.tolist()) for h in hs]
+        self._primed = dict(zip(keys, self.encode_histories(hs)))
+        try:
+            yield self
+        finally:
+            self._primed = None
+
+    def _forward(self, h: np.ndarray) -> np.ndarray:
+        """(B, hidden) final states of B histories of one length L: `h` is (B, L) catalog rows."""
         cfg = self.config
-        h = np.asarray(history_rows, dtype=np.int64)[-cfg.max_len :]
-        L = len(h)
-        if L == 0:
-            return None
-        if h.min() < 0 or h.max() >= self.n_items:
-            raise IndexError("history row outside the catalog")
-        x = self.items[h] * self._scale + self.arrays["pos"][cfg.max_len - L :]
+        L = h.shape[1]
+        x = self.items[h] * self._scale + self.arrays["pos"][cfg.max_len - L :]  # (B, L, d)
         d, nh = cfg.hidden, cfg.heads
         dh = d // nh
         causal = self._causal.get(L)
@@ -152,21 +194,21 @@ class SequenceModel:
             causal = self._causal[L] = np.triu(np.ones((L, L), dtype=bool), k=1)
         for i, (ln1_w, ln1_b, wqkv, bqkv, wo, bo, ln2_w, ln2_b, w1, b1, w2, b2) in enumerate(self._blocks):
             last = i == len(self._blocks) - 1  # the last block only needs the last query
-            qkv = _layer_norm(x, ln1_w, ln1_b) @ wqkv + bqkv  # (L, 3d)
-            q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
+            qkv = _layer_norm(x, ln1_w, ln1_b) @ wqkv + bqkv  # (B, L, 3d)
+            q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
             if last:
-                q, x = q[-1:], x[-1:]
+                q, x = q[:, -1:], x[:, -1:]
             outs = []
             for hd in range(nh):
                 sl = slice(hd * dh, (hd + 1) * dh)
-                att = (q[:, sl] @ k[:, sl].T) / self._head_scale
+                att = (q[..., sl] @ k[..., sl].swapaxes(-1, -2)) / self._head_scale
                 if not last:
-                    att[causal] = -np.inf
-                outs.append(_softmax_rows(att) @ v[:, sl])
-            x = x + (np.concatenate(outs, axis=1) if nh > 1 else outs[0]) @ wo + bo
+                    att[:, causal] = -np.inf
+                outs.append(_softmax_rows(att) @ v[..., sl])
+            x = x + (np.concatenate(outs, axis=-1) if nh > 1 else outs[0]) @ wo + bo
             hdn = np.maximum(_layer_norm(x, ln2_w, ln2_b) @ w1 + b1, 0.0)
             x = x + hdn @ w2 + b2
-        return _layer_norm(x[-1], self.arrays["lnf_w"], self.arrays["lnf_b"]).astype(np.float32, copy=False)
+        return _layer_norm(x[:, -1], self.arrays["lnf_w"], self.arrays["lnf_b"]).astype(np.float32, copy=False)
 
     def scores(self, history_rows: Sequence[int]) -> np.ndarray:
         """(n_items,) float32 next-item logits for every catalog row; zeros for an empty history."""

@@ -33,6 +33,7 @@ import tempfile
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from threading import Lock
@@ -366,6 +367,24 @@ class OnnxEncoder:
         return out
 
 
+@dataclass(frozen=True)
+class EmbedderConfig:
+    """What it takes to build an equal Embedder in another process (retrieval.embed_pool)."""
+
+    model_path: Path
+    backend: str
+    onnx_dir: Path | None
+    batch_size: int
+    batch_tokens: int | None
+    threads: int | None
+    spin: bool
+    key: str
+
+    def build(self, **override) -> Embedder:
+        kw = {k: getattr(self, k) for k in ("backend", "onnx_dir", "batch_size", "batch_tokens", "threads", "spin")}
+        return Embedder(self.model_path, **(kw | override))
+
+
 class Embedder:
     """Encodes texts to L2-normalised float32 vectors; free-text events go through an LRU cache."""
 
@@ -406,6 +425,7 @@ class Embedder:
             self.dim = self._onnx.dim
         self.batch_size = batch_size
         self.batch_tokens = batch_tokens
+        self.config = EmbedderConfig(path, backend, Path(onnx_dir) if onnx_dir else None, batch_size, batch_tokens, threads, spin, self.key)
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
         self._lock = Lock()

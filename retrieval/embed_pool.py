@@ -47,9 +47,6 @@ class ProcessEmbedder:
         futures = [self.pool.submit(_encode, [texts[i] for i in p]) for p in parts]
         return np.vstack([f.result() for f in futures])  # in order; a worker's error is raised here
 
-    def worker_pids(self) -> list[int]:
-        return list(self.pool._processes)  # noqa: SLF001 (for the crash test and the bench)
-
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 

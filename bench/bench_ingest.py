@@ -172,7 +172,7 @@ def main() -> None:
             print(f"    overlap: {hidden:.2f}s of busy time hidden ({hidden / max(min(ts['embed_s'], ts['upsert_s']), 1e-9):.0%} of the shorter stage)")
             if spec != ingest_backends[-1]:
                 continue
-            if args.history and args.history.exists():
+            if args.history and args.history.is_file():
                 t = time.perf_counter()
                 learn_behaviour(
                     history_paths=[args.history], catalog_ids=store.load_index().ids, out_dir=behaviour_dir(settings),

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from common import CATALOGS, Settings
 
+from retrieval.embed_pool import ProcessEmbedder
 from retrieval.embedder import Embedder
 from retrieval.ingest import IngestReport, ingest_catalog, learn_behaviour
 from retrieval.records import read_ads
@@ -38,38 +39,14 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def cpu_s() -> tuple[float, float]:
+    """(this process's, its reaped children's) user + system CPU seconds."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 def phases(rep: IngestReport) -> str:
     return ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in rep.timings_s.items())
-
-
-_WORKER: Embedder | None = None
-
-
-def _worker_init(kw: dict) -> None:
-    global _WORKER
-    _WORKER = Embedder(**kw)
-
-
-def _worker_encode(texts: list[str]) -> np.ndarray:
-    assert _WORKER is not None
-    return _WORKER.encode(texts)
-
-
-class ProcessPoolEmbedder:
-    """`procs` processes with one single-threaded embedder each; a call splits its texts between them."""
-
-    def __init__(self, procs: int, **kw):
-        self.pool = mp.get_context("spawn").Pool(procs, initializer=_worker_init, initargs=({**kw, "threads": 1},))
-        self.procs = procs
-        self.pool.map(_worker_encode, [["warm up"]] * procs)
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        parts = np.array_split(np.arange(len(texts)), self.procs)
-        return np.vstack(self.pool.map(_worker_encode, [[texts[i] for i in part] for part in parts]))
-
-    def close(self) -> None:
-        self.pool.terminate()
-        self.pool.join()
 
 
 def compare_backends(ads_path: Path, *, backends: list[str], sample: int, rounds: int, env: Settings) -> None:
@@ -89,7 +66,7 @@ def compare_backends(ads_path: Path, *, backends: list[str], sample: int, rounds
     pool = None
     if "onnx-int8" in backends:
         t = time.perf_counter()
-        pool = embedders["onnx-int8 2 procs x 1"] = ProcessPoolEmbedder(2, **(common_kw | {"backend": "onnx-int8"}))  # type: ignore[assignment]
+        pool = embedders["onnx-int8 2 procs x 1"] = ProcessEmbedder(embedders["onnx-int8"].config, processes=2)  # type: ignore[assignment]
         load_s["onnx-int8 2 procs x 1"] = time.perf_counter() - t
     names = list(embedders)
     secs = dict.fromkeys(names, 0.0)
@@ -135,7 +112,8 @@ def main() -> None:
     ap.add_argument("--backends", default="torch,onnx,onnx-int8", help="Compared first (comma-separated; the first is the reference); empty: skip.")
     ap.add_argument("--compare-sample", type=int, default=2000, help="Ads each embedder embeds in the comparison.")
     ap.add_argument("--compare-rounds", type=int, default=4)
-    ap.add_argument("--ingest-backends", default=None, help="Full ingests, one per backend (comma-separated; default torch,ADSELECT_EMBED_BACKEND).")
+    ap.add_argument("--ingest-backends", default=None, help="Full ingests, one per backend (comma-separated; default torch,ADSELECT_EMBED_BACKEND); "
+                    "BACKEND/N embeds in N worker processes (1: in the ingest's own process; default: one per CPU for onnx backends).")
     ap.add_argument("--skip-ingest", action="store_true", help="Only the embedder comparison.")
     args = ap.parse_args()
     env = Settings()
@@ -151,7 +129,9 @@ def main() -> None:
     print(f"catalog {args.ads}: {len(rows)} ads; torch threads {torch.get_num_threads()}, embed batch {env.embed_batch_size} rows / "
           f"{env.embed_batch_tokens} tokens, embed threads {env.embed_threads or 'all'} (spin {env.embed_spin}), upsert batch {args.upsert_batch}")  # fmt: skip
     full_s: dict[str, float] = {}
-    for backend in ingest_backends:
+    for spec in ingest_backends:
+        backend, _, procs = spec.partition("/")
+        embed_processes = int(procs) if procs else None
         with tempfile.TemporaryDirectory(prefix="bench_ingest_") as tmp:
             full = Path(tmp) / "ads.jsonl"
             full.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -167,26 +147,32 @@ def main() -> None:
             load_s = time.perf_counter() - t
             store = make_store(settings)
             load_before = load()
-            first = ingest_catalog(ads_path=full, store=store, embedder=embedder, batch_size=args.upsert_batch)
-            full_s[backend] = first.seconds
+            cpu_before = cpu_s()
+            first = ingest_catalog(ads_path=full, store=store, embedder=embedder, batch_size=args.upsert_batch, embed_processes=embed_processes)
+            full_s[spec] = first.seconds
+            cpu_self, cpu_children = (after - before for after, before in zip(cpu_s(), cpu_before))
             tok = tokenise_s(embedder, [a.document() for a in read_ads(full)])
             ts = first.timings_s
-            print(f"[{backend}] full ingest: {first.seconds:7.2f}s  {first.embedded} ads embedded  **{first.ads_per_s:.0f} ads/s end to end**"
+            print(f"[{spec}] full ingest: {first.seconds:7.2f}s  {first.embedded} ads embedded  **{first.ads_per_s:.0f} ads/s end to end**"
                   f"  x{full_s[ingest_backends[0]] / first.seconds:.2f} vs {ingest_backends[0]}; load average {load_before} -> {load()}; "
                   f"embedder load {load_s:.1f}s (once per process, not counted)")  # fmt: skip
             n = first.embedded
             stage = [("parse", ts["parse_s"]), ("catalog hash", ts["hash_s"]), ("diff", ts.get("diff_s", 0.0))]
             if tok is not None:
                 stage.append(("tokenise (in embed)", tok))
+            if "pool_start_s" in ts:
+                stage.append(("start embed workers (2 loads)", ts["pool_start_s"]))
             stage += [("embed (busy)", ts["embed_s"]), ("Chroma upsert (busy)", ts["upsert_s"]),
                       ("embed+upsert (wall, overlapped)", ts["embed_upsert_s"]), ("finish (metadata, hash)", ts["finish_s"])]  # fmt: skip
             for name, secs in stage:
                 print(f"    {name:32s} {secs:7.2f}s  {n / max(secs, 1e-9):9.0f} ads/s")
+            print(f"    CPU: ingest process {cpu_self:.1f}s, embed workers {cpu_children:.1f}s, over {first.seconds:.1f}s wall "
+                  f"({(cpu_self + cpu_children) / first.seconds:.2f} of the {os.cpu_count()} cores)")  # fmt: skip
             hidden = ts["embed_s"] + ts["upsert_s"] - ts["embed_upsert_s"]
             print(f"    overlap: {hidden:.2f}s of busy time hidden ({hidden / max(min(ts['embed_s'], ts['upsert_s']), 1e-9):.0%} of the shorter stage)")
-            if backend != ingest_backends[-1]:
+            if spec != ingest_backends[-1]:
                 continue
-            if args.history and args.history.exists():
+            if args.history and args.history.is_file():
                 t = time.perf_counter()
                 learn_behaviour(
                     history_paths=[args.history], catalog_ids=store.load_index().ids, out_dir=behaviour_dir(settings),
@@ -201,7 +187,7 @@ def main() -> None:
             index = store.load_index()
             load_index_s = time.perf_counter() - t
             assert len(index) == len(rows) and incr.embedded == n_changed and diff_only.embedded == 0
-            print(f"[{backend}] {args.changed_pct:g}% changed : {incr.seconds:7.2f}s  {incr.embedded:6d} ads embedded  "
+            print(f"[{spec}] {args.changed_pct:g}% changed : {incr.seconds:7.2f}s  {incr.embedded:6d} ads embedded  "
                   f"({incr.added} added, {incr.changed} changed, {incr.unchanged} unchanged, {incr.removed} removed; {phases(incr)})")  # fmt: skip
             print(f"    ratio         : {first.seconds / incr.seconds:7.1f}x faster, {first.embedded / max(incr.embedded, 1):.0f}x fewer ads embedded")
             print(f"    unchanged     : {same.seconds:7.2f}s  {same.embedded:6d} ads embedded  (catalog hash matches: skipped)")

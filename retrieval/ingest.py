@@ -13,6 +13,10 @@
   the writes hide behind the embedding. Batches are written in order; an error on either side stops
   both and is raised by ingest_catalog; batches embedded but not yet written are simply embedded again
   by the re-run.
+- Parallel: with more than POOL_MIN_ADS ads to embed, an ONNX embedder is replaced for the run by
+  `embed_processes` single-threaded copies in worker processes (retrieval.embed_pool; default: one per
+  CPU this process may use); each batch is split between them and comes back in order. A worker's
+  error or death stops the ingest like any embed error (the written batches stay; a re-run resumes).
 - `enrich` (optional) maps the validated ads before anything is compared or written: the CLI passes
   ad understanding (agent.understanding.ingest_hook), whose records land in each ad's metadata; since
   the catalog and ad hashes cover the metadata, a new record rewrites that ad's metadata only.
@@ -31,14 +35,17 @@ from typing import TypeVar
 
 from kernel.types import Ad
 from retrieval.behaviour import BehaviourCounts, BehaviourStats, count_behaviour
-from retrieval.embedder import Embedder
+from retrieval.embed_pool import ProcessEmbedder
+from retrieval.embedder import Embedder, available_cpus
 from retrieval.records import iter_histories, read_ads
 from retrieval.sequence import SequenceConfig, SequenceModel, train_or_load
 from retrieval.store import AdStore, CatalogIndex, ad_content_hash, catalog_hash, document_hash
 
 log = logging.getLogger(__name__)
 
+POOL_MIN_ADS = 2000  # below this, starting worker processes (~1-2 s each: a model load) costs more than it saves
 PIPELINE_DEPTH = 2  # embedded batches waiting for their Chroma write: the writer never starves, memory stays bounded
+IN_PROGRESS = "ingest-in-progress"  # the collection's content hash while a first ingest writes it
 _DONE = object()
 T = TypeVar("T")
 R = TypeVar("R")
@@ -119,6 +126,8 @@ def ingest_catalog(
     enrich: Callable[[list[Ad]], list[Ad]] | None = None,
     embedder_key: str | None = None,
     queue_depth: int = PIPELINE_DEPTH,
+    embed_processes: int | None = None,
+    pool_min_ads: int = POOL_MIN_ADS,
 ) -> IngestReport:
     """Make the collection equal to the file at `ads_path`. `force` re-embeds every ad (a new model).
     `enrich` maps the ads read from the file (same ids, same order) before they are compared and written.
@@ -157,10 +166,21 @@ def ingest_catalog(
 
     t = time.perf_counter()
     stage = {"embed_s": 0.0, "upsert_s": 0.0}
+    if plan.embed and key is not None and store.count() == 0:
+        # A first ingest records its embedder before the first write, so a re-run after a crash keeps what
+        # was written (without it, a partial collection with no key was re-embedded whole). A re-embed under
+        # a new key records it only at the end: until then the collection mixes two embedders.
+        store.set_content_hash(IN_PROGRESS, embedder_key=key)
     if plan.embed:
         if not hasattr(embedder, "encode"):
             embedder = embedder()  # a factory: the model loads only once the file is known good and work is due
         encoder = embedder
+        procs = available_cpus() if embed_processes is None else embed_processes
+        pool = None
+        if procs > 1 and len(plan.embed) >= pool_min_ads and isinstance(embedder, Embedder) and embedder.backend != "torch":
+            t_pool = time.perf_counter()
+            encoder = pool = ProcessEmbedder(embedder.config, processes=procs)
+            timings["pool_start_s"] = time.perf_counter() - t_pool
         bar = None
         if show_progress:
             from tqdm import tqdm
@@ -174,15 +194,19 @@ def ingest_catalog(
             return vectors
 
         written = 0
-        for chunk, vectors in pipelined(_batches(plan.embed, batch_size), embed, depth=queue_depth):
-            tw = time.perf_counter()
-            store.upsert(chunk, vectors, batch_size=batch_size)
-            stage["upsert_s"] += time.perf_counter() - tw
-            written += len(chunk)
-            if bar:
-                bar.update(len(chunk))
-            if on_batch:
-                on_batch(written, len(plan.embed))
+        try:
+            for chunk, vectors in pipelined(_batches(plan.embed, batch_size), embed, depth=queue_depth):
+                tw = time.perf_counter()
+                store.upsert(chunk, vectors, batch_size=batch_size)
+                stage["upsert_s"] += time.perf_counter() - tw
+                written += len(chunk)
+                if bar:
+                    bar.update(len(chunk))
+                if on_batch:
+                    on_batch(written, len(plan.embed))
+        finally:
+            if pool is not None:
+                pool.close()
         if bar:
             bar.close()
     timings.update(stage)  # busy time of each stage; they overlap, so embed + upsert may exceed embed_upsert

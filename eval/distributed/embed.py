@@ -16,7 +16,9 @@ class EmbedActor:
         from selection.services import make_embedder
 
         torch.set_num_threads(1)
-        self.embedder = make_embedder(settings)
+        # One core per actor (eval.distributed.backend.actor_cpus): the ONNX session's threads too, unless
+        # ADSELECT_EMBED_THREADS says otherwise (0 would give every actor all the machine's cores).
+        self.embedder = make_embedder(settings if settings.embed_threads else settings.model_copy(update={"embed_threads": 1}))
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return self.embedder.encode(texts)

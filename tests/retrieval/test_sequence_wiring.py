@@ -72,3 +72,12 @@ def test_the_sequence_source_adds_the_models_top_items(learned, demo_services):
     assert set(without.rows.tolist()) < set(with_seq.rows.tolist())  # strictly more candidates
     assert not any("sequence" in s for s in without.sources.values())
     assert not exclude & set(with_seq.rows.tolist())
+
+
+def test_ingest_trains_the_benched_default_config():
+    """The settings' defaults give ingest the SequenceConfig defaults (plus text init): the model the README's
+    sequence table measures with `bench/sequence_quality.py --text-init` is the one ingest trains and reuses."""
+    from kernel.settings import Settings
+    from selection.services import sequence_config
+
+    assert sequence_config(Settings(_env_file=None)) == SequenceConfig(text_init=True)

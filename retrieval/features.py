@@ -84,46 +84,29 @@ def _row_mix(matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 class _RowGather:
     """The non-zeros of some rows of a CSR matrix, gathered once: several weightings of the same rows
-    (co-visitation and its cosine share) reuse the gather. With `columns`, only the entries in those columns
-    are kept and mix() returns the sums at `columns` alone: each sum adds the same products in the same
-    order as the full mix (bincount accumulates in input order), so the bits are those of full[columns]."""
+    (co-visitation and its cosine share) reuse the gather and give the bits separate _row_mix calls give."""
 
-    __slots__ = ("n_out", "lens", "owner", "values", "slots", "back")
+    __slots__ = ("n_cols", "lens", "values", "columns")
 
-    def __init__(self, matrix, rows: np.ndarray, columns: np.ndarray | None = None):
+    def __init__(self, matrix, rows: np.ndarray):
         # The CSR arrays read directly (no sliced sparse matrix per call: scipy's indexing costs more than the sum).
         indptr = matrix.indptr
         starts, ends = indptr[rows], indptr[rows + 1]
+        self.n_cols = matrix.shape[1]
         self.lens = lens = ends - starts
-        self.owner = self.values = self.slots = self.back = None
-        if columns is None:
-            self.n_out = matrix.shape[1]
-        else:
-            wanted = np.unique(columns)
-            self.n_out, self.back = len(wanted), np.searchsorted(wanted, columns)
         total = int(lens.sum())
-        if total == 0 or self.n_out == 0:
-            return
-        offsets = np.cumsum(lens) - lens
-        pos = np.arange(total) + np.repeat(starts - offsets, lens)
-        cols = matrix.indices[pos]
-        if columns is not None:
-            slot = np.searchsorted(wanted, cols)
-            np.minimum(slot, len(wanted) - 1, out=slot)
-            hit = wanted[slot] == cols
-            self.owner = np.repeat(np.arange(len(lens)), lens)[hit]  # which row each kept entry came from
-            pos, cols = pos[hit], slot[hit]
-        self.values, self.slots = matrix.data[pos], cols
+        self.values = self.columns = None
+        if total:
+            offsets = np.cumsum(lens) - lens
+            pos = np.arange(total) + np.repeat(starts - offsets, lens)
+            self.values, self.columns = matrix.data[pos], matrix.indices[pos]
 
     def mix(self, weights: np.ndarray) -> np.ndarray:
-        """sum_i weights[i] * row_i (at `columns` when given), float64 for the float64/float32 behaviour tables."""
+        """sum_i weights[i] * row_i as a dense vector, in the matrix's dtype (float64 for the behaviour tables)."""
         if self.values is None:
-            out = np.zeros(self.n_out, dtype=np.float64)
-        else:
-            w = np.asarray(weights, dtype=self.values.dtype)
-            w = w[self.owner] if self.owner is not None else np.repeat(w, self.lens)
-            out = np.bincount(self.slots, weights=self.values * w, minlength=self.n_out)
-        return out if self.back is None else out[self.back]
+            return np.zeros(self.n_cols, dtype=np.float32)
+        vals = self.values * np.repeat(np.asarray(weights, dtype=self.values.dtype), self.lens)
+        return np.bincount(self.columns, weights=vals, minlength=self.n_cols)
 
 
 def cf_profile(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray | None:
@@ -163,18 +146,18 @@ def compute_features(
         out[:, 2] = sims.max(axis=1)
         w = profile.weights
         if behaviour.symmetric.nnz:
-            # One gather of the history's co-visitation rows, restricted to the candidates' columns, for both
-            # weightings: the same bits as full-catalog _row_mix vectors indexed at the candidates.
-            sym = _RowGather(behaviour.symmetric, h, columns=c)
-            co = covisit[c] if covisit is not None else sym.mix(w).astype(np.float32)
+            # One gather of the history's co-visitation rows for both weightings; only the candidates'
+            # entries of each mix are cast to float32 (the same bits as casting the whole vector, then indexing).
+            sym = _RowGather(behaviour.symmetric, h)
+            co = covisit[c] if covisit is not None else sym.mix(w)[c].astype(np.float32)
             out[:, 3] = np.log1p(co * len(h))
             last = h[-3:]
-            fwd = _RowGather(behaviour.forward, last, columns=c).mix(np.ones(len(last), dtype=np.float32))
-            out[:, 4] = np.log1p(fwd.astype(np.float32))
+            fwd = _RowGather(behaviour.forward, last).mix(np.ones(len(last), dtype=np.float32))
+            out[:, 4] = np.log1p(fwd[c].astype(np.float32))
             pop_c = behaviour.popularity[c]
             out[:, 5] = (co * len(h)) / (pop_c + 10.0)
             root_h = np.sqrt(np.maximum(behaviour.popularity[h], 1.0))
-            co_cos = sym.mix((w / root_h).astype(np.float32)).astype(np.float32)
+            co_cos = sym.mix((w / root_h).astype(np.float32))[c].astype(np.float32)
             out[:, 9] = np.log1p(100.0 * co_cos / np.sqrt(np.maximum(pop_c, 1.0)))
         if behaviour.cf is not None:
             cfp = cf_profile(behaviour, profile) if cf_vector is _COMPUTE else cf_vector

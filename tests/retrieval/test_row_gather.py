@@ -1,6 +1,5 @@
 """The prior stage's per-row helpers keep their bits: one gather of a history's co-visitation rows mixed
-with several weightings (over the whole catalog, or at the candidates' columns only) equals separate _row_mix
-calls and an in-order reference sum, and the catalog's
+with several weightings equals separate _row_mix calls and an in-order reference sum, and the catalog's
 row lookup keeps known rows and unknown ids in input order."""
 from __future__ import annotations
 
@@ -32,16 +31,13 @@ def test_shared_gather_equals_separate_mixes_bit_for_bit():
             rows = rng.integers(0, 60, size=n).astype(np.int64)  # repeats included
             w1 = rng.random(n).astype(np.float32)
             w2 = (w1 / np.sqrt(rng.random(n) + 1.0)).astype(np.float32)
-            cols = rng.integers(0, 80, size=15).astype(np.int64)  # candidates: repeats and empty columns included
-            g, at = _RowGather(m, rows), _RowGather(m, rows, columns=cols)
+            g = _RowGather(m, rows)
             for w in (w1, w2):
                 shared = g.mix(w).astype(np.float32)
                 assert shared.tobytes() == _row_mix(m, rows, w).tobytes()
                 assert shared.tobytes() == _reference(m, rows, w).tobytes()
-                assert at.mix(w).astype(np.float32).tobytes() == shared[cols].tobytes()
-            assert len(_RowGather(m, rows, columns=cols[:0]).mix(w1)) == 0
     empty = sp.csr_matrix((4, 6), dtype=np.float32)
-    assert _row_mix(empty, np.array([1, 2]), np.ones(2, dtype=np.float32)).tobytes() == np.zeros(6, np.float32).tobytes()
+    assert _RowGather(empty, np.array([1, 2])).mix(np.ones(2, dtype=np.float32)).tobytes() == np.zeros(6, np.float32).tobytes()
 
 
 def _index(ids: list[str]) -> CatalogIndex:

@@ -7,6 +7,7 @@ go through retrieval.similarity (BLAS at the thread count every process pins): t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -39,11 +40,15 @@ class UserProfile:
     event_vectors: np.ndarray | None = None
 
 
+@lru_cache(maxsize=1024)  # a few history lengths x one decay: computed once each, shared read-only
 def recency_weights(n: int, decay: float) -> np.ndarray:
     if n == 0:
-        return np.zeros(0, dtype=np.float32)
-    w = decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
-    return (w / w.sum()).astype(np.float32)
+        w = np.zeros(0, dtype=np.float32)
+    else:
+        w = decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
+        w = (w / w.sum()).astype(np.float32)
+    w.setflags(write=False)
+    return w
 
 
 def build_profile(
@@ -90,19 +95,19 @@ class _RowGather:
 
     def __init__(self, matrix, rows: np.ndarray):
         # The CSR arrays read directly (no sliced sparse matrix per call: scipy's indexing costs more than the sum).
-        indptr = matrix.indptr
+        # A history has a few rows of ~100 non-zeros: slicing each row beats building a position array.
+        indptr, data, indices = matrix.indptr, matrix.data, matrix.indices
         starts, ends = indptr[rows], indptr[rows + 1]
         self.n_cols = matrix.shape[1]
         self.lens = lens = ends - starts
-        total = int(lens.sum())
         self.values = self.columns = None
-        if total:
-            offsets = np.cumsum(lens) - lens
-            pos = np.arange(total) + np.repeat(starts - offsets, lens)
-            self.values, self.columns = matrix.data[pos], matrix.indices[pos]
+        if lens.any():
+            spans = list(zip(starts.tolist(), ends.tolist()))
+            self.values = np.concatenate([data[a:b] for a, b in spans])
+            self.columns = np.concatenate([indices[a:b] for a, b in spans])
 
     def mix(self, weights: np.ndarray) -> np.ndarray:
-        """sum_i weights[i] * row_i as a dense vector, in the matrix's dtype (float64 for the behaviour tables)."""
+        """sum_i weights[i] * row_i as a dense float64 vector (products in the matrix's dtype, summed by bincount)."""
         if self.values is None:
             return np.zeros(self.n_cols, dtype=np.float32)
         vals = self.values * np.repeat(np.asarray(weights, dtype=self.values.dtype), self.lens)

@@ -7,6 +7,7 @@ go through retrieval.similarity (BLAS at the thread count every process pins): t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -39,11 +40,15 @@ class UserProfile:
     event_vectors: np.ndarray | None = None
 
 
+@lru_cache(maxsize=1024)  # a few history lengths x one decay: computed once each, shared read-only
 def recency_weights(n: int, decay: float) -> np.ndarray:
     if n == 0:
-        return np.zeros(0, dtype=np.float32)
-    w = decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
-    return (w / w.sum()).astype(np.float32)
+        w = np.zeros(0, dtype=np.float32)
+    else:
+        w = decay ** np.arange(n - 1, -1, -1, dtype=np.float64)
+        w = (w / w.sum()).astype(np.float32)
+    w.setflags(write=False)
+    return w
 
 
 def build_profile(
@@ -78,18 +83,35 @@ def covisit_scores(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarra
 
 
 def _row_mix(matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """sum_i weights[i] * matrix[rows[i]] as a dense vector: touches only the non-zeros of those rows."""
-    # The CSR arrays read directly (no sliced sparse matrix per call: scipy's indexing costs more than the sum).
-    indptr = matrix.indptr
-    starts, ends = indptr[rows], indptr[rows + 1]
-    lens = ends - starts
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(matrix.shape[1], dtype=np.float32)
-    offsets = np.cumsum(lens) - lens
-    pos = np.arange(total) + np.repeat(starts - offsets, lens)
-    vals = matrix.data[pos] * np.repeat(np.asarray(weights, dtype=matrix.data.dtype), lens)
-    return np.bincount(matrix.indices[pos], weights=vals, minlength=matrix.shape[1]).astype(np.float32)
+    """sum_i weights[i] * matrix[rows[i]] as a dense float32 vector: touches only the non-zeros of those rows."""
+    return _RowGather(matrix, rows).mix(weights).astype(np.float32)
+
+
+class _RowGather:
+    """The non-zeros of some rows of a CSR matrix, gathered once: several weightings of the same rows
+    (co-visitation and its cosine share) reuse the gather and give the bits separate _row_mix calls give."""
+
+    __slots__ = ("n_cols", "lens", "values", "columns")
+
+    def __init__(self, matrix, rows: np.ndarray):
+        # The CSR arrays read directly (no sliced sparse matrix per call: scipy's indexing costs more than the sum).
+        # A history has a few rows of ~100 non-zeros: slicing each row beats building a position array.
+        indptr, data, indices = matrix.indptr, matrix.data, matrix.indices
+        starts, ends = indptr[rows], indptr[rows + 1]
+        self.n_cols = matrix.shape[1]
+        self.lens = lens = ends - starts
+        self.values = self.columns = None
+        if lens.any():
+            spans = list(zip(starts.tolist(), ends.tolist()))
+            self.values = np.concatenate([data[a:b] for a, b in spans])
+            self.columns = np.concatenate([indices[a:b] for a, b in spans])
+
+    def mix(self, weights: np.ndarray) -> np.ndarray:
+        """sum_i weights[i] * row_i as a dense float64 vector (products in the matrix's dtype, summed by bincount)."""
+        if self.values is None:
+            return np.zeros(self.n_cols, dtype=np.float32)
+        vals = self.values * np.repeat(np.asarray(weights, dtype=self.values.dtype), self.lens)
+        return np.bincount(self.columns, weights=vals, minlength=self.n_cols)
 
 
 def cf_profile(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray | None:
@@ -129,15 +151,18 @@ def compute_features(
         out[:, 2] = sims.max(axis=1)
         w = profile.weights
         if behaviour.symmetric.nnz:
-            co_all = covisit if covisit is not None else _row_mix(behaviour.symmetric, h, w)
-            co = co_all[c]
+            # One gather of the history's co-visitation rows for both weightings; only the candidates'
+            # entries of each mix are cast to float32 (the same bits as casting the whole vector, then indexing).
+            sym = _RowGather(behaviour.symmetric, h)
+            co = covisit[c] if covisit is not None else sym.mix(w)[c].astype(np.float32)
             out[:, 3] = np.log1p(co * len(h))
             last = h[-3:]
-            out[:, 4] = np.log1p(_row_mix(behaviour.forward, last, np.ones(len(last), dtype=np.float32))[c])
+            fwd = _RowGather(behaviour.forward, last).mix(np.ones(len(last), dtype=np.float32))
+            out[:, 4] = np.log1p(fwd[c].astype(np.float32))
             pop_c = behaviour.popularity[c]
             out[:, 5] = (co * len(h)) / (pop_c + 10.0)
             root_h = np.sqrt(np.maximum(behaviour.popularity[h], 1.0))
-            co_cos = _row_mix(behaviour.symmetric, h, (w / root_h).astype(np.float32))[c]
+            co_cos = sym.mix((w / root_h).astype(np.float32))[c].astype(np.float32)
             out[:, 9] = np.log1p(100.0 * co_cos / np.sqrt(np.maximum(pop_c, 1.0)))
         if behaviour.cf is not None:
             cfp = cf_profile(behaviour, profile) if cf_vector is _COMPUTE else cf_vector

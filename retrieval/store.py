@@ -77,11 +77,11 @@ class CatalogIndex:
 
     def rows(self, ids: Iterable[str]) -> tuple[list[int], list[str]]:
         """Known rows in input order, and the unknown ids."""
-        known, unknown = [], []
-        for i in ids:
-            r = self.row.get(i)
-            (known if r is not None else unknown).append(r if r is not None else i)
-        return known, unknown
+        ids = ids if isinstance(ids, (list, tuple, dict)) else list(ids)
+        found = list(map(self.row.get, ids))
+        if None not in found:  # the common case: every id known, one C-level pass
+            return found, []
+        return [r for r in found if r is not None], [i for i, r in zip(ids, found) if r is None]
 
 
 def _ad_blob(ad: Ad) -> bytes:

@@ -53,7 +53,19 @@ from selection.fusion import FusionModel
 from selection.impression_log import ImpressionLogWriter, NullImpressionLog, ScoredEntry, ServedEntry, build_record
 from selection.rules import EligibilityPolicy, EligibilityTable, chroma_where, is_eligible
 
-_PRIOR_DIGITS = (6,) * len(FEATURES)  # each prior feature is reported rounded to 6 decimals (round(v, 6), in C via map)
+_PRIOR_DIGITS = 6  # each prior feature is reported rounded to 6 decimals: round(v, 6)
+_PRIOR_SCALE = 10.0**_PRIOR_DIGITS
+
+
+def rounded_priors(features: np.ndarray) -> list[list[float]]:
+    """round(v, _PRIOR_DIGITS) of every entry of a float32 feature matrix, as nested lists, in one numpy pass.
+
+    The same bits as Python's round: a float32 has a 24-bit significand and 10**6 = 15625 * 2**6 a 14-bit one,
+    so v * 10**6 in float64 is exact; rint rounds that exact value half to even, as round does the exact
+    decimal; and dividing the integer by 10**6 is correctly rounded, as round's conversion back from decimal."""
+    if features.dtype != np.float32:
+        raise TypeError(f"rounded_priors is exact for float32 features, not {features.dtype}")
+    return (np.rint(features.astype(np.float64) * _PRIOR_SCALE) / _PRIOR_SCALE).tolist()
 log = logging.getLogger(__name__)
 
 AuditSink = Callable[[dict], None]
@@ -351,14 +363,14 @@ class Selector:
         top = order[:head]
         ads = self.index.ads
         cands = [
-            Candidate(ad=ads[row], priors=dict(zip(FEATURES, map(round, feats, _PRIOR_DIGITS))), prior_score=score, prior_rank=rank)
+            Candidate(ads[row], dict(zip(FEATURES, feats)), score, rank)
             for rank, (row, feats, score) in enumerate(
-                zip(cset.rows[top].tolist(), cset.features[top].tolist(), scores[top].tolist())
+                zip(cset.rows[top].tolist(), rounded_priors(cset.features[top]), scores[top].tolist())
             )
         ]
         tail = self.index.id_array[cset.rows[order[head:]]].tolist()
         timings["fusion"] = _ms(t)
-        history_ads = [self.index.ads[r] for r in hist_rows]
+        history_ads = list(map(ads.__getitem__, hist_rows))
         return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), ineligible, timings)
 
     # ---- stage 2: LLM ------------------------------------------------------------------------

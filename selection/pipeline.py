@@ -66,6 +66,8 @@ def rounded_priors(features: np.ndarray) -> list[list[float]]:
     if features.dtype != np.float32:
         raise TypeError(f"rounded_priors is exact for float32 features, not {features.dtype}")
     return (np.rint(features.astype(np.float64) * _PRIOR_SCALE) / _PRIOR_SCALE).tolist()
+
+
 log = logging.getLogger(__name__)
 
 AuditSink = Callable[[dict], None]

@@ -146,7 +146,8 @@ def ingest(
                 enrich = understanding_at_ingest(s, stack, reports=reports)
             try:
                 rep = ingest_catalog(
-                    ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich, embedder_key=embedder_key_for(s)
+                    ads_path=ads, store=store, embedder=embedder, show_progress=True, force=force, enrich=enrich, embedder_key=embedder_key_for(s),
+                    embed_processes=s.embed_processes,
                 )
             finally:
                 for e in embedders:

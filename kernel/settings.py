@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     embed_threads: int = Field(
         0, ge=0, le=256, description="onnx backends: intra-op threads of the onnxruntime session (0 = the CPUs this process may use)."
     )
+    embed_processes: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="onnx backends, `adselect ingest` of >= 2,000 ads to embed: single-threaded embedder worker processes "
+        "(retrieval.embed_pool); unset = one per CPU this process may use, 1 = embed in the ingest process. Full Games ingest, "
+        "idle: onnx 411 ads/s with 2 workers vs 392 in process, onnx-int8 656 vs 507 (bench/bench_ingest.py).",
+    )
     embed_spin: bool = Field(
         False, description="onnx backends: idle onnxruntime threads busy-wait between ops instead of sleeping (off: on this shared machine, spinning embedded 30% slower)."
     )

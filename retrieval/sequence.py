@@ -141,8 +141,9 @@ class SequenceModel:
         """The model's (hidden,) state after the last item; None for an empty history.
 
         A history primed by `primed` is read from there (the same bits: `encode_histories` computed it)."""
-        if self._primed is not None:
-            u = self._primed.get(tuple(np.asarray(history_rows, dtype=np.int64)[-self.config.max_len :].tolist()))
+        primed = self._primed  # read once: another thread's block may end meanwhile
+        if primed is not None:
+            u = primed.get(tuple(np.asarray(history_rows, dtype=np.int64)[-self.config.max_len :].tolist()))
             if u is not None:
                 return u
         return self.encode_histories([history_rows])[0]

@@ -74,10 +74,14 @@ def test_the_sequence_source_adds_the_models_top_items(learned, demo_services):
     assert not exclude & set(with_seq.rows.tolist())
 
 
-def test_ingest_trains_the_benched_default_config():
+def test_ingest_trains_the_benched_default_config(monkeypatch):
     """The settings' defaults give ingest the SequenceConfig defaults (plus text init): the model the README's
     sequence table measures with `bench/sequence_quality.py --text-init` is the one ingest trains and reuses."""
+    import os
+
     from kernel.settings import Settings
     from selection.services import sequence_config
 
+    for key in [k for k in os.environ if k.startswith("ADSELECT_")]:  # the defaults, not a test session's overrides
+        monkeypatch.delenv(key)  # (tests/eval/conftest.py sets ADSELECT_SEQUENCE_MAX_EPOCHS=1 for the whole session)
     assert sequence_config(Settings(_env_file=None)) == SequenceConfig(text_init=True)

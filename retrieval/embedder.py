@@ -1,9 +1,9 @@
 """The MiniLM embedder, loaded from a local folder (never a hub download), on one of three backends.
 
 - `torch`: sentence-transformers on PyTorch (the reference).
-- `onnx` (the default): the same model exported locally to ONNX (torch.onnx from the bundled weights, mean
+- `onnx`: the same model exported locally to ONNX (torch.onnx from the bundled weights, mean
   pooling and L2 normalisation inside the graph) and run by onnxruntime; vectors within ~1e-6 cosine of torch.
-- `onnx-int8`: that export with int8 MatMuls (weights per channel) and STATIC activation scales: ORT's
+- `onnx-int8` (the default): that export with int8 MatMuls (weights per channel) and STATIC activation scales: ORT's
   dynamic quantisation scales each MatMul input by the range of the whole batch, so a text's vector
   depended on the texts batched with it (up to 3e-2); here each of those ranges is measured once, over a
   fixed calibration set (the bundled demo catalog's documents), and frozen into the graph

@@ -135,14 +135,14 @@ def fast_records(items: list[EvalImpression], rankers, metrics_of) -> Iterator[d
             yield fast_record(imp, rankers, metrics_of)
 
 
+FAST_CHUNK_MIN, FAST_CHUNK_MAX = 250, 2000  # impressions per fast-phase task (fast_chunk_size)
+
+
 def fast_chunk_size(n: int, workers: int) -> int:
     """Impressions per task of the worker pool: about 4 tasks per worker (the last ones even out the
     workers' finishing times), at least FAST_CHUNK_MIN (the batched sequence pass wants many histories
     of each length), at most FAST_CHUNK_MAX (results arrive, and are written, as tasks finish)."""
     return max(FAST_CHUNK_MIN, min(FAST_CHUNK_MAX, -(-n // (4 * max(1, workers)))))
-
-
-FAST_CHUNK_MIN, FAST_CHUNK_MAX = 250, 2000
 
 
 def _fast_parallel(items: list[EvalImpression], rankers, metrics_of, *, workers: int, chunk: int | None = None):

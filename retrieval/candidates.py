@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from retrieval.behaviour import BehaviourStats
-from retrieval.features import UserProfile, cf_profile, compute_features, covisit_scores
+from retrieval.features import UserProfile, cf_profile, compute_features, covisit_mix
 from retrieval.projected_search import ProjectedSearch
 from retrieval.sequence import SequenceModel
 from retrieval.similarity import row_dots
@@ -143,14 +143,14 @@ class CandidateGenerator:
     ) -> CandidateSet:
         """`where` prefilters Chroma's neighbours; the pipeline re-checks eligibility on every source's rows."""
         exclude = exclude or set()
-        covisit = covisit_scores(self.behaviour, profile)
+        covisit = covisit_mix(self.behaviour, profile)  # the source and two features read it
         seq = self.sequence_scores(profile)
         cfv = cf_profile(self.behaviour, profile)  # once: the cf source and the cf feature read it
         by_source = {
             name: np.asarray(rows, dtype=np.int64)
             for name, rows in (
                 ("dense", self._dense(profile, self.n_dense + len(exclude), where)),
-                ("covisit", self._covisit(covisit, self.n_covisit + len(exclude))),
+                ("covisit", self._covisit(covisit.scores, self.n_covisit + len(exclude))),
                 ("cf", self._cf(cfv, self.n_cf + len(exclude))),
                 ("popular", self.behaviour.top_popular(self.n_popular + len(exclude))),
                 ("sequence", self._top(seq, self.n_sequence + len(exclude))),

@@ -75,21 +75,31 @@ def build_profile(
     return UserProfile(rows=r, weights=w, vector=vec, event_vectors=event_vectors)
 
 
+@dataclass(frozen=True, slots=True)
+class Covisit:
+    """A history's symmetric co-visitation: its rows gathered once (None: no history or no co-visits) and their
+    recency-weighted mix with every catalog row. The covisit source and feature read `scores`; the cosine
+    feature mixes the same `rows` with other weights, so the gather is not done twice per request."""
+
+    rows: _RowGather | None
+    scores: np.ndarray  # (n,) float32
+
+
+def covisit_mix(behaviour: BehaviourStats, profile: UserProfile) -> Covisit:
+    if len(profile.rows) == 0 or behaviour.symmetric.nnz == 0:
+        return Covisit(None, np.zeros(len(behaviour.popularity), dtype=np.float32))
+    rows = _RowGather(behaviour.symmetric, profile.rows)
+    return Covisit(rows, rows.mix(profile.weights).astype(np.float32))
+
+
 def covisit_scores(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray:
     """Recency-weighted symmetric co-visitation with every catalog row: a dense (n,) vector."""
-    if len(profile.rows) == 0 or behaviour.symmetric.nnz == 0:
-        return np.zeros(len(behaviour.popularity), dtype=np.float32)
-    return _row_mix(behaviour.symmetric, profile.rows, profile.weights)
-
-
-def _row_mix(matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """sum_i weights[i] * matrix[rows[i]] as a dense float32 vector: touches only the non-zeros of those rows."""
-    return _RowGather(matrix, rows).mix(weights).astype(np.float32)
+    return covisit_mix(behaviour, profile).scores
 
 
 class _RowGather:
     """The non-zeros of some rows of a CSR matrix, gathered once: several weightings of the same rows
-    (co-visitation and its cosine share) reuse the gather and give the bits separate _row_mix calls give."""
+    (co-visitation and its cosine share) reuse the gather and give the bits a gather per weighting gives."""
 
     __slots__ = ("n_cols", "lens", "values", "columns")
 
@@ -128,13 +138,13 @@ def compute_features(
     profile: UserProfile,
     cand_rows: np.ndarray,
     *,
-    covisit: np.ndarray | None = None,
+    covisit: Covisit | None = None,
     sequence: np.ndarray | None = None,
     cf_vector: np.ndarray | None | object = _COMPUTE,
 ) -> np.ndarray:
     """(len(cand_rows), len(FEATURES)) float32 matrix, columns in FEATURES order.
 
-    `covisit` is covisit_scores() when the caller already has it (candidate generation computes it);
+    `covisit` is covisit_mix() when the caller already has it (candidate generation computes it);
     `sequence` is the sequence model's (n_items,) next-item scores for this history (None: column 0);
     `cf_vector` is cf_profile() when the caller already has it (None included: no collaborative profile)."""
     c = np.asarray(cand_rows, dtype=np.int64)
@@ -151,10 +161,10 @@ def compute_features(
         out[:, 2] = sims.max(axis=1)
         w = profile.weights
         if behaviour.symmetric.nnz:
-            # One gather of the history's co-visitation rows for both weightings; only the candidates'
-            # entries of each mix are cast to float32 (the same bits as casting the whole vector, then indexing).
-            sym = _RowGather(behaviour.symmetric, h)
-            co = covisit[c] if covisit is not None else sym.mix(w)[c].astype(np.float32)
+            # One gather of the history's co-visitation rows for both weightings (Covisit); the cosine mix is cast
+            # to float32 at the candidates' entries only (the same bits as casting the whole vector, then indexing).
+            mix = covisit if covisit is not None else covisit_mix(behaviour, profile)
+            co = mix.scores[c]
             out[:, 3] = np.log1p(co * len(h))
             last = h[-3:]
             fwd = _RowGather(behaviour.forward, last).mix(np.ones(len(last), dtype=np.float32))
@@ -162,7 +172,7 @@ def compute_features(
             pop_c = behaviour.popularity[c]
             out[:, 5] = (co * len(h)) / (pop_c + 10.0)
             root_h = np.sqrt(np.maximum(behaviour.popularity[h], 1.0))
-            co_cos = sym.mix((w / root_h).astype(np.float32))[c].astype(np.float32)
+            co_cos = mix.rows.mix((w / root_h).astype(np.float32))[c].astype(np.float32)
             out[:, 9] = np.log1p(100.0 * co_cos / np.sqrt(np.maximum(pop_c, 1.0)))
         if behaviour.cf is not None:
             cfp = cf_profile(behaviour, profile) if cf_vector is _COMPUTE else cf_vector

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retrieval.features import build_profile, cf_profile, compute_features, covisit_scores
+from retrieval.features import build_profile, cf_profile, compute_features, covisit_mix
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo" / "impressions.jsonl"
 
@@ -36,7 +36,7 @@ def test_generated_features_equal_compute_features(demo_services):
         alone = compute_features(index, gen.behaviour, profile, cset.rows, sequence=seq)
         assert alone.tobytes() == cset.features.tobytes()
         given = compute_features(
-            index, gen.behaviour, profile, cset.rows, covisit=covisit_scores(gen.behaviour, profile), sequence=seq,
+            index, gen.behaviour, profile, cset.rows, covisit=covisit_mix(gen.behaviour, profile), sequence=seq,
             cf_vector=cf_profile(gen.behaviour, profile),
         )  # fmt: skip
         assert given.tobytes() == alone.tobytes()

@@ -1,5 +1,5 @@
 """The prior stage's per-row helpers keep their bits: one gather of a history's co-visitation rows mixed
-with several weightings equals separate _row_mix calls and an in-order reference sum, and the catalog's
+with several weightings equals the position-array mix it replaced and an in-order reference sum, and the catalog's
 row lookup keeps known rows and unknown ids in input order."""
 from __future__ import annotations
 
@@ -7,8 +7,22 @@ import numpy as np
 import scipy.sparse as sp
 
 from kernel.types import Ad
-from retrieval.features import _row_mix, _RowGather
+from retrieval.features import _RowGather
 from retrieval.store import CatalogIndex
+
+
+def _position_array_mix(matrix: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The mix the gather replaced (retrieval.features before it), kept here as the bit-for-bit oracle."""
+    indptr = matrix.indptr
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lens = ends - starts
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(matrix.shape[1], dtype=np.float32)
+    offsets = np.cumsum(lens) - lens
+    pos = np.arange(total) + np.repeat(starts - offsets, lens)
+    vals = matrix.data[pos] * np.repeat(np.asarray(weights, dtype=matrix.data.dtype), lens)
+    return np.bincount(matrix.indices[pos], weights=vals, minlength=matrix.shape[1]).astype(np.float32)
 
 
 def _reference(matrix: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -34,7 +48,7 @@ def test_shared_gather_equals_separate_mixes_bit_for_bit():
             g = _RowGather(m, rows)
             for w in (w1, w2):
                 shared = g.mix(w).astype(np.float32)
-                assert shared.tobytes() == _row_mix(m, rows, w).tobytes()
+                assert shared.tobytes() == _position_array_mix(m, rows, w).tobytes()
                 assert shared.tobytes() == _reference(m, rows, w).tobytes()
     empty = sp.csr_matrix((4, 6), dtype=np.float32)
     assert _RowGather(empty, np.array([1, 2])).mix(np.ones(2, dtype=np.float32)).tobytes() == np.zeros(6, np.float32).tobytes()

@@ -143,7 +143,10 @@ class HttpService:
 
     def serve(self, user: SimUser, *, arm: str, k: int, request_id: str) -> Served:
         self.use_arm(arm)
-        body = {"user_id": user.user_id, "history": user.history, "candidates": user.candidates, "k": k, "use_llm": False}
+        # the simulation's own id as the impression id: the service draws what the in-process simulation draws
+        # for it (exploration is seeded by arm and impression id), so a run repeats
+        body = {"user_id": user.user_id, "history": user.history, "candidates": user.candidates, "k": k, "use_llm": False,
+                "impression_id": request_id}
         r = self.client.post("/v1/select", json=body)
         r.raise_for_status()
         d = r.json()

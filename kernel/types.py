@@ -73,6 +73,12 @@ class SelectRequest:
     rewrite: bool = True
     request_id: str = ""
     context: RequestContext | None = None  # (locale, device, publisher, block lists, now); None = now, no targeting
+    impression_id: str = ""  # the caller's impression id ("" = none): the draws' seed and the log's impression_id (draw_id)
+
+    def draw_id(self, fallback: str = "") -> str:
+        """The id the request's random draws (exploration, the scoring mode's order) and its log record's
+        impression_id are keyed by: the caller's impression id, else the request id, else `fallback`."""
+        return self.impression_id or self.request_id or fallback
 
 
 @dataclass(slots=True)

@@ -23,7 +23,8 @@ line. A last line without its newline is torn: skipped and counted (`LogReadStat
 A malformed line that is not the last of its file is corruption: `DataFileError` with file and line.
 
 Record schema (`SCHEMA_VERSION` 1; lists under `served_ads` are in served order):
-    impression_id, request_id: str      the request id (impression_id = request_id)
+    impression_id: str                  the caller's impression id when the request gave one, else the request id
+    request_id: str                     the service's id of the decision (feedback events name it)
     user_id: str                        the keyed user hash (kernel.hashing.user_key), never the raw id
     timestamp: str                      ISO-8601 UTC of the decision, e.g. "2024-05-01T12:00:00.123Z"
     history: [ad_id]                    oldest first; [] when the user did not consent to personalisation
@@ -417,6 +418,7 @@ def build_record(
     request_id: str,
     user_key: str,
     now: datetime,
+    impression_id: str | None = None,
     history: Sequence[str],
     event_hashes: Sequence[str],
     scored: Sequence[ScoredEntry],
@@ -438,7 +440,7 @@ def build_record(
         slate *= s.propensity
     return {
         "schema": SCHEMA_VERSION,
-        "impression_id": request_id,
+        "impression_id": impression_id or request_id,
         "request_id": request_id,
         "user_id": user_key,
         "timestamp": iso_utc(now),

@@ -228,8 +228,9 @@ class Served:
 
 def scoring_seed_key(req: SelectRequest) -> str:
     """The scoring mode's seed key for a request (it fixes the canonical order of the candidates shown):
-    the request id, else the user id. Eval's re-scoring of reordered candidates uses the same key."""
-    return req.request_id or req.user_id
+    its draw id (the caller's impression id, else the request id), else the user id. Eval's re-scoring of
+    reordered candidates uses the same key."""
+    return req.draw_id(req.user_id)
 
 
 @dataclass
@@ -452,7 +453,7 @@ class Selector:
         try:
             serve_args = dict(scores=scores, pctr=pctr, order=order, llm_rank=llm_rank, ukey=ukey, out=served)
             if turn.arm.exploration.randomised:
-                self._serve_explored(req, stage, llm, **serve_args, config=turn.arm.exploration, seed_key=f"{turn.arm.name}:{request_id}")
+                self._serve_explored(req, stage, llm, **serve_args, config=turn.arm.exploration, seed_key=f"{turn.arm.name}:{req.draw_id(request_id)}")
             else:
                 self._serve(req, stage, llm, **serve_args)
             stage.timings_ms["finalize"] = _ms(t)
@@ -487,6 +488,7 @@ class Selector:
         served = [ServedEntry(a.ad.ad_id, propensity=a.propensity, pctr=a.pctr, bid=a.ad.bid, score=a.score) for a in d.ads]
         record = build_record(
             request_id=d.request_id,
+            impression_id=req.draw_id(d.request_id),
             user_key=turn.user_key,
             now=ctx.now,
             history=req.history,

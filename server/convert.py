@@ -41,6 +41,7 @@ def to_core(body: SelectRequestBody, settings: Settings, *, spent_ms: float = 0.
         rewrite=body.rewrite,
         request_id=uuid.uuid4().hex,
         context=to_context(body.context, datetime.now(timezone.utc)),
+        impression_id=body.impression_id or "",
     )
 
 

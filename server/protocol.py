@@ -65,6 +65,16 @@ class SelectRequestBody(BaseModel):
     use_llm: bool = Field(True, description="Let the LLM rerank, justify and rewrite (if enabled server-side).")
     rewrite: bool = Field(True, description="Ask for rewritten copy for the top pick.")
     context: RequestContextBody | None = Field(None, description="Targeting and block lists; omitted = no targeting, server block lists only.")
+    impression_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:\-]+$",
+        description="The caller's id for this impression (e.g. OpenRTB imp.id), unique per impression. It seeds the "
+        "exploration draw and the scoring mode's candidate order, so a retry of the same impression draws the same slate "
+        "and a replay of the log draws what was served; it is the impression log's impression_id. The response's "
+        "request_id stays the service's own (feedback events name that). Omitted: the request id.",
+    )
 
 
 class CopyOut(BaseModel):

@@ -164,3 +164,27 @@ def test_eval_calibrate_refits_pctr_on_the_logged_feedback(sim, demo_settings, t
     assert rep["split"]["fit_users"] > 0 and rep["split"]["holdout_users"] > 0  # users, not requests, are split
     assert after["ece_ci"][0] <= after["ece_ci"][1] and after["noise_floor_mean"] > 0 and after["ece_bins"] == 10
     assert (tmp_path / "refit.reliability.png").stat().st_size > 1000
+
+
+def test_a_retried_impression_draws_the_same_slate_and_is_logged_under_its_id(sim):
+    """The client's impression_id seeds the exploration draw (so the simulation above repeats run to run) and is
+    the log record's impression_id; the service's request_id stays its own. Runs last: it adds log records."""
+    _, _, proc, arms = sim
+    service = HttpService(proc, arms=arms)
+    try:
+        user = demo_users(1)[0]
+        first = service.serve(user, arm="default_explore", k=3, request_id="retry-1")
+        first_id = service.ids["retry-1"]
+        again = service.serve(user, arm="default_explore", k=3, request_id="retry-1")
+        assert (again.ad_ids, again.propensities) == (first.ad_ids, first.propensities)
+        assert service.ids["retry-1"] != first_id  # two decisions, two service ids
+        others = {tuple(service.serve(user, arm="default_explore", k=3, request_id=f"other-{i}").ad_ids) for i in range(8)}
+        assert len(others) > 1  # other impressions still draw other slates
+        recs = service.records()
+        assert len(recs) == 10
+        assert all(r["impression_id"] == r["request_id"] != r["service_request_id"] for r in recs)
+        body = {"user_id": user.user_id, "history": user.history, "k": 3, "use_llm": False, "impression_id": "no spaces"}
+        bad = service.client.post("/v1/select", json=body)
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "validation_error"
+    finally:
+        service.close()

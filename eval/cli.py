@@ -399,6 +399,8 @@ def ope_cmd(
     for name, r in report["targets"].items():
         cells = "  ".join(f"{e} {r[e]['value']:.4f} [{r[e]['ci'][0]:.4f}, {r[e]['ci'][1]:.4f}]" for e in ("ips", "snips", "dr") if e in r)
         typer.echo(f"{name}: n={r['n']} ess={r['ess']:.0f}  {cells}")
+        for w in r.get("warnings", []):
+            typer.echo(f"  warning: {w}")
     typer.echo(f"wrote {out / 'report.json'}")
 
 

@@ -23,6 +23,11 @@ Kiyohara et al. 2022: unbiased when the reward at a position depends only on the
 The logged `propensity` of selection.exploration is exactly pb. Each estimate comes with a bootstrap
 percentile CI (impressions resampled, seeded) and the effective sample size ESS = (Σ w)² / Σ w² of the
 whole-slate weights w[:, k-1].
+
+A percentile bootstrap is only as good as the sample it resamples: `warnings` names the two cases where its
+interval is not to be trusted (`reliability_warnings`): an ESS below LOW_ESS (a handful of impressions carry
+the estimate), and no reward at all where the target has weight (every resample is 0, so the interval is
+[0, 0] whatever the truth).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 
 ESTIMATORS = ("ips", "snips", "dr")
+LOW_ESS = 30.0  # below this many effective impressions the bootstrap's coverage is not to be relied on
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +62,7 @@ class OPEResult:
     ess_by_position: list[float] = field(default_factory=list)
     mean_weight: float = 1.0  # ≈ 1 when the propensities are right and the target's support is covered
     skipped: int = 0  # records that could not be used (fewer than k served ads)
+    warnings: list[str] = field(default_factory=list)  # reliability_warnings(): why the intervals may not hold
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -66,6 +73,7 @@ class OPEResult:
             "mean_weight": self.mean_weight,
             "clip": self.clip,
             "skipped": self.skipped,
+            "warnings": self.warnings,
             "ips": self.ips.to_json(),
             "snips": self.snips.to_json(),
         }
@@ -137,6 +145,16 @@ def effective_sample_size(w: np.ndarray) -> float:
     return float(w.sum()) ** 2 / s2 if s2 > 0 else 0.0
 
 
+def reliability_warnings(data: LoggedData, w: np.ndarray, *, ess: float) -> list[str]:
+    """Why an estimate's bootstrap interval may not hold (see the module docstring); [] when none applies."""
+    out = []
+    if ess < LOW_ESS:
+        out.append(f"low_ess: the target's weights leave {ess:.1f} effective impressions of {len(w)} (< {LOW_ESS:g})")
+    if not np.any((w > 0) & (data.reward != 0)):
+        out.append("no_reward_in_support: no logged reward where the target has weight; every interval is degenerate")
+    return out
+
+
 def estimate(
     data: LoggedData,
     *,
@@ -160,10 +178,11 @@ def estimate(
         b = boots[name]
         return Estimate(float(point[name]), (float(np.percentile(b, lo)), float(np.percentile(b, hi))))
 
+    ess = effective_sample_size(w[:, -1])
     return OPEResult(
         n=n,
         k=k,
-        ess=effective_sample_size(w[:, -1]),
+        ess=ess,
         ess_by_position=[effective_sample_size(w[:, j]) for j in range(k)],
         mean_weight=float(w[:, -1].mean()),
         ips=est("ips"),
@@ -171,6 +190,7 @@ def estimate(
         dr=est("dr") if "dr" in terms else None,
         clip=clip,
         skipped=skipped,
+        warnings=reliability_warnings(data, w, ess=ess),
     )
 
 

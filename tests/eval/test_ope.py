@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eval.ope import LoggedData, estimate, evaluate_records, logged_data_from_records, prefix_weights
+from eval.ope import LOW_ESS, LoggedData, estimate, evaluate_records, logged_data_from_records, prefix_weights
 
 R = [1, 0, 1, 0]
 PB = [0.5, 0.25, 0.5, 1.0]
@@ -133,6 +133,24 @@ def test_on_policy_data_gives_the_mean_reward_full_ess_and_a_ci_that_shrinks_wit
     assert (res.ips.ci[1] - res.ips.ci[0]) < (small.ips.ci[1] - small.ips.ci[0])
     again = estimate(LoggedData(r, p, p), n_bootstrap=500)
     assert again.ips.ci == res.ips.ci  # seeded
+    assert res.warnings == [] and res.to_json()["warnings"] == []
+
+
+def test_an_estimate_its_interval_cannot_back_says_so() -> None:
+    """A target that agrees with the logging policy on a few impressions, none of them rewarded: SNIPS's
+    bootstrap interval is [0, 0] whatever the truth, and the result warns about both causes."""
+    n = 400
+    r = np.zeros(n)
+    r[::10] = 1.0  # rewards exist, but only where the target has no weight
+    pb = np.full(n, 0.05)
+    pe = np.zeros(n)
+    pe[1:6] = 1.0  # 5 impressions of weight 20: ESS 5
+    res = estimate(LoggedData(r, pb, pe), n_bootstrap=300)
+    assert res.snips.ci == (0.0, 0.0) and res.ess == pytest.approx(5) and 5 < LOW_ESS
+    assert [w.split(":")[0] for w in res.warnings] == ["low_ess", "no_reward_in_support"]
+    pe[10] = 1.0  # one rewarded impression in the support: the interval is no longer degenerate
+    res = estimate(LoggedData(r, pb, pe), n_bootstrap=300)
+    assert res.snips.ci[1] > 0 and [w.split(":")[0] for w in res.warnings] == ["low_ess"]
 
 
 def test_inputs_are_checked() -> None:

@@ -61,10 +61,11 @@ class FastActor:
     def __call__(self, batch) -> dict[str, list[str]]:
         from eval.data import clean_record
         from eval.distributed.reading import batch_records
-        from eval.harness import fast_record
+        from eval.harness import fast_records
 
         catalog = self.env.services.index.row
-        out: list[str] = []
+        payloads: list[dict[str, Any]] = []
+        items = []
         for rec in batch_records(batch, self.kind):
             cleaned = clean_record(rec, catalog=catalog, line=0)  # the driver numbers the records
             payload: dict[str, Any] = {"id": rec.impression_id, "skip": cleaned.skip, "unknown": cleaned.unknown}
@@ -72,9 +73,12 @@ class FastActor:
                 imp = cleaned.item
                 imp.candidates = self.rankers.canonical(imp.candidates)  # as the single-process harness does
                 payload["item"] = {"user_id": imp.user_id, "history": imp.history, "candidates": imp.candidates, "clicked": sorted(imp.clicked)}
-                payload["fast"] = fast_record(imp, self.rankers, self.metrics_of)
-            out.append(json.dumps(payload, ensure_ascii=False))
-        return {"payload": out}
+                items.append((payload, imp))
+            payloads.append(payload)
+        # the batch's records through the harness's own block function (one batched sequence pass, as a worker's chunk)
+        for (payload, _), record in zip(items, fast_records([imp for _, imp in items], self.rankers, self.metrics_of)):
+            payload["fast"] = record
+        return {"payload": [json.dumps(p, ensure_ascii=False) for p in payloads]}
 
 
 class LLMWorker:

@@ -47,6 +47,8 @@ from .prompts import PromptRegistry, PromptTemplate, neutralise
 if TYPE_CHECKING:
     from kernel.settings import Settings
 
+    from .copy_store import SharedCopyCache
+
 logger = logging.getLogger(__name__)
 
 Validate = Callable[[Copy, Ad], Sequence[str]]
@@ -90,12 +92,14 @@ class Rejected:
 
 
 class CopyCache:
-    """An in-memory LRU of validated rewrites and rejections by CopyKey."""
+    """An in-memory LRU of validated rewrites and rejections by CopyKey (one process's; agent.copy_store.SharedCopyCache
+    puts Redis behind it for every worker and replica)."""
 
     def __init__(self, *, max_entries: int = 10000):
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
+        self.errors: Counter[str] = Counter()  # an in-memory cache has no store to fail (SharedCopyCache counts Redis's)
         self._items: OrderedDict[CopyKey, Copy | Rejected] = OrderedDict()
         self._lock = threading.Lock()  # read on the serving threads, written by the workers on the event loop
 
@@ -112,6 +116,13 @@ class CopyCache:
             self._items.move_to_end(key)
             while len(self._items) > self.max_entries:
                 self._items.popitem(last=False)
+
+    def claim(self, key: CopyKey) -> bool:
+        """Whether this process should generate `key`: always (the copier's own `_pending` dedupes within it)."""
+        return True
+
+    def release(self, key: CopyKey) -> None:
+        """Give a claim back after a failed rewrite: nothing to do in one process."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -167,6 +178,7 @@ class CopyStats:
     misses: int = 0
     enqueued: int = 0
     deduped: int = 0  # the key was already queued or being generated
+    shared_deduped: int = 0  # another worker or replica holds the key's claim, or has cached it since (shared cache)
     dropped_full: int = 0  # the queue was full: the miss was dropped (drop-newest)
     dropped_stopped: int = 0  # no worker running (before start / after close)
     generated: int = 0  # rewrites that passed the validator and were cached
@@ -185,7 +197,7 @@ class BackgroundCopier:
     """Cache lookups on the hot path; rewrites for misses on a bounded queue served by background workers."""
 
     def __init__(
-        self, *, rewriter: CopyRewriter, validate: Validate, cache: CopyCache | None = None, queue_size: int = 64, workers: int = 1
+        self, *, rewriter: CopyRewriter, validate: Validate, cache: CopyCache | SharedCopyCache | None = None, queue_size: int = 64, workers: int = 1
     ):
         if queue_size < 1 or workers < 1:
             raise ValueError("queue_size and workers must be >= 1")
@@ -201,9 +213,16 @@ class BackgroundCopier:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, rewriter: CopyRewriter, validate: Validate) -> BackgroundCopier:
+    def from_settings(cls, settings: Settings, *, rewriter: CopyRewriter, validate: Validate, redis_client: Any = None) -> BackgroundCopier:
+        """`redis_client`: the cache is shared through it by every worker and replica (agent.copy_store)."""
+        cache: CopyCache | SharedCopyCache = CopyCache(max_entries=settings.copy_cache_entries)
+        if redis_client is not None:
+            from .copy_store import SharedCopyCache
+
+            # a claim outlives the rewrite deadline by a second, so a slow rewrite is not started twice
+            cache = SharedCopyCache(redis_client, local=cache, ttl_s=settings.copy_cache_ttl_s, claim_s=settings.copy_timeout_s + 1.0)
         return cls(
-            rewriter=rewriter, validate=validate, cache=CopyCache(max_entries=settings.copy_cache_entries),
+            rewriter=rewriter, validate=validate, cache=cache,
             queue_size=settings.copy_queue_size, workers=settings.copy_workers,
         )  # fmt: skip
 
@@ -258,9 +277,12 @@ class BackgroundCopier:
         return self.lookup(ad, interest_key(history_ads))
 
     def snapshot(self) -> dict[str, Any]:
-        """The counts as one consistent dict (for /metrics, eval reports), taken under the lock."""
+        """The counts as one consistent dict (for /metrics, eval reports), taken under the lock; `store_errors`:
+        the cache's store failures by operation (a shared cache's Redis; always empty in memory)."""
         with self._lock:
-            return self.stats.as_dict()
+            out = self.stats.as_dict()
+        out["store_errors"] = dict(self.cache.errors)
+        return out
 
     async def start(self) -> None:
         """Start the workers on the running loop (idempotent: the pipeline calls it before each lookup)."""
@@ -309,22 +331,31 @@ class BackgroundCopier:
             key, ad, interest = await queue.get()
             with self._lock:
                 self._waiting -= 1
+            claimed = False
             try:
+                # a shared cache: one worker (of all processes) generates a key; it may have landed since the miss
+                claimed = await asyncio.to_thread(self.cache.claim, key)
+                if not claimed or await asyncio.to_thread(self.cache.get, key) is not None:
+                    self._count("shared_deduped")
+                    continue
                 copy = await self.rewriter.rewrite(ad, interest)
                 reasons = list(self.validate(copy, ad))
                 if reasons:
-                    self.cache.put(key, Rejected(tuple(reasons)))
+                    await asyncio.to_thread(self.cache.put, key, Rejected(tuple(reasons)))
                     self._count("rejected")
                     logger.info("background rewrite rejected", extra={"ad_id": ad.ad_id, "reasons": reasons})
                 else:
-                    self.cache.put(key, copy)
+                    await asyncio.to_thread(self.cache.put, key, copy)  # a shared cache writes Redis: off the loop
                     self._count("generated")
             except (LLMUnavailable, LLMOutputInvalid) as e:
                 self._count(failed=e.reason)
                 logger.info("background rewrite failed", extra={"ad_id": ad.ad_id, "reason": e.reason})
+                await asyncio.to_thread(self.cache.release, key)  # not cached: another worker may try it
             except Exception:  # noqa: BLE001 - a worker must outlive any bug in one rewrite
                 self._count(failed="error")
                 logger.exception("background rewrite crashed", extra={"ad_id": ad.ad_id})
+                if claimed:
+                    await asyncio.to_thread(self.cache.release, key)
             finally:
                 with self._lock:
                     self._pending.discard(key)

@@ -329,6 +329,10 @@ class Settings(BaseSettings):
     copy_workers: int = Field(1, ge=1, le=64, description="Concurrent background rewrite calls.")
     copy_timeout_s: float = Field(20.0, gt=0, description="Deadline of one background rewrite call.")
     copy_cache_entries: int = Field(10000, ge=1, description="Validated rewrites (and rejections) kept in the copy cache (LRU).")
+    copy_cache_ttl_s: float = Field(
+        86400.0, gt=0, description="With redis_url: how long Redis keeps a rewrite (or rejection) of the copy cache shared by "
+        "every worker and replica (agent.copy_store); each process keeps its own LRU of copy_cache_entries in front."
+    )
     understand_prompt_name: str = Field("understand", description="Template under prompts/ for ad understanding at ingest.")
     understand_max_tokens: int = Field(192, ge=32, le=2048, description="Token cap of one ad-understanding answer.")
     understand_concurrency: int = Field(4, ge=1, le=256, description="Concurrent ad-understanding calls at ingest.")

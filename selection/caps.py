@@ -577,14 +577,8 @@ def open_cap_store(settings, *, redis_client: Any | None = None) -> CapStore:
         raise ConfigError("ADSELECT_CAP_COUNT", "rendered needs the SQLite cap store (not implemented for Redis)")
     if redis_client is not None or settings.redis_url:
         if redis_client is None:
-            import redis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
+            from selection.redis_client import redis_from_settings
 
-            # No retries (redis-py retries 10 times with backoff by default): a request waits at most one timeout.
-            t = settings.redis_timeout_s
-            redis_client = redis.Redis.from_url(
-                settings.redis_url, socket_connect_timeout=t, socket_timeout=t, retry=Retry(NoBackoff(), 0)
-            )
+            redis_client = redis_from_settings(settings)
         return RedisCapStore(redis_client, config=config)
     return SQLiteCapStore(Path(settings.data_dir) / "caps.sqlite", config=config)

@@ -137,9 +137,15 @@ def make_copier(settings: Settings, *, llm_url: str, reviewer: ModelTextReviewer
 
     llm = ChatLLM.from_settings(settings.model_copy(update={"llm_max_tokens": settings.copy_max_tokens}), base_url=llm_url)
     rewriter = CopyRewriter.from_settings(settings, llm, registry=PromptRegistry(settings.prompts_dir))
+    redis_client = None
+    if settings.redis_url:  # one cache for every worker and replica (agent.copy_store)
+        from selection.redis_client import redis_from_settings
+
+        redis_client = redis_from_settings(settings)
     return BackgroundCopier.from_settings(
-        settings, rewriter=rewriter, validate=lambda copy, ad: [str(r) for r in reviewer.check_copy(copy, ad)]
-    )
+        settings, rewriter=rewriter, validate=lambda copy, ad: [str(r) for r in reviewer.check_copy(copy, ad)],
+        redis_client=redis_client,
+    )  # fmt: skip
 
 
 def copier_wanted(settings: Settings) -> bool:

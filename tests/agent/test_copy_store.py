@@ -13,25 +13,15 @@ import redis
 from agent.copy_cache import BackgroundCopier, CopyCache, CopyRewriter, Rejected
 from agent.copy_store import SharedCopyCache, decode, encode, redis_key
 from agent.llm import ChatLLM
-from agent.prompts import PromptRegistry
 from kernel.settings import Settings
-from kernel.types import Ad, Copy
+from kernel.types import Copy
 from selection.redis_client import redis_from_settings
+from tests.agent.test_copy_cache import AD, PROMPT, SETTINGS, lengths_only
 from tests.utils.counting import CountingLLM
 from tests.utils.fakes import FakeQueueLLM
 from tests.utils.redis_server import RedisProcess
 
-SETTINGS = Settings(_env_file=None)
-PROMPT = PromptRegistry(SETTINGS.prompts_dir).get("copy")
-AD = Ad(
-    ad_id="run-002", title="Tempo Glide daily trainer | Stridewell", category="running shoes",
-    text="The Tempo Glide daily trainer gives you a soft landing and a fast toe-off. Now $119 with free returns.",
-)  # fmt: skip
 GOOD = json.dumps({"headline": "Tempo Glide daily trainer", "description": "A soft landing and a fast toe-off."})
-
-
-def lengths_only(copy: Copy, ad: Ad) -> list[str]:
-    return [] if copy.headline and copy.description and len(copy.headline) <= 30 and len(copy.description) <= 90 else ["bad"]
 
 
 @pytest.fixture()

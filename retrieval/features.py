@@ -69,8 +69,8 @@ def build_profile(
         parts.append(ev * (event_weight if len(r) else 1.0))
     vec = None
     if parts:
-        v = np.sum(parts, axis=0)
-        norm = float(np.linalg.norm(v))
+        v = parts[0] if len(parts) == 1 else np.sum(parts, axis=0)  # np.sum of one array: that array
+        norm = float(np.sqrt(v.dot(v)))  # np.linalg.norm of a real vector, without its dispatch
         vec = (v / norm).astype(np.float32) if norm > 0 else None
     return UserProfile(rows=r, weights=w, vector=vec, event_vectors=event_vectors)
 

@@ -330,7 +330,8 @@ class Selector:
             cached = self._eligibility = (self.index, EligibilityTable.from_ads(self.index.ads))
         return cached[1]
 
-    def _eligible(self, cset: CandidateSet, ctx: RequestContext, ineligible: dict[str, str]) -> CandidateSet:
+    def _eligible(self, cset: CandidateSet, ctx: RequestContext | None, ineligible: dict[str, str]) -> CandidateSet:
+        """`ctx` is None only without a policy (nothing to check)."""
         if self.policy is None:
             return cset
         keep, reasons = self._eligibility_table().check(cset.rows, self.index.ads, ctx, self.policy)
@@ -343,7 +344,7 @@ class Selector:
     def prior_stage(self, req: SelectRequest) -> PriorStage:
         t = time.perf_counter()
         timings: dict[str, float] = {}
-        ctx = self._context(req)
+        ctx = self._context(req) if self.policy is not None else None  # read only by the eligibility rules
         hist_rows, unknown = self.index.rows(req.history)
         event_vecs = None
         if req.events:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.features import build_profile, covisit_scores
+from retrieval.features import FEATURES, build_profile, covisit_scores
 from retrieval.similarity import row_dots
 
 
@@ -130,9 +130,14 @@ def random_logged(r: Resources, v: LoggedView) -> list[str]:
 def prior_feature_logged(feature: str):
     """Rank the shown candidates by one prior feature the stage computed (dense, covisit, popularity)."""
 
+    column = FEATURES.index(feature)
+
     def rank(r: Resources, v: LoggedView) -> list[str]:
-        cands = v.stage.candidates
-        s = np.fromiter((c.priors[feature] for c in cands), dtype=np.float64, count=len(cands))
+        cands, priors = v.stage.candidates, v.stage.head_priors
+        if priors is not None and len(priors) == len(cands):  # the same values as the candidates' dicts, one column
+            s = priors[:, column]
+        else:
+            s = np.fromiter((c.priors[feature] for c in cands), dtype=np.float64, count=len(cands))
         return [v.ids[i] for i in order_by(s, v.tiebreak)]
 
     rank.__name__ = f"{feature}_logged"

@@ -79,8 +79,11 @@ class FastRankers:
         """Logged candidates in tie-key order (ids outside the catalog keyed like any other)."""
         if candidates is None:
             return None
-        keys = {a: self._keys[a] if a in self._keys else tie_key(self.seed, a) for a in candidates}
-        return canonical_candidates(candidates, keys)
+        try:  # the common case: every candidate in the catalog, its key looked up in place (no per-call dict)
+            return canonical_candidates(candidates, self._keys)
+        except KeyError:
+            keys = {a: self._keys[a] if a in self._keys else tie_key(self.seed, a) for a in candidates}
+            return canonical_candidates(candidates, keys)
 
     @contextmanager
     def batch(self, items: Sequence[EvalImpression]) -> Iterator["FastRankers"]:

@@ -171,8 +171,6 @@ class CandidateGenerator:
         seq = None
         if self.sequence is not None and len(profile.rows):
             # Only the given rows are read: their logits, not the whole catalog's (n_items x hidden) product.
-            u = self.sequence.user_vector(profile.rows)
-            seq = np.zeros(self.sequence.n_items, dtype=np.float32)
-            seq[r] = self.sequence.items[r] @ u
-        feats = compute_features(self.index, self.behaviour, profile, r, sequence=seq)
+            seq = self.sequence.items[r] @ self.sequence.user_vector(profile.rows)
+        feats = compute_features(self.index, self.behaviour, profile, r, sequence_at=seq)
         return CandidateSet(r, feats, {"logged": r})

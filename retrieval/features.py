@@ -38,6 +38,7 @@ class UserProfile:
     weights: np.ndarray  # recency weights, same length, sum 1
     vector: np.ndarray | None  # pooled L2-normalised profile, None for an empty profile
     event_vectors: np.ndarray | None = None
+    history_vectors: np.ndarray | None = None  # index.vectors[rows], gathered once (the pooling and the features read it)
 
 
 @lru_cache(maxsize=1024)  # a few history lengths x one decay: computed once each, shared read-only
@@ -62,17 +63,18 @@ def build_profile(
     r = np.asarray(rows, dtype=np.int64)
     w = recency_weights(len(r), decay)
     parts = []
-    if len(r):
-        parts.append((w[:, None] * index.vectors[r]).sum(axis=0))
+    hv = index.vectors[r] if len(r) else None
+    if hv is not None:
+        parts.append((w[:, None] * hv).sum(axis=0))
     if event_vectors is not None and len(event_vectors):
         ev = event_vectors.mean(axis=0)
         parts.append(ev * (event_weight if len(r) else 1.0))
     vec = None
     if parts:
-        v = np.sum(parts, axis=0)
-        norm = float(np.linalg.norm(v))
+        v = parts[0] if len(parts) == 1 else np.sum(parts, axis=0)  # np.sum of one array: that array
+        norm = float(np.sqrt(v.dot(v)))  # np.linalg.norm of a real vector, without its dispatch
         vec = (v / norm).astype(np.float32) if norm > 0 else None
-    return UserProfile(rows=r, weights=w, vector=vec, event_vectors=event_vectors)
+    return UserProfile(rows=r, weights=w, vector=vec, event_vectors=event_vectors, history_vectors=hv)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,10 +126,11 @@ class _RowGather:
         return np.bincount(self.columns, weights=vals, minlength=self.n_cols)
 
 
-def cf_profile(behaviour: BehaviourStats, profile: UserProfile) -> np.ndarray | None:
+def cf_profile(behaviour: BehaviourStats, profile: UserProfile, *, history_cf: np.ndarray | None = None) -> np.ndarray | None:
+    """`history_cf`: behaviour.cf[profile.rows] when the caller has gathered it already."""
     if behaviour.cf is None or len(profile.rows) == 0:
         return None
-    v = row_dots(behaviour.cf[profile.rows].T, profile.weights)
+    v = row_dots((behaviour.cf[profile.rows] if history_cf is None else history_cf).T, profile.weights)
     norm = float(np.linalg.norm(v))
     return (v / norm).astype(np.float32) if norm > 0 else None
 
@@ -140,12 +143,14 @@ def compute_features(
     *,
     covisit: Covisit | None = None,
     sequence: np.ndarray | None = None,
+    sequence_at: np.ndarray | None = None,
     cf_vector: np.ndarray | None | object = _COMPUTE,
 ) -> np.ndarray:
     """(len(cand_rows), len(FEATURES)) float32 matrix, columns in FEATURES order.
 
     `covisit` is covisit_mix() when the caller already has it (candidate generation computes it);
-    `sequence` is the sequence model's (n_items,) next-item scores for this history (None: column 0);
+    `sequence` is the sequence model's (n_items,) next-item scores for this history (None: column 0), or
+    `sequence_at` its scores at `cand_rows` only (the logged rows: no catalog-sized product or vector);
     `cf_vector` is cf_profile() when the caller already has it (None included: no collaborative profile)."""
     c = np.asarray(cand_rows, dtype=np.int64)
     out = np.zeros((len(c), len(FEATURES)), dtype=np.float32)
@@ -156,7 +161,7 @@ def compute_features(
     if profile.vector is not None:
         out[:, 0] = row_dots(cv, profile.vector)
     if len(h):
-        sims = pair_dots(cv, index.vectors[h])  # (c, h)
+        sims = pair_dots(cv, index.vectors[h] if profile.history_vectors is None else profile.history_vectors)  # (c, h)
         out[:, 1] = sims[:, -1]
         out[:, 2] = sims.max(axis=1)
         w = profile.weights
@@ -175,16 +180,19 @@ def compute_features(
             co_cos = mix.rows.mix((w / root_h).astype(np.float32))[c].astype(np.float32)
             out[:, 9] = np.log1p(100.0 * co_cos / np.sqrt(np.maximum(pop_c, 1.0)))
         if behaviour.cf is not None:
-            cfp = cf_profile(behaviour, profile) if cf_vector is _COMPUTE else cf_vector
+            ch = behaviour.cf[h]  # one gather for the profile and the max
+            cfp = cf_profile(behaviour, profile, history_cf=ch) if cf_vector is _COMPUTE else cf_vector
             cc = behaviour.cf[c]
             if cfp is not None:
                 out[:, 7] = row_dots(cc, cfp)
-            out[:, 8] = pair_dots(cc, behaviour.cf[h]).max(axis=1)
+            out[:, 8] = pair_dots(cc, ch).max(axis=1)
     elif profile.vector is not None and profile.event_vectors is not None:
         sims = pair_dots(cv, profile.event_vectors)
         out[:, 1] = sims[:, -1]
         out[:, 2] = sims.max(axis=1)
     out[:, 6] = np.log1p(behaviour.popularity[c])
-    if sequence is not None:
+    if sequence_at is not None:
+        out[:, SEQUENCE] = sequence_at
+    elif sequence is not None:
         out[:, SEQUENCE] = sequence[c]
     return out

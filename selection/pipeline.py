@@ -58,14 +58,19 @@ _PRIOR_SCALE = 10.0**_PRIOR_DIGITS
 
 
 def rounded_priors(features: np.ndarray) -> list[list[float]]:
-    """round(v, _PRIOR_DIGITS) of every entry of a float32 feature matrix, as nested lists, in one numpy pass.
+    """round(v, _PRIOR_DIGITS) of every entry of a float32 feature matrix, as nested lists (rounded_prior_matrix)."""
+    return rounded_prior_matrix(features).tolist()
+
+
+def rounded_prior_matrix(features: np.ndarray) -> np.ndarray:
+    """round(v, _PRIOR_DIGITS) of every entry of a float32 feature matrix, as float64, in one numpy pass.
 
     The same bits as Python's round: a float32 has a 24-bit significand and 10**6 = 15625 * 2**6 a 14-bit one,
     so v * 10**6 in float64 is exact; rint rounds that exact value half to even, as round does the exact
     decimal; and dividing the integer by 10**6 is correctly rounded, as round's conversion back from decimal."""
     if features.dtype != np.float32:
         raise TypeError(f"rounded_priors is exact for float32 features, not {features.dtype}")
-    return (np.rint(features.astype(np.float64) * _PRIOR_SCALE) / _PRIOR_SCALE).tolist()
+    return np.rint(features.astype(np.float64) * _PRIOR_SCALE) / _PRIOR_SCALE
 
 
 log = logging.getLogger(__name__)
@@ -213,6 +218,9 @@ class PriorStage:
     unknown_ids: list[str]
     ineligible: dict[str, str] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # what each candidate's `priors` holds, as one (len(candidates), len(FEATURES)) float64 matrix, rows in candidate
+    # order (eval's single-feature baselines read its columns); None: not computed for this stage
+    head_priors: np.ndarray | None = None
 
 
 @dataclass
@@ -323,7 +331,8 @@ class Selector:
             cached = self._eligibility = (self.index, EligibilityTable.from_ads(self.index.ads))
         return cached[1]
 
-    def _eligible(self, cset: CandidateSet, ctx: RequestContext, ineligible: dict[str, str]) -> CandidateSet:
+    def _eligible(self, cset: CandidateSet, ctx: RequestContext | None, ineligible: dict[str, str]) -> CandidateSet:
+        """`ctx` is None only without a policy (nothing to check)."""
         if self.policy is None:
             return cset
         keep, reasons = self._eligibility_table().check(cset.rows, self.index.ads, ctx, self.policy)
@@ -336,7 +345,7 @@ class Selector:
     def prior_stage(self, req: SelectRequest) -> PriorStage:
         t = time.perf_counter()
         timings: dict[str, float] = {}
-        ctx = self._context(req)
+        ctx = self._context(req) if self.policy is not None else None  # read only by the eligibility rules
         hist_rows, unknown = self.index.rows(req.history)
         event_vecs = None
         if req.events:
@@ -365,16 +374,15 @@ class Selector:
         head = max(req.k, self.llm_max_candidates)
         top = order[:head]
         ads = self.index.ads
+        head_priors = rounded_prior_matrix(cset.features[top])
         cands = [
             Candidate(ads[row], dict(zip(FEATURES, feats)), score, rank)
-            for rank, (row, feats, score) in enumerate(
-                zip(cset.rows[top].tolist(), rounded_priors(cset.features[top]), scores[top].tolist())
-            )
+            for rank, (row, feats, score) in enumerate(zip(cset.rows[top].tolist(), head_priors.tolist(), scores[top].tolist()))
         ]
         tail = self.index.id_array[cset.rows[order[head:]]].tolist()
         timings["fusion"] = _ms(t)
         history_ads = list(map(ads.__getitem__, hist_rows))
-        return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), ineligible, timings)
+        return PriorStage(cands, tail, history_ads, list(dict.fromkeys(unknown)), ineligible, timings, head_priors)
 
     # ---- stage 2: LLM ------------------------------------------------------------------------
     async def _llm_stage(

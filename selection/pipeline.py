@@ -483,8 +483,9 @@ class Selector:
         if isinstance(root.impressions, NullImpressionLog) and root.served_sink is None:
             return
         ctx = self._context(req)
+        score_of, pctr_of = scores.tolist(), pctr.tolist()  # Python floats at once, not one numpy scalar per candidate
         scored = [
-            ScoredEntry(c.ad.ad_id, c.priors, score=round(float(scores[i]), 6), pctr=round(float(pctr[i]), 6))
+            ScoredEntry(c.ad.ad_id, c.priors, score=round(score_of[i], 6), pctr=round(pctr_of[i], 6))
             for i, c in enumerate(stage.candidates)
         ]
         served = [ServedEntry(a.ad.ad_id, propensity=a.propensity, pctr=a.pctr, bid=a.ad.bid, score=a.score) for a in d.ads]

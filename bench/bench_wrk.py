@@ -2,7 +2,7 @@
 
     python bench/bench_wrk.py [--catalog demo --catalog games] [--games-data-dir DIR] [--collection NAME]
                               [--workers N] [--seconds 10] [--connections 1,2,4,8,16] [--p99-ms 25]
-                              [--compare-checkout DIR]
+                              [--compare-checkout DIR] [--env KEY=VALUE ...] [--compare-env KEY=VALUE ...]
 
 For each catalog: `adselect serve --no-llm --workers N` on 127.0.0.1 (this checkout), then `wrk` (one
 thread, closed loop) at each connection count for --seconds, with bench/wrk_select.lua sending a
@@ -14,7 +14,9 @@ At the end the server is stopped and its audit lines counted: one per 200 answer
 
 --compare-checkout DIR: the same sweep against a server running DIR's code (another git worktree, e.g. an
 older commit), this checkout and DIR alternating per connection count, so both face the same machine
-load; each run's users are its own (frequency caps in the shared data dir never carry over).
+load; each run's users are its own (frequency caps in the shared data dir never carry over). --env / --compare-env
+set server environment variables (ADSELECT_*) for this checkout's server / the other one; DIR may be this checkout
+(one setting against another, e.g. --compare-checkout . --env ADSELECT_FAST_PATH_ON_LOOP=true).
 """
 from __future__ import annotations
 
@@ -121,31 +123,39 @@ def compare(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Pat
     """This checkout and --compare-checkout's, one server each (not at once), alternating per connection count."""
     hists = histories(CATALOGS[catalog]["impressions"], args.users, seed=args.seed)
     env = {"ADSELECT_COLLECTION": args.collection} if (catalog == "games" and args.collection) else {}
-    names = {"this": None, args.compare_checkout.name: args.compare_checkout}
+    other = args.compare_checkout.name if args.compare_checkout.resolve() != REPO_ROOT.resolve() else "this+env"
+    names = {"this": None, other: args.compare_checkout}
+    envs = {"this": {**env, **args.env}, other: {**env, **args.compare_env}}
     best: dict[str, float] = dict.fromkeys(names, 0.0)
     cpu: dict[str, list[float]] = {n: [] for n in names}
     load_before = os.getloadavg()
     print(f"\n[{catalog}] this checkout vs {args.compare_checkout}: workers={args.workers or os.cpu_count()} users={len(hists)} k={args.k} "
-          f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")  # fmt: skip
+          f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}; environment this {envs['this']}, {other} {envs[other]}")  # fmt: skip
     for c in args.connections:
         for name, checkout in names.items():
             bodies = scratch / f"{catalog}_{name}_{c}_bodies.jsonl"
             write_bodies(bodies, catalog, hists, args.k)
             port = free_port()
-            proc = start_server(data_dir, port, scratch / f"{catalog}_{name}_{c}.log", env_overrides=env, workers=args.workers, checkout=checkout)
+            log_path = scratch / f"{catalog}_{name}_{c}.log"
+            logs_before = set((data_dir / "impressions").glob("impressions-*.jsonl"))
+            proc = start_server(data_dir, port, log_path, env_overrides=envs[name], workers=args.workers, checkout=checkout)
             try:
                 url = f"http://127.0.0.1:{port}"
                 wrk(url, connections=2, seconds=2, bodies=bodies)
                 cpu0 = tree_cpu_s(proc.pid)
                 r = wrk(url, connections=c, seconds=args.seconds, bodies=bodies)
                 r["cpu_ms"] = (tree_cpu_s(proc.pid) - cpu0) * 1000 / max(1, r["ok"] + r["other"])
+                time.sleep(1.0)  # what wrk left in flight at its deadline finishes
+                served = select_200s(url)
             finally:
                 stop(proc)
+            lines, records = audit_lines(log_path), impression_records(data_dir, logs_before)
+            counts = f"audit {lines} = records {records} = 200s {served}" if lines == records == served else f"DIFFERENT: audit {lines}, records {records}, 200s {served}"
             cpu[name].append(r["cpu_ms"])
             if r["p99_ms"] <= args.p99_ms and r["other"] == 0:
                 best[name] = max(best[name], r["rps"])
             print(f"  {name:>12} c={c:3d}: {r['rps']:8.0f} req/s (200s)  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
-                  f"non-200 {r['other']}  server CPU {r['cpu_ms']:.2f} ms/request  load {os.getloadavg()[0]:.2f}")  # fmt: skip
+                  f"non-200 {r['other']}  server CPU {r['cpu_ms']:.2f} ms/request  load {os.getloadavg()[0]:.2f}  {counts}")  # fmt: skip
     (a, b) = names
     print(f"  capacity at p99 <= {args.p99_ms:g} ms: {a} {best[a]:.0f} req/s, {b} {best[b]:.0f} req/s (ratio {best[a] / best[b] if best[b] else float('nan'):.3f}); "
           f"server CPU ms/request, mean over the runs: {a} {sum(cpu[a]) / len(cpu[a]):.2f}, {b} {sum(cpu[b]) / len(cpu[b]):.2f}; "
@@ -159,6 +169,7 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
     port = free_port()
     log_path = scratch / f"{catalog}_server.log"
     env = {"ADSELECT_COLLECTION": args.collection} if (catalog == "games" and args.collection) else {}
+    env.update(args.env)
     logs_before = set((data_dir / "impressions").glob("impressions-*.jsonl"))
     proc = start_server(data_dir, port, log_path, env_overrides=env, workers=args.workers)
     url = f"http://127.0.0.1:{port}"
@@ -183,6 +194,13 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
           f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")  # fmt: skip
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"KEY=VALUE expected, not {text!r}")
+    return key, value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", action="append", choices=sorted(CATALOGS))
@@ -196,7 +214,13 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare-checkout", type=Path, default=None, metavar="DIR", help="Also sweep DIR's code (another worktree), alternating.")
+    ap.add_argument("--env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE", help="Server environment (this checkout).")
+    ap.add_argument(
+        "--compare-env", type=_env_pair, action="append", default=[], metavar="KEY=VALUE",
+        help="Server environment of the --compare-checkout server (DIR may be this checkout: the same code, two settings).",
+    )  # fmt: skip
     args = ap.parse_args()
+    args.env, args.compare_env = dict(args.env), dict(args.compare_env)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is missing: apt-get install -y wrk (listed in .ci/apt-packages.txt)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,22 +7,30 @@ Each request (real Games histories, distinct users, then the first 40 users thre
 every 7th request with a context that blocks a category and an advertiser) runs through the same in-process
 stages the endpoint's worker thread runs (Selector._fast_path) on a fresh scratch copy of the data dir
 (fresh caps). Per request one line: the wire response (request id fixed, timings removed), the decision's
-full ranking, the audit record and the impression-log record (timings and clock fields removed). --compare
-prints the first difference and exits 1 when any line differs.
+full ranking, the audit record and the impression-log record (timings and clock fields removed); a last line
+with digests of the raw bytes: the impression-log files as written, the audit lines as logged (timings masked).
+--compare prints the first difference and exits 1 when any line differs. `--code DIR`: run DIR's code (another
+checkout) under this script, so both sides are checked by the same script.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import re
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-from common import CATALOGS, histories, scratch_services
+if "--code" in sys.argv:  # before `common` is imported: its REPO_ROOT (put first on sys.path) is the code that runs
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve() / "bench"))
+
+from common import CATALOGS, REPO_ROOT, histories, scratch_services  # noqa: E402
 
 _CLOCK = ("timings_ms", "ts", "time", "now")
+_TIMINGS = re.compile(r'"timings_ms":\{[^{}]*\}')
 
 
 def _strip(x):
@@ -40,7 +48,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--compare", type=Path, default=None)
+    ap.add_argument("--code", type=Path, default=None, metavar="DIR", help="Run DIR's code (another checkout) under this script.")
     args = ap.parse_args()
+    print(f"code: {REPO_ROOT}")
 
     from kernel.types import RequestContext, SelectRequest
     from server.convert import to_wire
@@ -87,6 +97,15 @@ def main() -> None:
                 "impression": [_strip(r) for r in records[nr:]],
             }
             lines.append(json.dumps(out, sort_keys=True))
+        # The bytes as written: every impression-log file (no clock field in a record: `now` is fixed here) and
+        # every audit line with only its timings masked, one digest each, compared like the lines above.
+        sel.impressions.flush(30.0)
+        log_bytes = b"".join(f.read_bytes() for f in sorted((Path(svc.settings.data_dir) / "impressions").glob("impressions-*.jsonl")))
+        masked = "\n".join(_TIMINGS.sub('"timings_ms":{}', x) for x in audit_lines).encode()
+        lines.append(json.dumps({
+            "raw impression-log bytes": {"sha256": hashlib.sha256(log_bytes).hexdigest(), "bytes": len(log_bytes)},
+            "raw audit lines (timings masked)": {"sha256": hashlib.sha256(masked).hexdigest(), "lines": len(audit_lines)},
+        }, sort_keys=True))  # fmt: skip
     args.out.write_text("\n".join(lines) + "\n")
     print(f"{len(lines)} requests written to {args.out}")
     if args.compare:

@@ -3,6 +3,7 @@ this process, driven over loopback by `wrk` with real Games histories, CPU per t
 cProfile table of the worker-thread part of each request (Selector._fast_path) and of the event loop.
 
     python bench/profile_server.py --data-dir GAMES_VAR [--collection NAME] [--seconds 10] [--connections 1] [--top 30]
+    python bench/profile_server.py --data-dir GAMES_VAR --ab-setting fast_path_on_loop --blocks 8 --seconds 5 --connections 4
 
 profile_fast.py times the core in a loop (its matrices stay in cache between requests); this one sees what a
 server sees: the HTTP layer, the writer threads, and the core between idle gaps (the 26 MB Games matrix is
@@ -71,6 +72,26 @@ def table(profs: list[cProfile.Profile], n: int, top: int, title: str) -> None:
     print(text[text.find("   ncalls") :] if "   ncalls" in text else text)
 
 
+def ab_blocks(server, port: int, bodies: Path, args: argparse.Namespace) -> None:
+    """Unprofiled wrk blocks with `args.ab_setting` off and on in turn; CPU ms per 200 answer (all threads) per block."""
+    app = server.config.loaded_app
+    while not hasattr(app, "state"):  # uvicorn's wrappers (proxy headers, ...) around the FastAPI app
+        app = app.app
+    per: dict[bool, list[float]] = {False: [], True: []}
+    for b in range(args.blocks):
+        value = b % 2 == 1
+        svc = app.state.services
+        svc.settings = svc.settings.model_copy(update={args.ab_setting: value})
+        before = thread_cpu()
+        ok = run_wrk(port, bodies, connections=args.connections, seconds=args.seconds)
+        after = thread_cpu()
+        cpu = sum(c - before.get(t, ("", 0.0))[1] for t, (_, c) in after.items())
+        per[value].append(1000 * cpu / max(1, ok))
+        print(f"  block {b}: {args.ab_setting}={value}: {per[value][-1]:.2f} ms CPU per request, load {os.getloadavg()[0]:.2f}")
+    for value, xs in per.items():
+        print(f"  {args.ab_setting}={value}: mean {sum(xs) / len(xs):.2f} ms CPU per request over {len(xs)} blocks ({', '.join(f'{x:.2f}' for x in xs)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", type=Path, required=True)
@@ -79,6 +100,12 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=1)
     ap.add_argument("--users", type=int, default=5000)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument(
+        "--ab-setting", default=None, metavar="NAME",
+        help="A boolean setting (e.g. fast_path_on_loop) flipped between unprofiled wrk blocks in this one server: "
+        "CPU per request with it off and on, alternating, so both face the same machine load; no profile.",
+    )  # fmt: skip
+    ap.add_argument("--blocks", type=int, default=6, help="--ab-setting: blocks (alternating off, on, off, ...).")
     args = ap.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="profile_server_"))
     var = scratch / "var"
@@ -139,6 +166,9 @@ def main() -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
         try:
             run_wrk(port, bodies, connections=2, seconds=3)  # warm-up
+            if args.ab_setting:
+                ab_blocks(server, port, bodies, args)
+                return
             before = thread_cpu()
             ok = run_wrk(port, bodies, connections=args.connections, seconds=args.seconds)
             after = thread_cpu()

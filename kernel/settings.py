@@ -212,6 +212,12 @@ class Settings(BaseSettings):
         "the in-flight limit is per worker (1/workers each), and so is the rate limit without redis_url (1/workers of rate and "
         "burst); with redis_url the rate limit is one shared window."
     )
+    fast_path_on_loop: bool = Field(
+        False, description="/v1/select with use_llm false runs its core on the event loop (no hop to a worker thread): "
+        "about 1 ms less CPU per request on Games in one server (bench/profile_server.py --ab-setting fast_path_on_loop), "
+        "but the loop answers nothing else for the core's few ms and a worker's requests no longer overlap "
+        "(bench/bench_wrk.py --compare-checkout . --env ADSELECT_FAST_PATH_ON_LOOP=true measures it under --workers N)."
+    )
     worker_start_timeout_s: float = Field(
         120.0, gt=0, description="`adselect serve` with workers: a worker not answering its supervisor's health check within this is restarted."
     )

@@ -246,34 +246,37 @@ class SQLiteCapStore:
             raise CapStoreError(f"cap store {self.path}: {e}") from e
         return Reservation(user_key, ad_id, advertiser, str(row_id)) if allowed else None
 
+    # reserve_many reads the user's impressions in the window with one scan when they are at most this many
+    # per item checked, else the counts of the items' ads and advertisers through the indexes (IN lists)
+    SCAN_ROWS_PER_ITEM = 2
+
     def reserve_many(
         self, user_key: str, items: list[tuple[str, str]], *, limit: int, now: float | None = None
     ) -> list[Reservation | None]:
         """`reserve()` for each (ad_id, advertiser) in order until `limit` are reserved, in one `BEGIN IMMEDIATE`
         transaction (WAL, synchronous=NORMAL: durable at the next checkpoint, never corrupt): one write lock
-        per request, and the checks see the reservations made earlier in the same call."""
+        per request, and the checks see the reservations made earlier in the same call.
+
+        Statements: the user's expired rows deleted, the counts read (one scan of the user's rows in the window;
+        two indexed queries instead when the user has more rows than SCAN_ROWS_PER_ITEM per item), one INSERT
+        of every reservation (RETURNING its row id). A pending reservation (cap_count=rendered) counts within
+        the render grace time, as in `reserve()`."""
         now = time.time() if now is None else now
         cutoff = now - self.config.window_s
         cfg = self.config
-        out: list[Reservation | None] = []
+        pending = int(cfg.count_rendered)
+        counted = not pending or cfg.render_grace_s > 0  # this call's own rows count for its later items
+        verdicts: list[int | None] = []  # per item examined: its index in `todo`, or None (capped)
+        todo: list[tuple[str, str]] = []
         try:
             with self._lock:
                 conn = self._connection()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     conn.execute("DELETE FROM impressions WHERE user_key=? AND ts<=?", (user_key, cutoff))
-                    # The counts of every item's ad and advertiser in two queries (not two per item); this call's
-                    # own inserts are added as they happen (they count when inside the window: ts=now > cutoff).
-                    per_ad = self._counts(conn, user_key, "ad_id", [a for a, _ in items], cutoff) if cfg.max_per_ad is not None else {}
-                    per_adv = (
-                        self._counts(conn, user_key, "advertiser", [v for _, v in items if v], cutoff)
-                        if cfg.max_per_advertiser is not None
-                        else {}
-                    )
-                    counted = now > cutoff
-                    n_reserved = 0
+                    per_ad, per_adv = self._window_counts(conn, user_key, items, now) if items and limit > 0 else ({}, {})
                     for ad_id, advertiser in items:
-                        if n_reserved >= limit:
+                        if len(todo) >= limit:
                             break
                         allowed = True
                         if cfg.max_per_ad is not None:
@@ -281,39 +284,71 @@ class SQLiteCapStore:
                         if allowed and advertiser and cfg.max_per_advertiser is not None:
                             allowed = per_adv.get(advertiser, 0) < cfg.max_per_advertiser
                         if not allowed:
-                            out.append(None)
+                            verdicts.append(None)
                             continue
-                        row_id = conn.execute(
-                            "INSERT INTO impressions (user_key, ad_id, advertiser, ts) VALUES (?, ?, ?, ?)", (user_key, ad_id, advertiser, now)
-                        ).lastrowid
-                        out.append(Reservation(user_key, ad_id, advertiser, str(row_id)))
-                        n_reserved += 1
+                        verdicts.append(len(todo))
+                        todo.append((ad_id, advertiser))
                         if counted:
                             per_ad[ad_id] = per_ad.get(ad_id, 0) + 1
                             if advertiser:
                                 per_adv[advertiser] = per_adv.get(advertiser, 0) + 1
+                    row_ids = self._insert(conn, user_key, todo, now=now, pending=pending) if todo else []
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
-                self._since_prune += max(1, len(out))
+                self._since_prune += max(1, len(verdicts))
                 if self._since_prune >= self.PRUNE_EVERY:
                     self._since_prune = 0
                     conn.execute("DELETE FROM impressions WHERE ts<=?", (cutoff,))
         except sqlite3.Error as e:
             raise CapStoreError(f"cap store {self.path}: {e}") from e
-        return out
+        return [None if i is None else Reservation(user_key, todo[i][0], todo[i][1], str(row_ids[i])) for i in verdicts]
 
-    @staticmethod
-    def _counts(conn: sqlite3.Connection, user_key: str, column: str, values: list[str], cutoff: float) -> dict[str, int]:
-        """{value: rows of this user with `column` = value and ts > cutoff} for the distinct `values` (absent: 0)."""
+    def _window_counts(
+        self, conn: sqlite3.Connection, user_key: str, items: list[tuple[str, str]], now: float
+    ) -> tuple[dict[str, int], dict[str, int]]:
+        """({ad_id: rows}, {advertiser: rows}) of this user that count now, for (at least) the items' ads and
+        advertisers (absent: 0)."""
+        since = self._since(now)
+        bound = self.SCAN_ROWS_PER_ITEM * len(items)
+        rows = conn.execute(
+            f"SELECT ad_id, advertiser FROM impressions WHERE user_key=? AND {self._COUNTS} LIMIT ?", (user_key, *since, bound + 1)
+        ).fetchall()
+        if len(rows) <= bound:
+            per_ad: dict[str, int] = {}
+            per_adv: dict[str, int] = {}
+            for ad_id, advertiser in rows:
+                per_ad[ad_id] = per_ad.get(ad_id, 0) + 1
+                if advertiser:
+                    per_adv[advertiser] = per_adv.get(advertiser, 0) + 1
+            return per_ad, per_adv
+        cfg = self.config
+        per_ad = self._counts(conn, user_key, "ad_id", [a for a, _ in items], since) if cfg.max_per_ad is not None else {}
+        per_adv = self._counts(conn, user_key, "advertiser", [v for _, v in items if v], since) if cfg.max_per_advertiser is not None else {}
+        return per_ad, per_adv
+
+    @classmethod
+    def _counts(cls, conn: sqlite3.Connection, user_key: str, column: str, values: list[str], since: tuple[float, float]) -> dict[str, int]:
+        """{value: rows of this user with `column` = value that count now} for the distinct `values` (absent: 0)."""
         distinct = list(dict.fromkeys(values))
         if not distinct:
             return {}
         marks = ",".join("?" * len(distinct))
-        sql = f"SELECT {column}, count(*) FROM impressions WHERE user_key=? AND {column} IN ({marks}) AND ts>? GROUP BY {column}"
-        return dict(conn.execute(sql, (user_key, *distinct, cutoff)).fetchall())
+        sql = f"SELECT {column}, count(*) FROM impressions WHERE user_key=? AND {column} IN ({marks}) AND {cls._COUNTS} GROUP BY {column}"
+        return dict(conn.execute(sql, (user_key, *distinct, *since)).fetchall())
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, user_key: str, todo: list[tuple[str, str]], *, now: float, pending: int) -> list[int]:
+        """One INSERT of every (ad_id, advertiser) in `todo`; their row ids in `todo` order. RETURNING's row order
+        is not guaranteed: ids are matched back by ad id (rows of one ad are identical, so any match is right)."""
+        sql = "INSERT INTO impressions (user_key, ad_id, advertiser, ts, pending) VALUES " + ",".join(["(?,?,?,?,?)"] * len(todo))
+        args = [x for ad_id, advertiser in todo for x in (user_key, ad_id, advertiser, now, pending)]
+        ids: dict[str, list[int]] = {}
+        for row_id, ad_id in conn.execute(sql + " RETURNING rowid, ad_id", args).fetchall():
+            ids.setdefault(ad_id, []).append(row_id)
+        return [ids[ad_id].pop() for ad_id, _ in todo]
 
     def release(self, reservation: Reservation) -> None:
         try:

@@ -73,6 +73,17 @@ class ServedAdRow:
 
 
 @dataclass(frozen=True, slots=True)
+class ServedDecision:
+    """What one request served (`record_served_many` writes several in one transaction)."""
+
+    request_id: str
+    user_key: str
+    ads: tuple[ServedAdRow, ...]
+    arm: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class FeedbackEvent:
     event_id: str
     request_id: str
@@ -162,19 +173,23 @@ class FeedbackStore:
         self, *, request_id: str, user_key: str, ads: Sequence[ServedAdRow], arm: str = "default", now: float | None = None
     ) -> None:
         """Remember what `request_id` served (a decision serving nothing is remembered too)."""
-        now = time.time() if now is None else now
+        self.record_served_many([ServedDecision(request_id, user_key, tuple(ads), arm, time.time() if now is None else now)])
+
+    def record_served_many(self, decisions: Sequence[ServedDecision]) -> None:
+        """`record_served` for each decision, all in one transaction (selection.served_queue batches what queued up)."""
         try:
             with self._lock:
                 conn = self._connection("NORMAL")
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO served_requests (request_id, arm, ts) VALUES (?, ?, ?)", (request_id, arm, now)
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO served_requests (request_id, arm, ts) VALUES (?, ?, ?)",
+                        [(d.request_id, d.arm, d.now) for d in decisions],
                     )
                     conn.executemany(
                         "INSERT OR REPLACE INTO served_ads (request_id, ad_id, position, user_key, advertiser, bid, arm, ts)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(request_id, a.ad_id, i, user_key, a.advertiser, float(a.bid), arm, now) for i, a in enumerate(ads)],
+                        [(d.request_id, a.ad_id, i, d.user_key, a.advertiser, float(a.bid), d.arm, d.now) for d in decisions for i, a in enumerate(d.ads)],
                     )
                     conn.execute("COMMIT")
                 except BaseException:

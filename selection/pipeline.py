@@ -281,11 +281,12 @@ class Selector:
         return self.admission.limiter
 
     # ---- the entry point ---------------------------------------------------------------------
-    async def aselect(self, req: SelectRequest, *, stage: PriorStage | None = None) -> Decision:
+    async def aselect(self, req: SelectRequest, *, stage: PriorStage | None = None, fast_path_on_loop: bool = False) -> Decision:
         """Choose the ads for one request.
 
         `stage`: this request's prior stage, already computed by the caller (eval reuses the one it
-        ranked the baselines with); the deadline then counts from this call.
+        ranked the baselines with); the deadline then counts from this call. `fast_path_on_loop`: the fast
+        path runs on the calling thread (the event loop), not on a worker thread.
 
         The arm is assigned first (keyed user hash); it serves with its own selector (fusion weights,
         reranker), LLM switch and exploration. Without consent the request loses its history and events."""
@@ -296,6 +297,8 @@ class Selector:
         if sel.copier is not None and req.use_llm and req.rewrite:
             await sel.copier.start()  # idempotent: the workers run on this event loop
         if stage is None and not req.use_llm:  # the fast path: one hop to the worker thread, not two
+            if fast_path_on_loop:
+                return sel._fast_path(req, started, turn)
             return await asyncio.to_thread(sel._fast_path, req, started, turn)
         if stage is None:
             stage = await asyncio.to_thread(sel.prior_stage, req)
@@ -489,8 +492,9 @@ class Selector:
         if isinstance(root.impressions, NullImpressionLog) and root.served_sink is None:
             return
         ctx = self._context(req)
+        score_of, pctr_of = scores.tolist(), pctr.tolist()  # Python floats at once, not one numpy scalar per candidate
         scored = [
-            ScoredEntry(c.ad.ad_id, c.priors, score=round(float(scores[i]), 6), pctr=round(float(pctr[i]), 6))
+            ScoredEntry(c.ad.ad_id, c.priors, score=round(score_of[i], 6), pctr=round(pctr_of[i], 6))
             for i, c in enumerate(stage.candidates)
         ]
         served = [ServedEntry(a.ad.ad_id, propensity=a.propensity, pctr=a.pctr, bid=a.ad.bid, score=a.score) for a in d.ads]

@@ -1,7 +1,7 @@
 """What each decision served, handed to the feedback store off the request path.
 
 `ServedQueue.put(...)` is a queue put (never blocks, never touches SQLite); one thread writes the rows
-with `FeedbackStore.record_served`. An event that arrives before its decision's row is written would look
+with `FeedbackStore.record_served_many`, what queued up meanwhile in one transaction. An event that arrives before its decision's row is written would look
 "unknown": `record_event` then waits for the queue (`flush`) and tries once more, so a client that posts
 a click right after its response is never refused for being fast.
 
@@ -13,24 +13,16 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from kernel.errors import AdNotServed, UnknownRequest
-from selection.feedback import FeedbackStore, Outcome, ServedAdRow
+from selection.feedback import FeedbackStore, Outcome, ServedAdRow, ServedDecision
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class _Row:
-    request_id: str
-    user_key: str
-    ads: tuple[ServedAdRow, ...]
-    arm: str
-    now: float
-
-
 class ServedQueue:
+    BATCH = 64  # rows queued meanwhile are written together, in one transaction (at most this many)
+
     def __init__(self, store: FeedbackStore, *, maxsize: int = 10000):
         self.store = store
         self._q: queue.Queue = queue.Queue(maxsize=maxsize)
@@ -41,7 +33,7 @@ class ServedQueue:
 
     def put(self, *, request_id: str, user_key: str, ads: Sequence[ServedAdRow], arm: str, now: float) -> bool:
         try:
-            self._q.put_nowait(_Row(request_id, user_key, tuple(ads), arm, now))
+            self._q.put_nowait(ServedDecision(request_id, user_key, tuple(ads), arm, now))
             return True
         except queue.Full:
             self.dropped += 1
@@ -68,17 +60,36 @@ class ServedQueue:
 
     def _run(self) -> None:
         while True:
-            item = self._q.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
+            items = [self._q.get()]
+            while len(items) < self.BATCH:  # whatever queued up while the last batch was written
+                try:
+                    items.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            rows: list[ServedDecision] = []
+            for item in items:  # in queue order: a flush token is set once the rows before it are written
+                if isinstance(item, ServedDecision):
+                    rows.append(item)
+                    continue
+                self._write(rows)
+                rows = []
+                if item is None:
+                    return
                 item.set()
-                continue
-            try:
-                self.store.record_served(request_id=item.request_id, user_key=item.user_key, ads=list(item.ads), arm=item.arm, now=item.now)
-            except Exception:
-                self.failed += 1
-                log.exception("served rows not written", extra={"request_id": item.request_id})
+            self._write(rows)
+
+    def _write(self, rows: list[ServedDecision]) -> None:
+        if not rows:
+            return
+        try:
+            self.store.record_served_many(rows)
+        except Exception:  # one at a time then: a bad row loses only itself
+            for row in rows:
+                try:
+                    self.store.record_served_many([row])
+                except Exception:
+                    self.failed += 1
+                    log.exception("served rows not written", extra={"request_id": row.request_id})
 
     def close(self, timeout_s: float = 5.0) -> None:
         self.flush(timeout_s)

@@ -218,10 +218,12 @@ def create_app(
     _document_auth(app, enabled=keys.enabled)
 
     @app.post("/v1/select", response_model=SelectResponseBody, response_model_by_alias=True)
-    async def select(body: SelectRequestBody, request: Request, svc: ServicesDep, metrics: MetricsDep) -> Response:
+    async def select(body: SelectRequestBody, request: Request) -> Response:
+        # The services and metrics read here, not through Depends: each dependency FastAPI solves costs every request.
+        svc, metrics = await get_services(request), request.app.state.metrics
         since = arrival(request.scope)
         spent_ms = (time.perf_counter() - since) * 1000 if since is not None else 0.0
-        decision = await svc.selector.aselect(to_core(body, svc.settings, spent_ms=spent_ms))
+        decision = await svc.selector.aselect(to_core(body, svc.settings, spent_ms=spent_ms), fast_path_on_loop=svc.settings.fast_path_on_loop)
         metrics.observe_decision(decision)
         # Serialised by pydantic-core straight to bytes: FastAPI would validate the model again first.
         return Response(content=to_wire(decision).model_dump_json(by_alias=True), media_type="application/json")

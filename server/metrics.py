@@ -8,6 +8,7 @@ time by a collector, so it is never stale and never double-counted.
 """
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -130,10 +131,19 @@ class Metrics:
         )
         self._live = _LiveState(services, inflight, reading)
         r.register(self._live)
+        # Labelled children looked up once (labels() takes a lock and builds a key on every call); prometheus keeps
+        # one child per label set anyway, so these maps hold no more than it does.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._stage_children: dict[str, Any] = {}
 
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        children = self._request_children.get((route, method, status))
+        if children is None:
+            children = self._request_children[(route, method, status)] = (
+                self.requests.labels(route, method, str(status)), self.request_seconds.labels(route)
+            )  # fmt: skip
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_refusal(self, reason: str) -> None:
         self.refused.labels(reason).inc()
@@ -142,7 +152,10 @@ class Metrics:
         self.decisions.inc()
         self.ads_served.inc(len(d.ads))
         for stage, ms in d.timings_ms.items():
-            self.stage_seconds.labels(stage).observe(ms / 1000.0)
+            child = self._stage_children.get(stage)
+            if child is None:
+                child = self._stage_children[stage] = self.stage_seconds.labels(stage)
+            child.observe(ms / 1000.0)
         if d.llm_used:
             self.llm_used.inc()
         if d.degraded and d.degraded_reason:
@@ -151,9 +164,9 @@ class Metrics:
                 self.llm_errors.labels(d.degraded_reason).inc()
         if d.ads and d.ads[0].copy != d.ads[0].original:
             self.rewrites_served.inc()
-        self.llm_calls.inc(d.usage.get("llm_calls", 0))
-        self.score_failed_calls.inc(d.usage.get("score_failed_calls", 0))
-        self.score_missing_labels.inc(d.usage.get("score_missing_labels", 0))
+        for counter, key in ((self.llm_calls, "llm_calls"), (self.score_failed_calls, "score_failed_calls"), (self.score_missing_labels, "score_missing_labels")):
+            if d.usage.get(key):  # the fast path's usage is empty: no increments of 0
+                counter.inc(d.usage[key])
         for reason in d.copy_rejections:
             self.copy_rejections.labels(reason).inc()
         if d.capped:
@@ -161,8 +174,8 @@ class Metrics:
         served = {a.ad.ad_id for a in d.ads}
         for ad_id in d.caps_unknown:
             self.caps_unknown.labels("served" if ad_id in served else "skipped").inc()
-        for rule in d.ineligible.values():
-            self.ineligible.labels(rule).inc()
+        for rule, n in collections.Counter(d.ineligible.values()).items():  # one increment per rule, not per candidate
+            self.ineligible.labels(rule).inc(n)
 
     def render(self) -> tuple[bytes, str]:
         """This process's registry; with several workers (PROMETHEUS_MULTIPROC_DIR set, server/multiworker.py)

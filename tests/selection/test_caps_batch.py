@@ -105,18 +105,56 @@ def test_pipeline_reserves_a_response_in_one_transaction(demo_services, tmp_path
     assert [store.count(key, ad_id=a.ad.ad_id) for a in d.ads] == [1] * 5
 
 
-def test_sqlite_batch_reads_the_counts_in_two_queries(tmp_path: Path):
-    """The statements of one reserve_many (SQLite's own trace): the counts of all items' ads and advertisers
-    come from two queries, not two per item; the verdicts are still those of reserve() one by one."""
+@pytest.mark.parametrize("scan_rows_per_item", [2, 0])  # 0: the user has "too many" rows: the indexed counts
+def test_sqlite_batch_is_one_count_read_and_one_insert(tmp_path: Path, scan_rows_per_item: int):
+    """The statements of one reserve_many (SQLite's own trace): the counts of all items' ads and advertisers come
+    from one scan of the user's rows in the window (two indexed queries when the user has more rows than the
+    scan bound), not two per item, and every reservation from one INSERT; the verdicts are those of reserve()
+    one by one."""
     store, single = SQLiteCapStore(tmp_path / "caps.sqlite", config=CONFIG), SQLiteCapStore(tmp_path / "single.sqlite", config=CONFIG)
+    store.SCAN_ROWS_PER_ITEM = scan_rows_per_item
     items = [(f"ad{i}", "xy"[i % 2]) for i in range(20)]
     store.reserve_many("u", items[:4], limit=4, now=1000.0)
     _one_by_one(single, "u", items[:4], limit=4, now=1000.0)
     statements: list[str] = []
     store._connection().set_trace_callback(statements.append)
-    got = [r is not None for r in store.reserve_many("u", items, limit=5, now=1010.0)]
+    got = store.reserve_many("u", items, limit=5, now=1010.0)
     store._connection().set_trace_callback(None)
-    assert got == _one_by_one(single, "u", items, limit=5, now=1010.0)
+    assert [r is not None for r in got] == _one_by_one(single, "u", items, limit=5, now=1010.0)
     selects = [q for q in statements if q.lstrip().upper().startswith("SELECT")]
     inserts = [q for q in statements if q.lstrip().upper().startswith("INSERT")]
-    assert len(selects) == 2 and len(inserts) == sum(got)
+    assert len(selects) == (1 if scan_rows_per_item else 3) and len(inserts) == 1
+    for r in got:  # each token names its own row: releasing it gives back that ad's impression
+        if r is not None:
+            before = store.count("u", ad_id=r.ad_id, now=1010.0)
+            store.release(r)
+            assert store.count("u", ad_id=r.ad_id, now=1010.0) == before - 1
+
+
+@pytest.mark.parametrize("scan_rows_per_item", [2, 0])
+def test_sqlite_batch_same_verdicts_on_both_count_paths(tmp_path: Path, scan_rows_per_item: int):
+    rng = random.Random(scan_rows_per_item)
+    batch, single = SQLiteCapStore(tmp_path / "b.sqlite", config=CONFIG), SQLiteCapStore(tmp_path / "s.sqlite", config=CONFIG)
+    batch.SCAN_ROWS_PER_ITEM = scan_rows_per_item
+    for step in range(12):
+        items = [rng.choice(ADS) for _ in range(rng.randint(1, 6))]
+        limit = rng.randint(1, 4)
+        now = 1000.0 + step * 15
+        got = [r is not None for r in batch.reserve_many("u", items, limit=limit, now=now)]
+        assert got == _one_by_one(single, "u", items, limit=limit, now=now), (step, items, limit)
+
+
+def test_sqlite_batch_counts_rendered_mode_like_reserve(tmp_path: Path):
+    """cap_count=rendered: a batch reservation is pending (it lapses after the grace time unless rendered), as
+    reserve() makes it; the pipeline reserves through reserve_many."""
+    cfg = CapConfig(max_per_ad=1, max_per_advertiser=None, window_s=3600, count_rendered=True, render_grace_s=10)
+    store = SQLiteCapStore(tmp_path / "caps.sqlite", config=cfg)
+    assert [r is not None for r in store.reserve_many("u", [("ad", "adv")], limit=1, now=T0)] == [True]
+    assert [r is not None for r in store.reserve_many("u", [("ad", "adv")], limit=1, now=T0 + 5)] == [False]  # pending, in grace
+    assert store.count("u", ad_id="ad", now=T0 + 11) == 0  # never rendered: lapsed
+    assert [r is not None for r in store.reserve_many("u", [("ad", "adv")], limit=1, now=T0 + 11)] == [True]
+    store.confirm_render(user_key="u", ad_id="ad", advertiser="adv", reservation_id="", reserved_at=T0 + 11)
+    assert [r is not None for r in store.reserve_many("u", [("ad", "adv")], limit=1, now=T0 + 100)] == [False]  # rendered: counted
+
+
+T0 = 1_000_000.0

@@ -339,10 +339,14 @@ class SQLiteCapStore:
         sql = f"SELECT {column}, count(*) FROM impressions WHERE user_key=? AND {column} IN ({marks}) AND {cls._COUNTS} GROUP BY {column}"
         return dict(conn.execute(sql, (user_key, *distinct, *since)).fetchall())
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, user_key: str, todo: list[tuple[str, str]], *, now: float, pending: int) -> list[int]:
+    returning = sqlite3.sqlite_version_info >= (3, 35)  # INSERT ... RETURNING exists (an instance may turn it off)
+
+    def _insert(self, conn: sqlite3.Connection, user_key: str, todo: list[tuple[str, str]], *, now: float, pending: int) -> list[int]:
         """One INSERT of every (ad_id, advertiser) in `todo`; their row ids in `todo` order. RETURNING's row order
         is not guaranteed: ids are matched back by ad id (rows of one ad are identical, so any match is right)."""
+        if not self.returning:  # no RETURNING before SQLite 3.35 (e.g. Debian 11): one INSERT per row
+            insert = "INSERT INTO impressions (user_key, ad_id, advertiser, ts, pending) VALUES (?,?,?,?,?)"
+            return [conn.execute(insert, (user_key, ad_id, advertiser, now, pending)).lastrowid for ad_id, advertiser in todo]
         sql = "INSERT INTO impressions (user_key, ad_id, advertiser, ts, pending) VALUES " + ",".join(["(?,?,?,?,?)"] * len(todo))
         args = [x for ad_id, advertiser in todo for x in (user_key, ad_id, advertiser, now, pending)]
         ids: dict[str, list[int]] = {}

@@ -144,6 +144,26 @@ def test_sqlite_batch_same_verdicts_on_both_count_paths(tmp_path: Path, scan_row
         assert got == _one_by_one(single, "u", items, limit=limit, now=now), (step, items, limit)
 
 
+def test_sqlite_batch_without_returning_inserts_row_by_row_with_the_same_verdicts(tmp_path: Path):
+    """SQLite before 3.35 has no INSERT ... RETURNING: the store then inserts one row per reservation."""
+    rng = random.Random(7)
+    batch, single = SQLiteCapStore(tmp_path / "b.sqlite", config=CONFIG), SQLiteCapStore(tmp_path / "s.sqlite", config=CONFIG)
+    batch.returning = False
+    statements: list[str] = []
+    batch._connection().set_trace_callback(statements.append)
+    for step in range(12):
+        items = [rng.choice(ADS) for _ in range(rng.randint(1, 6))]
+        limit = rng.randint(1, 4)
+        now = 1000.0 + step * 15
+        got = batch.reserve_many("u", items, limit=limit, now=now)
+        assert [r is not None for r in got] == _one_by_one(single, "u", items, limit=limit, now=now), (step, items, limit)
+    assert not any("RETURNING" in q.upper() for q in statements)
+    r = next(r for r in got if r is not None)
+    before = batch.count("u", ad_id=r.ad_id, now=now)
+    batch.release(r)
+    assert batch.count("u", ad_id=r.ad_id, now=now) == before - 1
+
+
 def test_sqlite_batch_counts_rendered_mode_like_reserve(tmp_path: Path):
     """cap_count=rendered: a batch reservation is pending (it lapses after the grace time unless rendered), as
     reserve() makes it; the pipeline reserves through reserve_many."""

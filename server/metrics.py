@@ -70,11 +70,19 @@ class _LiveState(Collector):
             yield GaugeMetricFamily("adselect_copy_cache_hit_rate", "Copy-cache hits / lookups since start.", value=st["hit_rate"])
             rewrites = CounterMetricFamily(
                 "adselect_copy_rewrites", "Background rewrites by outcome: generated (validated, cached), rejected (validator), "
-                "enqueued, dropped_full (queue full: the miss is dropped), deduped, dropped_stopped.", labels=["outcome"],
+                "enqueued, dropped_full (queue full: the miss is dropped), deduped, shared_deduped (another worker or "
+                "replica generates it: shared cache), dropped_stopped.", labels=["outcome"],
             )  # fmt: skip
-            for outcome in ("generated", "rejected", "enqueued", "dropped_full", "deduped", "dropped_stopped"):
+            for outcome in ("generated", "rejected", "enqueued", "dropped_full", "deduped", "shared_deduped", "dropped_stopped"):
                 rewrites.add_metric([outcome], st[outcome])
             yield rewrites
+            store = CounterMetricFamily(
+                "adselect_copy_cache_store_errors", "Shared copy-cache (Redis) operations that failed, by operation: "
+                "a failed read is a miss, a failed write stays in this process (agent.copy_store).", labels=["op"],
+            )  # fmt: skip
+            for op, n in st["store_errors"].items():
+                store.add_metric([op], n)
+            yield store
             failed = CounterMetricFamily("adselect_copy_rewrite_failures", "Background rewrites the LLM failed, by reason (not cached).", labels=["reason"])
             for reason, n in st["failed"].items():
                 failed.add_metric([reason], n)

@@ -94,6 +94,8 @@ def test_score_mode_ranks_with_exactly_p_one_token_calls_then_serves_the_cached_
     assert rewriting.calls == 1 and scoring.calls == 2 * P  # ... and added no LLM call
     assert metric(metrics, "adselect_copy_cache_hits_total") == 1 and metric(metrics, "adselect_copy_cache_lookups_total") == 2
     assert metric(metrics, "adselect_copy_cache_hit_rate") == 0.5
+    assert 'adselect_copy_rewrites_total{outcome="shared_deduped"} 0.0' in metrics  # one process: nothing shared
+    assert "# TYPE adselect_copy_cache_store_errors_total counter" in metrics  # an in-memory cache has no store to fail
     assert metric(metrics, "adselect_rewrites_served_total") == 1 and metric(metrics, "adselect_decisions_total") == 2
     assert metric(metrics, "adselect_llm_calls_total") == 2 * P
 

@@ -99,6 +99,14 @@ class Settings(BaseSettings):
         "a full-softmax epoch over the 50,546 Games histories took 4-7 min on 2 cores shared at load ~7.",
     )
     sequence_threads: int | None = Field(None, ge=1, description="torch threads for sequence model training; default: torch's own.")
+    sequence_lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="Sequence model learning rate per step: constant, or a cosine decay to 0 over sequence_max_epochs "
+        "(the planned epochs; a sequence_max_train_s stop cuts the decay short).",
+    )
+    sequence_warmup_frac: float = Field(
+        0.0, ge=0, lt=1, description="Share of the sequence model's planned training steps over which the learning rate rises linearly from 0."
+    )
     recency_decay: float = Field(0.8, gt=0, le=1, description="History weight multiplier per step back in time.")
     covisit_window: int = Field(10, ge=1, le=50, description="How many later items a history item co-occurs with.")
     exclude_history: bool = True

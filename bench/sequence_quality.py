@@ -10,6 +10,7 @@ Trains (or reuses, see --state-dir) the next-item model on the HISTORIES of impr
 
     python bench/sequence_quality.py                      # SASRec-style, full softmax, random item init
     python bench/sequence_quality.py --text-init          # items start from the MiniLM title vectors
+    python bench/sequence_quality.py --text-init --lr-schedule cosine --warmup-frac 0.05 --max-epochs 10
     python bench/sequence_quality.py --model-dir DIR      # evaluate a saved model (an eval data dir's)
     python bench/sequence_quality.py --sources DATA_DIR --n-sequence 100 --n-sequence 200
 
@@ -155,7 +156,8 @@ def main() -> None:
     ap.add_argument("--text-init", action="store_true")
     for name, typ in (("hidden", int), ("blocks", int), ("heads", int), ("dropout", float), ("lr", float), ("loss", str),
                       ("negatives", int), ("batch-tokens", int), ("max-epochs", int), ("patience", int),
-                      ("max-train-seconds", float), ("seed", int), ("weight-decay", float), ("max-len", int)):  # fmt: skip
+                      ("max-train-seconds", float), ("seed", int), ("weight-decay", float), ("max-len", int),
+                      ("lr-schedule", str), ("warmup-frac", float), ("label-smoothing", float)):  # fmt: skip
         ap.add_argument(f"--{name}", type=typ, default=None)
     ap.add_argument("--model-dir", type=Path, default=None, help="evaluate the model saved in this directory (no training)")
     ap.add_argument("--sources", type=Path, default=None, metavar="DATA_DIR", help="per-source candidate recall (see above)")
@@ -172,7 +174,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     over = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in (
         "hidden", "blocks", "heads", "dropout", "lr", "loss", "negatives", "batch-tokens", "max-epochs", "patience",
-        "max-train-seconds", "seed", "weight-decay", "max-len")}  # fmt: skip
+        "max-train-seconds", "seed", "weight-decay", "max-len", "lr-schedule", "warmup-frac", "label-smoothing")}  # fmt: skip
     cfg = SequenceConfig(**{k: v for k, v in over.items() if v is not None}, text_init=args.text_init)
     games = args.games_dir
     ads = read_ads(games / "ads.jsonl")
@@ -202,7 +204,8 @@ def main() -> None:
         f"{rep.get('seconds')}s on {rep.get('threads')} thread(s)"
     )
     for c in rep.get("curve", []):
-        print(f"  epoch {c['epoch']}: loss {c['loss']:.4f} holdout nDCG@10 {c['holdout_ndcg10']:.4f} at {c['seconds']}s")
+        print(f"  epoch {c['epoch']}: loss {c['loss']:.4f} holdout nDCG@10 {c['holdout_ndcg10']:.4f} at {c['seconds']}s"
+              + (f", lr at the end {c['lr_end']:.2e}" if "lr_end" in c else ""))
     row = {a: i for i, a in enumerate(ids)}
     res = evaluate(model, row, sampled=games / "impressions_sampled_dev.jsonl", full=games / "impressions_full_dev.jsonl", limit=args.limit, n_boot=args.n_boot)
     s, f = res["sampled"], res["full"]

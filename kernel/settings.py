@@ -91,14 +91,24 @@ class Settings(BaseSettings):
         True, description="Train (at ingest, from the behaviour histories) and serve the next-item sequence model: the `sequence` prior and source."
     )
     sequence_text_init: bool = Field(True, description="Sequence model item vectors start from the MiniLM ad vectors.")
-    sequence_max_epochs: int = Field(30, ge=1, le=1000, description="Sequence model training epochs at most (early stopping usually ends sooner).")
+    sequence_max_epochs: int = Field(
+        10, ge=1, le=1000, description="Sequence model training epochs planned (the cosine lr schedule ends at the last; early stopping may end sooner)."
+    )
     sequence_max_train_s: float | None = Field(
-        1500.0,
+        3000.0,
         gt=0,
         description="Sequence model training stops after the epoch that crosses this many seconds (None: epochs only); "
-        "a full-softmax epoch over the 50,546 Games histories took 4-7 min on 2 cores shared at load ~7.",
+        "a full-softmax epoch over the 50,546 Games histories took 3-6 min on 2 cores shared at load 5-7 (9 epochs: 2,451 s).",
     )
     sequence_threads: int | None = Field(None, ge=1, description="torch threads for sequence model training; default: torch's own.")
+    sequence_lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine",
+        description="Sequence model learning rate per step: constant, or a cosine decay to 0 over sequence_max_epochs "
+        "(the planned epochs; a sequence_max_train_s stop cuts the decay short).",
+    )
+    sequence_warmup_frac: float = Field(
+        0.05, ge=0, lt=1, description="Share of the sequence model's planned training steps over which the learning rate rises linearly from 0."
+    )
     recency_decay: float = Field(0.8, gt=0, le=1, description="History weight multiplier per step back in time.")
     covisit_window: int = Field(10, ge=1, le=50, description="How many later items a history item co-occurs with.")
     exclude_history: bool = True

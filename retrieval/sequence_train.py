@@ -129,12 +129,28 @@ def _holdout_ndcg(model: SASRec, seqs: list[list[int]], cfg: SequenceConfig) -> 
     return total / len(seqs)
 
 
+def lr_factor(cfg: SequenceConfig, *, planned_steps: int):
+    """Step -> multiplier of cfg.lr: linear warmup over warmup_frac of the planned steps, then constant or a
+    cosine decay reaching 0 at the last planned step."""
+    warm = int(round(cfg.warmup_frac * planned_steps))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, planned_steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def _loss(model: SASRec, inp: torch.Tensor, tgt: torch.Tensor, cfg: SequenceConfig, gen: torch.Generator) -> torch.Tensor:
     items = model.item_matrix()
     h = model(inp, items).reshape(-1, cfg.hidden)
     t = tgt.reshape(-1)
     if cfg.loss == "ce":
-        return F.cross_entropy(h @ items.T, t)
+        return F.cross_entropy(h @ items.T, t, label_smoothing=cfg.label_smoothing)
     negs = torch.randint(0, items.shape[0], (cfg.negatives,), generator=gen)
     pos = (h * items[t]).sum(-1, keepdim=True)
     neg = (h @ items[negs].T).masked_fill(negs[None, :] == t[:, None], float("-inf"))
@@ -167,7 +183,9 @@ def train_sequence_model(
         hold = [seqs[j] for j in perm[:n_hold]]
         train = [seqs[j] for j in perm[n_hold:]]
         model = SASRec(len(ids), cfg, text_vectors)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = len(_batches(train, max_len=cfg.max_len, batch_tokens=cfg.batch_tokens, rng=None))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, planned_steps=cfg.max_epochs * steps_per_epoch))
         from tqdm import tqdm
 
         t0 = time.perf_counter()
@@ -183,12 +201,16 @@ def train_sequence_model(
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    sched.step()
                     run += float(loss.detach()) * tgt.numel()
                     seen += tgt.numel()
                     bar.set_postfix(loss=f"{run / max(seen, 1):.3f}")
             score = _holdout_ndcg(model, hold, cfg)
             elapsed = time.perf_counter() - t0
-            curve.append({"epoch": epoch, "loss": run / max(seen, 1), "holdout_ndcg10": score, "seconds": round(elapsed, 1)})
+            curve.append({
+                "epoch": epoch, "loss": run / max(seen, 1), "holdout_ndcg10": score, "seconds": round(elapsed, 1),
+                "lr_end": opt.param_groups[0]["lr"],
+            })  # fmt: skip
             log.info("sequence epoch %d: loss %.4f holdout nDCG@10 %.4f (%.0fs)", epoch, curve[-1]["loss"], score, elapsed)
             if not hold or score > best:
                 best, best_epoch, bad = score, epoch, 0

@@ -65,6 +65,8 @@ def sequence_config(settings: Settings) -> SequenceConfig:
         text_init=settings.sequence_text_init,
         max_epochs=settings.sequence_max_epochs,
         max_train_seconds=settings.sequence_max_train_s,
+        lr_schedule=settings.sequence_lr_schedule,
+        warmup_frac=settings.sequence_warmup_frac,
     )
 
 

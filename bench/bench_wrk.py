@@ -112,6 +112,18 @@ def impression_records(data_dir: Path, before: set[Path]) -> int:
     )  # fmt: skip
 
 
+def worker_split(data_dir: Path, before: set[Path], workers: int) -> str:
+    """Impression-log records per worker process (the file name carries the pid) since `before`: wrk keeps its
+    connections open, and one worker may accept all of them, so a run can measure one core, not `workers`."""
+    per_pid: dict[str, int] = {}
+    for f in (data_dir / "impressions").glob("impressions-*.jsonl"):
+        if f not in before:
+            pid = f.name.split("-")[2]
+            per_pid[pid] = per_pid.get(pid, 0) + sum(1 for line in f.read_bytes().splitlines() if line.strip())
+    counts = sorted(per_pid.values(), reverse=True) + [0] * max(0, workers - len(per_pid))
+    return "per worker " + "/".join(str(n) for n in counts)
+
+
 def write_bodies(path: Path, catalog: str, hists: list[list[str]], k: int) -> None:
     tag = uuid.uuid4().hex[:8]  # this run's own users: caps in a reused data dir start empty for them
     with path.open("w") as fh:
@@ -151,6 +163,7 @@ def compare(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Pat
                 stop(proc)
             lines, records = audit_lines(log_path), impression_records(data_dir, logs_before)
             counts = f"audit {lines} = records {records} = 200s {served}" if lines == records == served else f"DIFFERENT: audit {lines}, records {records}, 200s {served}"
+            counts += f"  {worker_split(data_dir, logs_before, args.workers or os.cpu_count() or 1)}"
             cpu[name].append(r["cpu_ms"])
             if r["p99_ms"] <= args.p99_ms and r["other"] == 0:
                 best[name] = max(best[name], r["rps"])
@@ -190,7 +203,7 @@ def run(catalog: str, data_dir: Path, args: argparse.Namespace, scratch: Path) -
     ratio = cap / health if health else float("nan")
     print(f"  capacity at p99 <= {args.p99_ms:g} ms: /v1/select {cap:.0f} req/s, /healthz {health:.0f} req/s, ratio {ratio:.3f}")
     print(f"  audit lines {lines}, impression-log records {records} for {served} select 200s counted by the server "
-          f"({'equal' if lines == served == records else 'DIFFERENT'}); "
+          f"({'equal' if lines == served == records else 'DIFFERENT'}); {worker_split(data_dir, logs_before, args.workers or os.cpu_count() or 1)}; "
           f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")  # fmt: skip
 
 

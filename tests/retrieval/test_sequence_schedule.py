@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -14,22 +13,12 @@ import pytest
 
 from retrieval.sequence import SequenceConfig, SequenceModel
 from retrieval.sequence_train import lr_factor, train_sequence_model
+from tests.retrieval.test_sequence import IDS, N, cyclic_histories
 
-N = 24
-IDS = [f"i{k}" for k in range(N)]
 COSINE = SequenceConfig(
     hidden=16, max_len=8, heads=2, dropout=0.0, lr=1e-2, max_epochs=10, patience=10, holdout_frac=0.1,
     lr_schedule="cosine", warmup_frac=0.05, label_smoothing=0.05,
 )  # fmt: skip
-
-
-def cyclic_histories(n: int, *, seed: int) -> list[list[str]]:
-    rnd = random.Random(seed)
-    out = []
-    for _ in range(n):
-        start, length = rnd.randrange(N), rnd.randint(3, 8)
-        out.append([IDS[(start + j) % N] for j in range(length)])
-    return out
 
 
 @pytest.fixture(scope="module")
